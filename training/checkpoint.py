@@ -1,0 +1,103 @@
+"""Checkpoints: everything a run needs to resume or be exported, written atomically.
+
+A checkpoint is one ``torch.save`` file of plain containers and tensors (loadable with
+``weights_only=True``): all networks, the EMA of G and E, both optimisers, the step, the RNG states
+and the resolved config. A run keeps the newest ``keep`` of them in ``RUN_DIR/checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "aegan-checkpoint/1"
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A file is missing, truncated, or not an AEGAN checkpoint; the message names it."""
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:07d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: Path, keep: int) -> Path:
+    """Write ``state`` for its step atomically (temp file, fsync, rename) and prune old ones."""
+    path = checkpoint_path(run_dir, int(state["step"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and sanity-check one checkpoint file (``weights_only=True``: no code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an AEGAN checkpoint (no {FORMAT!r} marker)")
+    for key in ("step", "config", "nets", "ema"):
+        if key not in state:
+            raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
+    return state
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A checkpoint file as given, or the newest loadable checkpoint of a run directory."""
+    source = Path(source)
+    if source.is_file():
+        return source
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: no such checkpoint file or run directory")
+    for path in reversed(list_checkpoints(source)):
+        try:
+            load_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            log.warning("skipping unloadable checkpoint: %s", exc)
+    raise CheckpointError(f"{source}: run directory holds no loadable checkpoint")

@@ -1,0 +1,222 @@
+"""Datasets: Fashion-MNIST (IDX files), folders of images, and .npy arrays.
+
+Every loader returns a :class:`Dataset` held in memory: ``samples`` as float32, images laid out
+(N, C, H, W) in [-1, 1], vectors (N, D) as stored. Bad data raises :class:`DataError` naming the
+path and the problem. Nothing is downloaded: Fashion-MNIST is read from a local directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from training.config import DataConfig, fashion_mnist_dir
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+class DataError(ValueError):
+    """The data at a path cannot be used; the message names the path and the problem."""
+
+
+@dataclass
+class Dataset:
+    samples: torch.Tensor  # (N, C, H, W) in [-1, 1] for images, (N, D) for vectors; float32.
+    labels: torch.Tensor | None  # (N,) int64 class labels where the source has them.
+    kind: str  # 'image' or 'vector'
+    source: str  # Where it came from, for logs and manifests.
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.samples.shape[1:])
+
+    def __len__(self) -> int:
+        return self.samples.shape[0]
+
+
+def uint8_to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 pixels (N, C, H, W) -> float32 in [-1, 1]."""
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
+
+
+# --- Fashion-MNIST ---------------------------------------------------------------------------
+
+
+def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc})") from exc
+    if len(raw) < 4:
+        raise DataError(f"{path}: too short to be an IDX file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim != expected_dims:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes with {expected_dims} dims")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: holds {data.size} bytes of data, header says {dims}")
+    return data.reshape(dims)
+
+
+@functools.lru_cache(maxsize=4)
+def load_fashion_mnist_arrays(
+    directory: str | Path, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw Fashion-MNIST: uint8 images (N, 28, 28) and int64 labels (N,) of a split (read-only
+    arrays, cached per process: evaluation and short runs read the same files many times)."""
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: Fashion-MNIST directory not found (install Debian's dataset-fashion-mnist, "
+            "or point --fashion-mnist-dir / $AEGAN_FASHION_MNIST_DIR at the four IDX .gz files)"
+        )
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    images = _read_idx(root / image_file, 3)
+    labels = _read_idx(root / label_file, 1).astype(np.int64)
+    labels.flags.writeable = False
+    if len(images) != len(labels):
+        raise DataError(f"{root}: {len(images)} images but {len(labels)} labels in {split} split")
+    return images, labels
+
+
+def load_fashion_mnist(directory: str | Path, split: str = "train") -> Dataset:
+    images, labels = load_fashion_mnist_arrays(directory, split)
+    return Dataset(
+        samples=uint8_to_unit(images[:, None]),
+        labels=torch.from_numpy(labels),
+        kind="image",
+        source=f"fashion-mnist:{split}",
+    )
+
+
+# --- Folders of images -----------------------------------------------------------------------
+
+
+def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img.convert("RGBA"))
+        img = img.convert("L" if channels == 1 else "RGB")
+        side = min(img.size)  # centre crop to a square, then resize
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def load_image_folder(
+    directory: str | Path, size: int, channels: int, on_bad_file: str = "fail"
+) -> Dataset:
+    """Every PNG/JPEG/WebP below ``directory`` (recursive, sorted), centre-cropped and resized."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"{root}: image directory not found")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    arrays, bad = [], []
+    for path in paths:
+        try:
+            arrays.append(_load_image(path, size, channels))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            if on_bad_file == "fail":
+                raise DataError(f"{path}: unreadable image ({exc})") from exc
+            bad.append(path)
+    if bad:
+        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), root, bad[0])
+    if not arrays:
+        raise DataError(f"{root}: every image was unreadable ({len(bad)} skipped)")
+    return Dataset(uint8_to_unit(np.stack(arrays)), None, "image", str(root))
+
+
+# --- .npy arrays -----------------------------------------------------------------------------
+
+
+def load_npy(path: str | Path) -> Dataset:
+    """N x D float vectors, or N x C x H x W images (uint8 0..255, or float in [0, 1])."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({exc})") from exc
+    if array.ndim not in (2, 4):
+        raise DataError(
+            f"{path}: array of rank {array.ndim} {array.shape}; expected N x D vectors "
+            "or N x C x H x W images"
+        )
+    if len(array) < 2:
+        raise DataError(f"{path}: needs at least 2 samples, has {len(array)}")
+    if not (np.issubdtype(array.dtype, np.number) and not np.iscomplexobj(array)):
+        raise DataError(f"{path}: dtype {array.dtype} is not real numbers")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.sum(~np.isfinite(array)))
+        raise DataError(f"{path}: holds {bad} NaN or infinite value(s)")
+    if array.ndim == 2:
+        return Dataset(torch.from_numpy(array.astype(np.float32)), None, "vector", str(path))
+    if array.shape[1] not in (1, 3):
+        raise DataError(
+            f"{path}: images must have 1 or 3 channels (N x C x H x W), got {array.shape}"
+        )
+    if array.dtype == np.uint8:
+        samples = uint8_to_unit(array)
+    else:
+        if array.min() < 0 or array.max() > 1:
+            raise DataError(f"{path}: float images must lie in [0, 1]")
+        samples = torch.from_numpy(array.astype(np.float32) * 2 - 1)
+    return Dataset(samples, None, "image", str(path))
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The training data a config names."""
+    source = cfg.source
+    if source == "fashion-mnist":
+        data = load_fashion_mnist(fashion_mnist_dir(cfg), "train")
+    elif source.endswith(".npy"):
+        data = load_npy(source)
+    else:
+        data = load_image_folder(source, cfg.image_size, cfg.channels, cfg.on_bad_file)
+    if cfg.limit is not None:
+        data = Dataset(
+            data.samples[: cfg.limit],
+            None if data.labels is None else data.labels[: cfg.limit],
+            data.kind,
+            data.source,
+        )
+    return data
