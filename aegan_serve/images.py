@@ -165,7 +165,7 @@ def _to_l_or_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float32)
         if image.mode != "F":  # 16-bit integer samples: full range 0..65535
             values = values / 257.0
-        return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), mode="L")
+        return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8))  # mode L
     if image.mode == "P" and "transparency" not in image.info:
         return image.convert("RGB")
     if image.mode in ("LA", "PA", "RGBA", "RGBa") or "transparency" in image.info:

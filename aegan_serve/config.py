@@ -1,0 +1,101 @@
+"""Serving settings read from the environment: the model, the device, threads, batching and limits.
+
+Every variable is optional; the defaults below are what a plain ``bentoml serve`` uses. A value that
+cannot be parsed stops the server at start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+# The shipped bundle, found relative to this package (repository root, Bento or container image).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the server cannot use."""
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits. Each violation is answered with a 4xx that names the limit."""
+
+    max_images: int = 64  # AEGAN_MAX_IMAGES: uploaded images per request (/encode, /reconstruct)
+    max_upload_bytes: int = 8 << 20  # AEGAN_MAX_UPLOAD_BYTES: bytes per uploaded file
+    max_pixels: int = 4096 * 4096  # AEGAN_MAX_PIXELS: width x height of one upload (pre-decode)
+    max_n: int = 64  # AEGAN_MAX_N: images or vectors made per request (/sample, /generate, /decode)
+    max_steps: int = 64  # AEGAN_MAX_STEPS: frames per /interpolate answer
+    max_request_bytes: int = 64 << 20  # AEGAN_MAX_REQUEST_BYTES: whole request body
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
+        values = {
+            f.name: _int(environ, f"AEGAN_{f.name.upper()}", f.default)  # type: ignore[arg-type]
+            for f in fields(cls)
+        }
+        if values["max_steps"] < 2:
+            raise ConfigError("AEGAN_MAX_STEPS must be at least 2 (the two end points)")
+        return cls(**values)
+
+    def env_name(self, field: str) -> str:
+        """The environment variable that sets ``field`` (for error messages)."""
+        return f"AEGAN_{field.upper()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from the environment."""
+
+    model: str  # AEGAN_MODEL: bundle directory, or a BentoML model tag (``bentoml:NAME[:VERSION]``)
+    device: str  # AEGAN_DEVICE: auto (CUDA when it works, else CPU) | cuda (required) | cpu
+    workers: int  # AEGAN_WORKERS: server worker processes, each with its own ONNX Runtime sessions
+    threads: int  # AEGAN_THREADS: ONNX Runtime intra-op threads per worker (default CPUs/workers)
+    batch_size: int  # AEGAN_BATCH_SIZE: most images one adaptive /encode batch may hold
+    batch_latency_ms: int  # AEGAN_BATCH_LATENCY_MS: most time a request waits in the batch queue
+    fp16: bool  # AEGAN_FP16: 1 (default) runs the bundle's fp16 graphs on CUDA if present, 0 not
+    limits: Limits
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        device = environ.get("AEGAN_DEVICE", "auto").strip().lower() or "auto"
+        if device not in DEVICES:
+            raise ConfigError(f"AEGAN_DEVICE={device!r} must be one of {', '.join(DEVICES)}")
+        fp16 = environ.get("AEGAN_FP16", "1").strip()
+        if fp16 not in ("0", "1"):
+            raise ConfigError(f"AEGAN_FP16={fp16!r} must be 0 or 1")
+        workers = _int(environ, "AEGAN_WORKERS", 1)
+        return cls(
+            model=environ.get("AEGAN_MODEL", "").strip() or str(DEFAULT_MODEL_DIR),
+            device=device,
+            workers=workers,
+            threads=_int(environ, "AEGAN_THREADS", max(1, available_cpus() // workers)),
+            batch_size=_int(environ, "AEGAN_BATCH_SIZE", 64, minimum=2),
+            batch_latency_ms=_int(environ, "AEGAN_BATCH_LATENCY_MS", 5000),
+            fp16=fp16 == "1",
+            limits=Limits.from_env(environ),
+        )
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (honours CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,239 @@
+"""ASGI middleware in front of the endpoints: request size and form-body checks.
+
+BentoML parses form bodies itself, and some malformed ones would surface as server errors there (a
+text value in a file field is taken as a URL to download; a file in a text field is decoded as
+JSON; Starlette's own multipart errors are not mapped to 4xx). This guard reads the body as it
+streams past, without buffering it, and answers such requests with a 4xx that says what is wrong:
+
+- a body larger than ``max_bytes`` (``AEGAN_MAX_REQUEST_BYTES``): 413, before it is read when the
+  ``Content-Length`` says so;
+- multipart bodies: a boundary, well-formed parts, named parts, files only in file fields, text
+  only elsewhere, text parts of at most 1 MiB and at most 1000 parts (Starlette's limits);
+- url-encoded bodies: no file fields (files need multipart).
+
+It also gives every error answer one shape, ``{"error": message}``: BentoML 1.4 wraps the message
+of a service exception in a one-element list, and says only "1 validation error for Input" for a
+field out of bounds (the field and the bound are then put in the message; ``detail`` stays).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, QuerystringParser, parse_options_header
+
+from .errors import LimitExceeded, RequestError
+
+MAX_TEXT_PART_BYTES = 1 << 20  # Starlette's limit for a multipart part that is not a file
+MAX_PARTS = 1000  # Starlette's limit on files (and on fields) per multipart body
+
+
+class _MultipartCheck:
+    """Streaming multipart parser that raises on the first part BentoML would mishandle."""
+
+    def __init__(self, boundary: bytes, file_fields: Collection[str]) -> None:
+        self.file_fields = file_fields
+        self.parts = 0
+        self.header_name = b""
+        self.header_value = b""
+        self.disposition = b""
+        self.text_bytes: int | None = None  # size of the current text part; None in a file part
+        self.parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+            },
+        )
+
+    def feed(self, chunk: bytes, last: bool) -> None:
+        try:
+            self.parser.write(chunk)
+            if last:
+                self.parser.finalize()
+        except FormParserError as exc:
+            raise RequestError(f"malformed multipart/form-data body: {exc}") from None
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise RequestError(f"multipart body has more than {MAX_PARTS} parts")
+        self.disposition = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition = self.header_value
+        self.header_name = self.header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self.disposition)
+        if b"name" not in options:
+            raise RequestError("a multipart part has no name in its Content-Disposition header")
+        name = options[b"name"].decode("utf-8", "replace")
+        is_file = b"filename" in options
+        if name in self.file_fields and not is_file:
+            raise RequestError(
+                f"form field {name!r} must be an uploaded file (a part with a filename, "
+                f"e.g. curl -F '{name}=@picture.png'), not text"
+            )
+        if name not in self.file_fields and is_file:
+            raise RequestError(f"form field {name!r} takes a value, not a file")
+        self.text_bytes = None if is_file else 0
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.text_bytes is not None:
+            self.text_bytes += end - start
+            if self.text_bytes > MAX_TEXT_PART_BYTES:
+                raise LimitExceeded(
+                    f"a form field is larger than {MAX_TEXT_PART_BYTES} bytes; "
+                    "send large values as JSON"
+                )
+
+
+class _UrlencodedCheck:
+    """Streaming url-encoded parser that refuses file fields."""
+
+    def __init__(self, file_fields: Collection[str]) -> None:
+        self.file_fields = file_fields
+        self.name = b""
+        self.parser = QuerystringParser(
+            {
+                "on_field_start": self._start,
+                "on_field_name": self._name,
+                "on_field_end": self._end,
+            }
+        )
+
+    def feed(self, chunk: bytes, last: bool) -> None:
+        self.parser.write(chunk)
+        if last:
+            self.parser.finalize()
+
+    def _start(self) -> None:
+        self.name = b""
+
+    def _name(self, data: bytes, start: int, end: int) -> None:
+        self.name += data[start:end]
+
+    def _end(self) -> None:
+        name = self.name.decode("utf-8", "replace")
+        if name in self.file_fields:
+            raise RequestError(f"form field {name!r} is a file: send it as multipart/form-data")
+
+
+class RequestGuard:
+    """Refuse oversized or malformed request bodies with a 4xx before BentoML parses them.
+
+    ``routes`` maps each API route to the names of its file fields; other paths pass untouched.
+    """
+
+    def __init__(self, app: Any, *, max_bytes: int, routes: Mapping[str, Collection[str]]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.routes = {route: frozenset(fields) for route, fields in routes.items()}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.routes:
+            return await self.app(scope, receive, send)
+        file_fields = self.routes[scope["path"]]
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        length = headers.get("content-length", b"").strip()
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await _reject(send, 413, self._too_large())
+        media_type, options = parse_options_header(headers.get("content-type"))
+        check: _MultipartCheck | _UrlencodedCheck | None = None
+        if media_type == b"multipart/form-data":
+            if b"boundary" not in options:
+                return await _reject(send, 400, "multipart/form-data without a boundary")
+            check = _MultipartCheck(options[b"boundary"], file_fields)
+        elif media_type == b"application/x-www-form-urlencoded":
+            check = _UrlencodedCheck(file_fields)
+        received = 0
+
+        async def checked_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                body = message.get("body", b"")
+                received += len(body)
+                if received > self.max_bytes:
+                    raise LimitExceeded(self._too_large())
+                if check is not None:  # raising here makes BentoML answer with the error's status
+                    check.feed(body, last=not message.get("more_body", False))
+            return message
+
+        await self.app(scope, checked_receive, _unwrap_errors(send))
+
+    def _too_large(self) -> str:
+        return f"request body is larger than {self.max_bytes} bytes (AEGAN_MAX_REQUEST_BYTES)"
+
+
+async def _reject(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_body(body: bytes) -> bytes:
+    """An error body in the one shape ``{"error": message, ...}``."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], dict):
+        payload = payload[0]
+    if isinstance(payload, dict) and isinstance(payload.get("detail"), list):
+        problems = [
+            f"{'.'.join(map(str, d.get('loc', ()))) or 'body'}: {d.get('msg', '')}"
+            for d in payload["detail"]
+            if isinstance(d, dict)
+        ]
+        if problems:
+            payload["error"] = "; ".join(problems)
+    return json.dumps(payload).encode()
+
+
+def _unwrap_errors(send: Any) -> Any:
+    """Wrap ``send`` so that error answers go out through :func:`_error_body`."""
+    start: dict[str, Any] | None = None
+    chunks: list[bytes] = []
+
+    async def unwrapping_send(message: dict[str, Any]) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            start = message  # hold it: the body decides the content-length
+            return
+        if start is None or message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = _error_body(b"".join(chunks))
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return unwrapping_send

@@ -1,0 +1,174 @@
+"""End to end: ``bentoml serve`` in a subprocess, called with ``bentoml.SyncHTTPClient``; and
+``bentoml build`` of the repository's bentofile."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import pytest
+import yaml
+from bentoml.exceptions import BentoMLException
+from PIL import Image
+from service_helpers import gradient
+
+REPO = Path(__file__).resolve().parent.parent
+BENTOML = Path(sys.executable).with_name("bentoml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(image_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The service from the BentoML model store, with two limits lowered by environment."""
+    with bentoml.models.create("aegan-e2e-test") as model:
+        for item in image_bundle.iterdir():
+            shutil.copy2(item, Path(model.path) / item.name)
+    port = free_port()
+    env = {
+        **os.environ,
+        "AEGAN_MODEL": f"bentoml:{model.tag}",
+        "AEGAN_DEVICE": "auto",
+        "AEGAN_MAX_IMAGES": "3",
+        "AEGAN_MAX_UPLOAD_BYTES": "20000",
+    }
+    log = tmp_path_factory.mktemp("e2e") / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(BENTOML), "serve", "aegan_serve.service:AEGAN", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its workers share the group: stop them all at the end
+        )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    print(log.read_text(errors="replace")[-3000:])
+
+
+def test_served_endpoints_through_the_python_client(server, tmp_path):
+    started = time.monotonic()
+    with bentoml.SyncHTTPClient(server, server_ready_timeout=90) as client:
+        assert client.is_ready()
+        ready_s = time.monotonic() - started
+        grid = client.sample(n=4, seed=1)
+        assert isinstance(grid, Image.Image) and grid.size == (62, 62)
+
+        generated = client.generate(n=3, seed=2)
+        assert len(generated["images"]) == 3 and generated["seed"] == 2
+        decoded = client.decode(latents=generated["latents"])
+        assert decoded["images"] == generated["images"]
+
+        uploads = []
+        for i in range(3):
+            path = tmp_path / f"picture{i}.png"
+            gradient((40 + 10 * i, 40)).save(path)
+            uploads.append(path)
+        latents = np.array(client.encode(images=uploads)["latents"])
+        assert latents.shape == (3, 32)
+        reconstructed = client.reconstruct(images=uploads[:2])
+        assert len(reconstructed["psnr"]) == 2
+        gif = client.interpolate(images=uploads[:2], steps=5)
+        assert Image.open(gif).n_frames == 5
+        strip = client.interpolate(seeds=[3, 4], steps=3, format="png")
+        assert Image.open(strip).size == (3 * 30 + 2, 32)
+
+        info = client.info()
+        assert info["model"]["name"] == "tiny-test"
+        assert info["runtime"]["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+        assert info["limits"]["AEGAN_MAX_IMAGES"] == 3  # read from the environment
+
+        with pytest.raises(BentoMLException) as too_many:
+            client.encode(images=uploads + uploads[:1])
+        assert too_many.value.error_code == 400
+        assert "images: List should have at most 3 items" in str(too_many.value)
+        big = tmp_path / "big.bmp"
+        gradient((200, 200), "RGB").save(big)  # 120 kB > AEGAN_MAX_UPLOAD_BYTES
+        with pytest.raises(BentoMLException) as too_large:
+            client.reconstruct(images=[big])
+        assert too_large.value.error_code == 413
+        assert "AEGAN_MAX_UPLOAD_BYTES" in str(too_large.value)
+    print(f"server ready after {ready_s:.1f} s")
+
+
+def test_served_health_and_metrics(server):
+    with bentoml.SyncHTTPClient(server, server_ready_timeout=90) as client:
+        client.generate(n=1)
+    for path in ("/livez", "/readyz"):
+        assert urllib.request.urlopen(server + path, timeout=10).status == 200
+    metrics = urllib.request.urlopen(server + "/metrics", timeout=10).read().decode()
+    assert "bentoml_service_request_total" in metrics
+    assert 'endpoint="/generate"' in metrics
+
+
+@pytest.mark.slow
+def test_bentoml_build_packages_the_bundle_without_torch(image_bundle, tmp_path):
+    tree = tmp_path / "clone"
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if name.startswith(("aegan_serve/", "models/", "docs/")) or name in (
+            "bentofile.yaml",
+            "requirements-serve.txt",
+        ):
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tree / name)
+    shipped = tree / "models" / "fashion-mnist"
+    if not (shipped / "manifest.json").is_file():  # until the trained bundle is committed
+        shutil.copytree(image_bundle, shipped, dirs_exist_ok=True)
+    home = tmp_path / "bentoml-home"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    build = subprocess.run(
+        [str(BENTOML), "build", "--output", "tag"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (bento,) = [p for p in (home / "bentos" / "aegan").iterdir() if p.name != "latest"]
+    for name in ("manifest.json", "generator.onnx", "encoder.onnx"):
+        assert (bento / "src" / "models" / "fashion-mnist" / name).is_file()
+    assert (bento / "src" / "aegan_serve" / "service.py").is_file()
+    lines = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    packages = {re.split(r"[\s=<>!~;\[]", line)[0].lower() for line in lines if line[:1].isalpha()}
+    assert {"bentoml", "onnxruntime-gpu", "numpy", "pillow"} <= packages
+    assert not packages & {"torch", "torchvision", "onnx", "onnxscript"}, packages
+    meta = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert meta["service"] == "aegan_serve.service:AEGAN"
+    assert {route["route"] for route in meta["schema"]["routes"]} >= {
+        "/sample",
+        "/generate",
+        "/encode",
+        "/decode",
+        "/reconstruct",
+        "/interpolate",
+    }

@@ -1,0 +1,174 @@
+"""Upload decoding and conversion to model input (aegan_serve/images.py), and the output codecs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from service_helpers import gradient, image_bytes, png_header
+
+from aegan_serve.errors import LimitExceeded, RequestError, UnsupportedImage
+from aegan_serve.images import (
+    decode_upload,
+    encode_gif,
+    load_uploads,
+    make_grid,
+    to_uint8,
+)
+
+GREY = (1, 28, 28)
+RGB = (3, 28, 28)
+LIMITS = {"max_bytes": 1 << 20, "max_pixels": 4096 * 4096}
+
+
+def load(data: bytes, shape: tuple[int, int, int] = GREY) -> np.ndarray:
+    return load_uploads([data], shape, **LIMITS)[0]
+
+
+def expected(image: Image.Image) -> np.ndarray:
+    """What a grey 28x28 image should become: its pixels scaled to [-1, 1]."""
+    return np.asarray(image.convert("L"), np.float32)[None] / 127.5 - 1.0
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "exact"),
+    [
+        ("PNG", "L", True),
+        ("PNG", "RGB", True),
+        ("PNG", "P", True),
+        ("BMP", "L", True),
+        ("BMP", "RGB", True),
+        ("GIF", "L", True),
+        ("WEBP", "RGB", False),
+        ("JPEG", "L", False),
+        ("JPEG", "RGB", False),
+        ("JPEG", "CMYK", False),
+    ],
+)
+def test_every_accepted_format_and_mode_becomes_the_same_model_input(fmt, mode, exact):
+    picture = gradient()
+    data = image_bytes(picture.convert(mode), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    x = load(data)
+    assert x.shape == GREY and x.dtype == np.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    tolerance = 1e-6 if exact else 0.1  # lossy codecs and colour round trips
+    assert np.abs(x - expected(picture)).mean() <= tolerance
+
+
+def test_colour_models_get_rgb_in_channel_first_order():
+    rgb = np.zeros((28, 28, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red
+    x = load(image_bytes(Image.fromarray(rgb)), RGB)
+    assert x.shape == RGB
+    np.testing.assert_allclose(x[0], 1.0)
+    np.testing.assert_allclose(x[1:], -1.0)
+
+
+def test_grey_models_get_luma_of_colour_uploads():
+    rgb = np.zeros((28, 28, 3), np.uint8)
+    rgb[..., 1] = 255  # pure green: ITU-R 601 luma 0.587
+    x = load(image_bytes(Image.fromarray(rgb)))
+    assert abs(float(x.mean()) - (round(255 * 0.587) / 127.5 - 1)) < 0.01
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("RGBA", "PNG"), ("LA", "PNG"), ("RGBA", "WEBP")])
+def test_transparent_pixels_are_composited_on_white(mode, fmt):
+    def upload(alpha: int) -> bytes:
+        image = Image.new("RGBA", (28, 28), (0, 0, 0, alpha)).convert(mode)
+        return image_bytes(image, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+
+    assert np.allclose(load(upload(0)), 1.0)  # fully transparent: white
+    assert np.allclose(load(upload(255)), -1.0)  # opaque black
+    assert abs(float(load(upload(128)).mean())) < 0.02  # half-transparent black: mid grey
+
+
+def test_palette_transparency_is_composited_on_white():
+    image = Image.new("P", (28, 28), 0)
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    data = image_bytes(image, "PNG", transparency=0)
+    assert np.allclose(load(data), 1.0)
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    values = np.linspace(0, 65535, 28 * 28).reshape(28, 28).astype(np.uint16)
+    data = image_bytes(Image.fromarray(values))
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    x = load(data)
+    np.testing.assert_allclose(x[0], values / 257.0 / 127.5 - 1.0, atol=1 / 127.5)
+
+
+def test_exif_orientation_is_applied():
+    picture = gradient((28, 28))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = image_bytes(picture, "JPEG", exif=exif, quality=100)
+    image = decode_upload(data, label="images[0]", **{k: v for k, v in LIMITS.items()})
+    upright = picture.transpose(Image.Transpose.ROTATE_270)
+    assert np.abs(expected(image) - expected(upright)).mean() < 0.05
+    assert np.abs(expected(image) - expected(picture)).mean() > 0.2
+
+
+def test_animated_gif_uses_the_first_frame():
+    first, second = Image.new("L", (28, 28), 0), Image.new("L", (28, 28), 255)
+    data = image_bytes(first, "GIF", save_all=True, append_images=[second], duration=50)
+    assert np.allclose(load(data), -1.0)
+
+
+def test_other_sizes_are_centre_cropped_and_resized():
+    wide = Image.new("L", (300, 100), 255)
+    wide.paste(0, (100, 0, 200, 100))  # black centre square, white sides
+    x = load(image_bytes(wide))
+    assert x.shape == GREY
+    assert x.mean() < -0.9  # the white sides were cropped away
+    small = load(image_bytes(Image.new("L", (7, 7), 255)))
+    assert np.allclose(small, 1.0)
+
+
+def test_large_jpegs_decode_at_reduced_size():
+    photo = gradient((2000, 1500), "RGB")
+    x = load(image_bytes(photo, "JPEG", quality=90))
+    assert x.shape == GREY
+    assert np.abs(x - expected(photo.resize((28, 28), box=(250, 0, 1750, 1500)))).mean() < 0.05
+
+
+def test_upload_over_the_byte_limit_is_refused_before_reading():
+    with pytest.raises(LimitExceeded, match="AEGAN_MAX_UPLOAD_BYTES"):
+        decode_upload(b"\0" * 101, label="images[3]", max_bytes=100, max_pixels=10**6)
+
+
+@pytest.mark.parametrize(("side", "pillow_bomb"), [(5000, False), (20000, True)])
+def test_too_many_pixels_is_refused_before_decoding(side, pillow_bomb):
+    # Only a header: decoding would fail, so a 413 proves the size was checked first. 20000^2 is
+    # also past Pillow's own decompression-bomb error, which must become the same 413.
+    data = png_header(side, side)
+    assert (side * side > 2 * Image.MAX_IMAGE_PIXELS) == pillow_bomb
+    with pytest.raises(LimitExceeded, match=r"images\[1\].*AEGAN_MAX_PIXELS"):
+        decode_upload(data, label="images[1]", max_bytes=1 << 20, max_pixels=4096 * 4096)
+
+
+def test_corrupt_truncated_unsupported_and_empty_uploads_are_refused():
+    png = image_bytes(gradient())
+    with pytest.raises(RequestError, match="not a readable image"):
+        load(b"this is not an image")
+    with pytest.raises(RequestError, match="corrupt or truncated PNG"):
+        load(png[: len(png) // 2])
+    tiff = image_bytes(gradient(), "TIFF")
+    with pytest.raises(UnsupportedImage, match="TIFF file; accepted image formats: PNG, JPEG"):
+        load(tiff)
+    with pytest.raises(RequestError, match="empty"):
+        load(b"")
+
+
+def test_gif_and_grid_codecs():
+    frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 1, 28, 28), np.float32)
+    gif = Image.open(io.BytesIO(encode_gif(frames, frame_ms=40)))
+    assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == (28, 28)
+    assert gif.info["duration"] == 40
+    for i in range(5):
+        gif.seek(i)
+        assert np.all(np.asarray(gif.convert("L")) == to_uint8(frames[i : i + 1])[0, ..., 0])
+    grid = make_grid(frames, nrow=5)
+    assert grid.shape == (28 + 4, 5 * 30 + 2, 1)

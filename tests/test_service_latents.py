@@ -1,0 +1,79 @@
+"""Latent maths (aegan_serve/latents.py): seeded sampling, truncation, interpolation, checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aegan_serve.errors import RequestError
+from aegan_serve.latents import (
+    check_latents,
+    interpolate,
+    lerp,
+    prior_name,
+    sample_prior,
+    slerp,
+)
+
+
+def test_seeded_samples_are_repeatable_and_prefix_stable():
+    a = sample_prior(8, 32, seed=7)
+    assert a.shape == (8, 32) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, sample_prior(8, 32, seed=7))
+    np.testing.assert_array_equal(a[:3], sample_prior(3, 32, seed=7))  # same first k, any n
+    assert not np.allclose(a, sample_prior(8, 32, seed=8))
+    assert abs(float(a.std()) - 1.0) < 0.3  # N(0, I)
+
+
+def test_truncation_pulls_towards_the_mean():
+    z = sample_prior(4, 16, seed=1)
+    np.testing.assert_allclose(sample_prior(4, 16, seed=1, truncation=0.5), z * 0.5, rtol=1e-6)
+    assert not sample_prior(4, 16, seed=1, truncation=0.0).any()
+
+
+def test_uniform_prior_and_prior_names():
+    z = sample_prior(100, 8, seed=0, prior="uniform")
+    assert z.min() >= -1 and z.max() <= 1
+    assert prior_name("normal(0, I)") == "normal"
+    assert prior_name({"type": "Gaussian"}) == "normal"
+    assert prior_name("uniform(-1, 1)") == "uniform"
+    with pytest.raises(ValueError, match="unknown latent prior"):
+        prior_name("laplace")
+
+
+def test_slerp_keeps_ends_and_follows_the_arc():
+    a, b = np.array([1.0, 0.0]), np.array([0.0, 2.0])
+    path = slerp(a, b, np.linspace(0, 1, 5))
+    np.testing.assert_allclose(path[0], a, atol=1e-12)
+    np.testing.assert_allclose(path[-1], b, atol=1e-12)
+    angles = np.arctan2(path[:, 1], path[:, 0])
+    np.testing.assert_allclose(np.diff(angles), np.pi / 8, atol=1e-9)  # constant angular speed
+    assert np.linalg.norm(path[2]) > np.linalg.norm(lerp(a, b, np.array([0.5]))[0])
+
+
+def test_slerp_degenerate_cases_fall_back_to_lerp():
+    a = np.array([1.0, 1.0])
+    t = np.linspace(0, 1, 3)
+    np.testing.assert_allclose(slerp(a, 2 * a, t), lerp(a, 2 * a, t))  # parallel
+    np.testing.assert_allclose(slerp(np.zeros(2), a, t), lerp(np.zeros(2), a, t))  # zero
+
+
+@pytest.mark.parametrize("method", ["slerp", "lerp"])
+def test_interpolate_has_exact_end_points(method):
+    z = sample_prior(2, 32, seed=3)
+    path = interpolate(z[0], z[1], 7, method)
+    assert path.shape == (7, 32) and path.dtype == np.float32
+    np.testing.assert_array_equal(path[0], z[0])
+    np.testing.assert_array_equal(path[-1], z[1])
+
+
+def test_check_latents_names_the_bad_value():
+    np.testing.assert_array_equal(check_latents([[1.0, 2.0]], 2, "latents"), [[1.0, 2.0]])
+    with pytest.raises(RequestError, match=r"latents\[1\] has 3 values; .* latent_dim is 2"):
+        check_latents([[0.0, 0.0], [0.0, 0.0, 0.0]], 2, "latents")
+    with pytest.raises(RequestError, match=r"latents\[0\]\[1\] = nan: .*finite"):
+        check_latents([[0.0, float("nan")]], 2, "latents")
+    with pytest.raises(RequestError, match=r"latents\[0\]\[0\] = inf"):
+        check_latents([[float("inf"), 0.0]], 2, "latents")
+    with pytest.raises(RequestError, match=r"within \+-100"):
+        check_latents([[1e6, 0.0]], 2, "latents")

@@ -1,0 +1,136 @@
+"""ONNX Runtime sessions, device choice, settings from the environment and bundle resolution."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from bundle_factory import tamper, write_bundle
+from service_helpers import serve
+
+from aegan_serve.bundle import MANIFEST_NAME, BundleError, load_bundle, resolve_bundle_dir
+from aegan_serve.config import ConfigError, Limits, Settings, available_cpus
+from aegan_serve.runtime import CPU, CUDA, DeviceError, ModelRuntime
+
+
+def cuda_works(bundle: Path) -> bool:
+    if CUDA not in ort.get_available_providers():
+        return False
+    try:
+        return ModelRuntime(load_bundle(bundle), "cuda").provider == CUDA
+    except DeviceError:
+        return False
+
+
+def test_cpu_sessions_run_both_graphs(image_bundle):
+    runtime = ModelRuntime(load_bundle(image_bundle), "cpu", threads=1)
+    assert runtime.provider == CPU and runtime.precision == "fp32"
+    for graph in (runtime.generator, runtime.encoder):
+        assert graph.session.get_providers() == [CPU]
+        assert graph.session.get_session_options().intra_op_num_threads == 1
+    x = runtime.generate(np.zeros((3, 32), np.float32))
+    assert x.shape == (3, 1, 28, 28)
+    assert runtime.encode(x).shape == (3, 32)
+
+
+def test_auto_uses_the_provider_that_actually_initialised(image_bundle):
+    runtime = ModelRuntime(load_bundle(image_bundle), "auto")
+    assert runtime.provider in runtime.generator.session.get_providers()
+    assert runtime.provider == (CUDA if cuda_works(image_bundle) else CPU)
+
+
+def test_cuda_required_but_unusable_stops_with_a_clear_error(image_bundle):
+    if cuda_works(image_bundle):
+        pytest.skip("CUDA works here")
+    with pytest.raises(DeviceError, match="AEGAN_DEVICE=cuda but"):
+        ModelRuntime(load_bundle(image_bundle), "cuda")
+
+
+def test_fp16_graphs_are_for_cuda_only(rgb_bundle):
+    bundle = load_bundle(rgb_bundle)
+    assert bundle.has("generator_fp16")
+    runtime = ModelRuntime(bundle, "cpu")
+    assert runtime.precision == "fp32"
+    assert runtime.generator.session._model_path.endswith("generator.onnx")
+
+
+def test_bundle_whose_graphs_disagree_with_the_manifest_is_refused(tmp_path):
+    bundle = write_bundle(tmp_path / "b")
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["data_shape"] = [1, 32, 32]
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="do not run on the manifest's shapes|generator gives"):
+        ModelRuntime(load_bundle(bundle), "cpu")
+
+
+def test_service_refuses_a_tampered_or_missing_bundle(tmp_path):
+    bundle = write_bundle(tmp_path / "tampered")
+    tamper(bundle)
+    altered = pytest.raises(BundleError, match="generator.onnx does not match its manifest")
+    with altered, serve(bundle):
+        pass
+    missing = pytest.raises(BundleError, match="neither a bundle directory nor a model")
+    with missing, serve(tmp_path / "missing"):
+        pass
+
+
+def test_model_store_tags_resolve_to_the_stored_bundle(image_bundle):
+    import bentoml
+
+    with bentoml.models.create("aegan-resolve-test") as model:
+        for item in image_bundle.iterdir():
+            shutil.copy2(item, Path(model.path) / item.name)
+    tag = str(model.tag)
+    for spec in (f"bentoml:{tag}", "bentoml:aegan-resolve-test", "aegan-resolve-test:latest"):
+        assert load_bundle(resolve_bundle_dir(spec)).name == "tiny-test"
+    assert resolve_bundle_dir(image_bundle) == image_bundle
+    with pytest.raises(BundleError, match="not in the BentoML model store"):
+        resolve_bundle_dir("bentoml:no-such-model")
+
+
+def test_settings_defaults_and_overrides():
+    settings = Settings.from_env({})
+    assert settings.device == "auto" and settings.workers == 1 and settings.fp16
+    assert settings.threads == available_cpus()
+    assert settings.model.endswith("models/fashion-mnist")
+    assert settings.limits == Limits()
+    env = {
+        "AEGAN_DEVICE": "CPU",
+        "AEGAN_WORKERS": "2",
+        "AEGAN_MAX_N": "8",
+        "AEGAN_MAX_UPLOAD_BYTES": "1_000",
+        "AEGAN_FP16": "0",
+        "AEGAN_MODEL": "bentoml:x",
+    }
+    settings = Settings.from_env(env)
+    assert settings.device == "cpu" and settings.workers == 2 and not settings.fp16
+    assert settings.threads == max(1, available_cpus() // 2)
+    assert settings.limits.max_n == 8 and settings.limits.max_upload_bytes == 1000
+    assert settings.model == "bentoml:x"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"AEGAN_DEVICE": "gpu"}, "AEGAN_DEVICE='gpu' must be one of auto, cuda, cpu"),
+        ({"AEGAN_MAX_N": "many"}, "AEGAN_MAX_N='many' is not an integer"),
+        ({"AEGAN_MAX_IMAGES": "0"}, "AEGAN_MAX_IMAGES=0 must be at least 1"),
+        ({"AEGAN_MAX_STEPS": "1"}, "AEGAN_MAX_STEPS must be at least 2"),
+        ({"AEGAN_THREADS": "-2"}, "AEGAN_THREADS=-2 must be at least 1"),
+        ({"AEGAN_FP16": "yes"}, "AEGAN_FP16='yes' must be 0 or 1"),
+    ],
+)
+def test_bad_settings_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_the_service_imports_no_torch():
+    code = "import sys, aegan_serve.service; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
