@@ -115,7 +115,7 @@ def load_fashion_mnist(directory: str | Path, split: str = "train") -> Dataset:
     images, labels = load_fashion_mnist_arrays(directory, split)
     return Dataset(
         samples=uint8_to_unit(images[:, None]),
-        labels=torch.from_numpy(labels),
+        labels=torch.from_numpy(labels.copy()),
         kind="image",
         source=f"fashion-mnist:{split}",
     )
