@@ -1,0 +1,338 @@
+"""``aegan eval``: sample-quality metrics of a run (EMA weights of its newest checkpoint) or of an
+ONNX model bundle, and the periodic evaluation hook of the training loop.
+
+Images of Fashion-MNIST shape are compared with the Fashion-MNIST test split in the features of the
+project's own classifier (FD-FMNIST, precision, recall, class coverage) and reconstructed through
+the autoencoder (MSE, PSNR). Vector data is compared with held-out vectors (energy distance).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from training.config import DataConfig, RunConfig, fashion_mnist_dir
+from training.metrics import (
+    METRICS,
+    EvalContext,
+    GenerativeModel,
+    Reference,
+    UnknownMetricError,
+    check_metric_names,
+    compute_metrics,
+    default_metric_names,
+    metric_names,
+    result_meanings,
+)
+from training.metrics.registry import FMNIST_SHAPE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NUM_SAMPLES = 10_000
+EVAL_PREFIX = "eval/"  # metrics.jsonl fields written by the training-time hook
+
+
+# --- models: torch networks or ONNX graphs, behind one numpy interface ------------------------
+
+
+def torch_model(
+    nets: dict[str, Any], latent_dim: int, data_shape: tuple[int, ...]
+) -> GenerativeModel:
+    """Wrap G (and E) torch modules, already in eval mode, as numpy functions."""
+    import torch
+
+    device = next(nets["G"].parameters()).device
+
+    def run(net: Any) -> Any:
+        @torch.no_grad()
+        def call(batch: np.ndarray) -> np.ndarray:
+            return (
+                net(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).float().cpu().numpy()
+            )
+
+        return call
+
+    encode = run(nets["E"]) if "E" in nets else None
+    return GenerativeModel(run(nets["G"]), encode, latent_dim, tuple(data_shape))
+
+
+def load_run_model(source: Path) -> tuple[GenerativeModel, dict[str, Any]]:
+    """EMA G (and E) of a checkpoint file, or of the newest loadable checkpoint of a run."""
+    from training.checkpoint import load_checkpoint, resolve_checkpoint
+    from training.networks import build_networks
+
+    path = resolve_checkpoint(source)
+    state = load_checkpoint(path)
+    cfg = RunConfig.from_dict(state["config"])
+    nets = build_networks(cfg.model, cfg.loss.mode)
+    ema = {k: nets[k] for k in ("G", "E") if k in state["ema"]}
+    for k, net in ema.items():
+        net.load_state_dict(state["ema"][k])
+        net.eval()
+    model = torch_model(ema, cfg.model.latent_dim, tuple(cfg.model.data_shape))
+    info = {"checkpoint": str(path), "step": int(state["step"]), "mode": cfg.loss.mode}
+    return model, {**info, "config": state["config"]}
+
+
+def load_bundle_model(
+    path: Path, threads: int | None = None
+) -> tuple[GenerativeModel, dict[str, Any]]:
+    """The generator and encoder graphs of a bundle, run by ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    from aegan_serve.bundle import ENCODER, GENERATOR, load_bundle
+
+    bundle = load_bundle(path)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+
+    def session(role: str) -> Any:
+        sess = ort.InferenceSession(
+            str(bundle.file(role)), options, providers=["CPUExecutionProvider"]
+        )
+        inp, out = bundle.tensor_names(role)
+        return lambda batch: sess.run([out], {inp: np.ascontiguousarray(batch, np.float32)})[0]
+
+    manifest = bundle.manifest  # written by export: "training_config" and "step" of the checkpoint
+    model = GenerativeModel(
+        session(GENERATOR), session(ENCODER), bundle.latent_dim, bundle.data_shape
+    )
+    config = manifest.get("training_config")
+    step = manifest.get("step")
+    info = {"bundle": str(bundle.path), "name": bundle.name, "step": step}
+    return model, {**info, "config": config if isinstance(config, dict) else {}}
+
+
+def load_model(source: Path, threads: int | None = None) -> tuple[GenerativeModel, dict[str, Any]]:
+    from aegan_serve.bundle import MANIFEST_NAME
+
+    if source.is_dir() and (source / MANIFEST_NAME).is_file():
+        return load_bundle_model(source, threads)
+    return load_run_model(source)
+
+
+# --- reference data -------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=2)
+def fmnist_reference(directory: str) -> Reference:
+    """The Fashion-MNIST test split (cached: the training hook reuses its features)."""
+    from training.data import load_fashion_mnist
+
+    test = load_fashion_mnist(directory, "test")
+    return Reference("fmnist", test.samples.numpy(), f"fashion-mnist:test ({directory})")
+
+
+def vector_reference(path: str) -> Reference:
+    from training.data import load_npy
+
+    data = load_npy(path)
+    if data.kind != "vector":
+        raise click.UsageError(f"--data: {path} holds images, not N x D vectors")
+    return Reference("vector", data.samples.numpy(), path)
+
+
+def pick_reference(
+    data_shape: tuple[int, ...], config: dict[str, Any], data: str | None, notes: list[str]
+) -> Reference | None:
+    """Held-out data for the model: ``--data`` if given; else the Fashion-MNIST test split for
+    28x28 grey images, or the run's own .npy file for vectors (it has no held-out split)."""
+    data_cfg = config.get("data") if isinstance(config.get("data"), dict) else {}
+    source = data or data_cfg.get("source")
+    if len(data_shape) == 1:
+        if source and str(source).endswith(".npy") and Path(source).is_file():
+            if data is None:
+                notes.append(
+                    f"vectors compared with the training file {source} (no held-out split)"
+                )
+            return vector_reference(str(source))
+        notes.append("no held-out vectors found: pass --data FILE.npy")
+        return None
+    if tuple(data_shape) != FMNIST_SHAPE:
+        notes.append(f"images of shape {tuple(data_shape)}: the Fashion-MNIST metrics need 1x28x28")
+        return None
+    if source not in (None, "fashion-mnist"):
+        notes.append(f"trained on {source}, compared with Fashion-MNIST's test split")
+    directory = fashion_mnist_dir(DataConfig(fashion_mnist_dir=data_cfg.get("fashion_mnist_dir")))
+    return fmnist_reference(directory)
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+
+def evaluate(
+    model: GenerativeModel,
+    reference: Reference | None,
+    metrics: list[str] | None = None,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seed: int = 0,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    """Compute the metrics; returns ``{"metrics", "details", "notes", "num_samples", "seed"}``."""
+    ctx = EvalContext(model, reference, num_samples, seed)
+    ctx.notes.extend(notes or [])
+    names = metrics or default_metric_names(reference.kind if reference else None)
+    results = compute_metrics(ctx, names)
+    return {
+        "metrics": {k: _plain(v) for k, v in results.items()},
+        "details": ctx.details,
+        "notes": ctx.notes,
+        "num_samples": num_samples,
+        "seed": seed,
+        "reference": reference.source if reference else None,
+    }
+
+
+def _plain(value: float) -> float | int:
+    """numpy scalars -> JSON numbers; counts stay integers."""
+    return int(value) if isinstance(value, int | np.integer) else float(value)
+
+
+def classifier_record() -> dict[str, Any]:
+    from training.metrics.classifier import classifier_info
+
+    info = classifier_info()
+    keys = ("weights", "sha256", "test_accuracy", "command")
+    return {k: info[k] for k in keys if k in info}
+
+
+def print_report(report: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    meanings = result_meanings()
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("meaning")
+    for key, value in report["metrics"].items():
+        text = f"{value:d}" if isinstance(value, int) else f"{value:.4g}"
+        table.add_row(key, text, meanings.get(key, ""))
+    console = Console()
+    console.print(table)
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+
+
+def _parse_metrics(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> list[str] | None:
+    if value is None:
+        return None
+    try:
+        return check_metric_names(value.split(","))
+    except UnknownMetricError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+
+@click.command("eval")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the results to this JSON file.",
+)
+@click.option(
+    "--metrics",
+    callback=_parse_metrics,
+    default=None,
+    metavar="A,B",
+    help=f"Comma-separated metric names (default: all that apply): {', '.join(metric_names())}.",
+)
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=10),
+    default=DEFAULT_NUM_SAMPLES,
+    show_default=True,
+    help="Generated samples (and held-out samples compared).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent draw.")
+@click.option("--data", default=None, help="Held-out data: an .npy of vectors for vector models.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+def eval_command(
+    source: Path,
+    json_path: Path | None,
+    metrics: list[str] | None,
+    num_samples: int,
+    seed: int,
+    data: str | None,
+    threads: int | None,
+) -> None:
+    """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
+    precision, recall, class coverage, reconstruction; energy distance for vector data."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from aegan_serve.bundle import BundleError
+    from training.metrics.classifier import ClassifierError
+
+    start = time.perf_counter()
+    try:
+        model, info = load_model(source, threads)
+        notes: list[str] = []
+        reference = pick_reference(model.data_shape, info.pop("config"), data, notes)
+        report = evaluate(model, reference, metrics, num_samples, seed, notes)
+    except (BundleError, ClassifierError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    uses_classifier = any(METRICS[k].reference == "fmnist" for k in report["details"]["seconds"])
+    report = {
+        "source": str(source),
+        **info,
+        **report,
+        "classifier": classifier_record() if uses_classifier else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    print_report(report, f"{source} (step {info.get('step')}, {num_samples} samples)")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+
+
+# --- during training ------------------------------------------------------------------------
+
+
+def make_eval_hook(cfg: RunConfig) -> Any:
+    """The training loop's hook: every ``train.eval_every`` steps, the metrics that apply to the
+    EMA networks on ``train.eval_samples`` samples, logged as ``eval/<key>`` with ``eval/seconds``.
+    None when periodic evaluation is off or the data is not Fashion-MNIST."""
+    t = cfg.train
+    if t.eval_every <= 0 or cfg.data.source != "fashion-mnist":
+        return None
+    reference = fmnist_reference(fashion_mnist_dir(cfg.data))
+
+    def hook(step: int, record: dict[str, Any], ema: dict[str, Any]) -> dict[str, Any]:
+        if step % t.eval_every:
+            return {}
+        start = time.perf_counter()
+        for net in ema.values():
+            net.eval()
+        try:
+            model = torch_model(ema, cfg.model.latent_dim, tuple(cfg.model.data_shape))
+            report = evaluate(model, reference, None, t.eval_samples, seed=0)
+        finally:
+            for net in ema.values():
+                net.train()
+        fields = {f"{EVAL_PREFIX}{k}": v for k, v in report["metrics"].items()}
+        return {**fields, f"{EVAL_PREFIX}seconds": round(time.perf_counter() - start, 3)}
+
+    return hook
+
+
+def eval_hook_for_run(run_dir: Path) -> Any:
+    """The hook of a run being resumed, from its newest checkpoint's config."""
+    from training.checkpoint import load_checkpoint, resolve_checkpoint
+
+    state = load_checkpoint(resolve_checkpoint(run_dir))
+    return make_eval_hook(RunConfig.from_dict(state["config"]))
