@@ -71,6 +71,14 @@ def uint8_to_unit(images: np.ndarray) -> torch.Tensor:
 def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    stat = path.stat()
+    return _read_idx_cached(path.resolve(), stat.st_mtime_ns, stat.st_size, expected_dims)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(path: Path, mtime_ns: int, size: int, expected_dims: int) -> np.ndarray:
+    """Evaluation and short runs read the same files many times: cache them per process, keyed
+    by modification time and size so that a changed file is read again. Read-only arrays."""
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
@@ -88,12 +96,11 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     return data.reshape(dims)
 
 
-@functools.lru_cache(maxsize=4)
 def load_fashion_mnist_arrays(
     directory: str | Path, split: str = "train"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw Fashion-MNIST: uint8 images (N, 28, 28) and int64 labels (N,) of a split (read-only
-    arrays, cached per process: evaluation and short runs read the same files many times)."""
+    """Raw Fashion-MNIST: uint8 images (N, 28, 28) and int64 labels (N,) of a split, as read-only
+    arrays (files are cached per process, see :func:`_read_idx`)."""
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     root = Path(directory)
@@ -105,7 +112,6 @@ def load_fashion_mnist_arrays(
     image_file, label_file = FASHION_MNIST_FILES[split]
     images = _read_idx(root / image_file, 3)
     labels = _read_idx(root / label_file, 1).astype(np.int64)
-    labels.flags.writeable = False
     if len(images) != len(labels):
         raise DataError(f"{root}: {len(images)} images but {len(labels)} labels in {split} split")
     return images, labels
