@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from aegan_serve.images import to_model_input
 from training.config import DataConfig, fashion_mnist_dir
 
 log = logging.getLogger(__name__)
@@ -131,18 +132,11 @@ def load_fashion_mnist(directory: str | Path, split: str = "train") -> Dataset:
 
 
 def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image file -> (C, size, size) float32 in [-1, 1], converted exactly as the service
+    converts uploads (EXIF orientation, alpha onto white, centre crop, Lanczos resize)."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img.convert("RGBA"))
-        img = img.convert("L" if channels == 1 else "RGB")
-        side = min(img.size)  # centre crop to a square, then resize
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        img = img.resize((size, size), Image.Resampling.LANCZOS)
-        array = np.asarray(img, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+        return to_model_input(ImageOps.exif_transpose(img), (channels, size, size))
 
 
 def load_image_folder(
@@ -167,7 +161,7 @@ def load_image_folder(
         log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), root, bad[0])
     if not arrays:
         raise DataError(f"{root}: every image was unreadable ({len(bad)} skipped)")
-    return Dataset(uint8_to_unit(np.stack(arrays)), None, "image", str(root))
+    return Dataset(torch.from_numpy(np.stack(arrays)), None, "image", str(root))
 
 
 # --- .npy arrays -----------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def train(
 
     progress = _progress(writer and t.progress)
     task = progress.add_task("train", total=t.steps, completed=start, stats="")
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     interval_start, interval_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
     final = None
@@ -287,12 +287,12 @@ def train(
 
             # (5) Log, grids, checkpoints.
             done = step + 1
-            for k, v in {**d_terms, **ge_terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for k, v in {**d_terms, **ge_terms}.items():  # summed on the device: no sync per step
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
             interval_steps += 1
             if done % t.log_every == 0 or done == t.steps:
                 elapsed = time.perf_counter() - interval_start
-                record = {k: v / interval_steps for k, v in sums.items()}
+                record = {k: float(v) / interval_steps for k, v in sums.items()}
                 if not all(map(_finite, record.values())):
                     raise FloatingPointError(f"non-finite loss at step {done}: {record}")
                 record = {
