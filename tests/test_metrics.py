@@ -24,7 +24,7 @@ from training.metrics import (
     compute_metrics,
     register_metric,
 )
-from training.metrics.classifier import WEIGHTS, classifier_info, load_classifier
+from training.metrics.classifier import WEIGHTS, classifier_info, load_classifier, report
 from training.metrics.coverage import class_histogram, classes_covered, kl_to_uniform
 from training.metrics.frechet import frechet_distance, mean_cov
 from training.metrics.precision_recall import precision_recall
@@ -342,3 +342,14 @@ def test_training_hook_logs_metrics_without_changing_training(tmp_path):
     a = torch.load(path_a, weights_only=True)["ema"]["G"]
     b = torch.load(path_b, weights_only=True)["ema"]["G"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_fmnist
+def test_shipped_classifier_report_matches_its_record():
+    record = json.loads(WEIGHTS.with_suffix(".json").read_text())
+    result = report(str(FMNIST))
+    assert result["test_accuracy"] == record["test_accuracy"] >= 0.92
+    recalls = result["test_recall_per_class"]
+    assert len(recalls) == 10 and all(0 <= r <= 1 for r in recalls.values())
+    # class sizes are equal in the test split, so accuracy is the mean of per-class recall
+    assert math.isclose(sum(recalls.values()) / 10, result["test_accuracy"], abs_tol=1e-3)

@@ -140,6 +140,33 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> floa
     return correct / len(images)
 
 
+@torch.no_grad()
+def per_class_recall(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Share of each class's images that the classifier assigns to that class."""
+    net.eval()
+    predicted = torch.cat(
+        [net(images[i : i + 1000]).argmax(1) for i in range(0, len(images), 1000)]
+    )
+    return [float((predicted[labels == c] == c).float().mean()) for c in range(10)]
+
+
+def report(data_dir: str, path: str | None = None) -> dict[str, Any]:
+    """Parameter count, test accuracy and per-class test recall of the shipped (or given)
+    weights."""
+    from training.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    net = load_classifier(path)
+    test = load_fashion_mnist(data_dir, "test")
+    recalls = per_class_recall(net, test.samples, test.labels)
+    return {
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "test_accuracy": round(accuracy(net, test.samples, test.labels), 4),
+        "test_recall_per_class": {
+            name: round(r, 4) for name, r in zip(FASHION_MNIST_CLASSES, recalls, strict=True)
+        },
+    }
+
+
 def train_classifier(
     data_dir: str,
     epochs: int,
@@ -197,6 +224,12 @@ def train_classifier(
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option(
+    "--report",
+    "report_only",
+    is_flag=True,
+    help="Do not train: print parameters, test accuracy and per-class recall of --out.",
+)
 def main(
     out: Path,
     fashion_mnist_dir: str | None,
@@ -205,12 +238,17 @@ def main(
     lr: float,
     seed: int,
     threads: int,
+    report_only: bool,
 ) -> None:
     """Train the Fashion-MNIST feature classifier and record its test accuracy."""
     from training.config import DataConfig
     from training.config import fashion_mnist_dir as resolve_dir
 
     torch.set_num_threads(threads)
+    if report_only:
+        data_dir = resolve_dir(DataConfig(fashion_mnist_dir=fashion_mnist_dir))
+        click.echo(json.dumps(report(data_dir, str(out)), indent=2))
+        return
     torch.use_deterministic_algorithms(True)
     data_dir = resolve_dir(DataConfig(fashion_mnist_dir=fashion_mnist_dir))
     net, stats = train_classifier(data_dir, epochs, batch_size, lr, seed, log=click.echo)
