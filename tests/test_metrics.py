@@ -128,6 +128,40 @@ def test_psnr_of_known_noise():
     assert psnr(clean, clean).max() == 100.0  # capped, not infinite
 
 
+def _flat_autoencoder(decode_all_to: np.ndarray | None = None) -> GenerativeModel:
+    """z is the flattened image: E and G are reshapes (exact reconstructions), or G sends every
+    latent to one fixed image."""
+
+    def generate(z: np.ndarray) -> np.ndarray:
+        if decode_all_to is not None:
+            return np.repeat(decode_all_to[None], len(z), axis=0)
+        return z.reshape(len(z), 1, 28, 28)
+
+    return GenerativeModel(generate, lambda x: x.reshape(len(x), -1), 784, (1, 28, 28))
+
+
+@needs_fmnist
+@needs_classifier
+def test_reconstruction_class_agreement_on_exact_and_constant_decoders():
+    from training.evaluate import fmnist_reference
+
+    ref = fmnist_reference(str(FMNIST))
+    exact = compute_metrics(EvalContext(_flat_autoencoder(), ref, 500), ["reconstruction"])
+    assert exact["recon_class_agreement"] == 1.0
+    assert exact["recon_psnr"] == 100.0 and exact["latent_mse"] == 0.0
+    assert exact["recon_class_kl"] < 0.05  # the test split's subset is near balanced
+
+    image = ref.samples[0]
+    ctx = EvalContext(_flat_autoencoder(decode_all_to=image), ref, 500)
+    constant = compute_metrics(ctx, ["reconstruction"])
+    labels = ref.features_and_logits[1].argmax(1)
+    share = float(np.mean(labels[ref.subset_indices(500)] == labels[0]))
+    assert constant["recon_class_agreement"] == pytest.approx(share)
+    assert 0 < share < 0.5
+    assert constant["recon_class_kl"] == pytest.approx(math.log(10))
+    assert sum(ctx.details["recon_class_shares"].values()) == pytest.approx(1.0)
+
+
 def test_energy_distance_zero_for_identical_and_grows_with_shift():
     x = np.random.default_rng(7).standard_normal((400, 3))
     assert energy_distance(x, x.copy()) == pytest.approx(0.0, abs=1e-12)

@@ -5,6 +5,14 @@ all pixels and ``recon_psnr`` the mean over images of ``10 log10(1 / MSE_i)`` dB
 ``recon_mse`` is in the data's own units and no PSNR is given. ``latent_mse`` is the mean over
 samples and dimensions of ``(E(G(z)) - z)^2`` for z ~ N(0, I), the quantity the training loss
 ``recon_z`` pulls down.
+
+For Fashion-MNIST, ``recon_class_agreement`` is the share of test images whose reconstruction gets
+the classifier's class of the image itself (no labels needed: it asks whether G(E(x)) keeps what
+x *is*, where PSNR only asks how close the pixels are), and ``recon_class_kl`` is the KL divergence
+from uniform of the classes of the reconstructions, the number ``coverage_kl`` gives for samples.
+Set beside ``coverage_kl``, it separates the two places a class imbalance of samples can come from:
+the decoder (reconstructions skewed too) or the way the prior's mass is spread over the latent
+space (reconstructions balanced, samples not).
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ def to_unit(images: np.ndarray) -> np.ndarray:
         "recon_mse": "MSE of G(E(x)) on held-out data (images: pixels in [0, 1]; lower is better)",
         "recon_psnr": "mean PSNR of G(E(x)) on the test split, dB (higher is better)",
         "latent_mse": "mean squared error of E(G(z)) against z per dimension (lower is better)",
+        "recon_class_agreement": "share of test images whose G(E(x)) keeps the class of x",
+        "recon_class_kl": "KL of the classes of G(E(x)) from uniform, nats (compare coverage_kl)",
     },
 )
 def reconstruction(ctx: EvalContext) -> dict[str, float]:
@@ -57,6 +67,27 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
     if ctx.reference.kind == "fmnist":
         results["recon_mse"] = float(per_sample_mse(to_unit(x), to_unit(x_rec)).mean())
         results["recon_psnr"] = float(psnr(to_unit(x), to_unit(x_rec)).mean())
+        results.update(_class_agreement(ctx, x_rec))
     else:
         results["recon_mse"] = float(per_sample_mse(x, x_rec).mean())
     return results
+
+
+def _class_agreement(ctx: EvalContext, x_rec: np.ndarray) -> dict[str, float]:
+    from training.data import FASHION_MNIST_CLASSES
+    from training.metrics.classifier import features_and_logits, load_classifier
+    from training.metrics.coverage import class_histogram, kl_to_uniform
+
+    assert ctx.reference is not None
+    n = len(x_rec)
+    of_images = ctx.reference.features_and_logits[1][ctx.reference.subset_indices(n)].argmax(1)
+    of_reconstructions = features_and_logits(load_classifier(), x_rec)[1].argmax(1)
+    shares = class_histogram(of_reconstructions)
+    ctx.details["recon_class_shares"] = {
+        name: round(float(share), 4)
+        for name, share in zip(FASHION_MNIST_CLASSES, shares, strict=True)
+    }
+    return {
+        "recon_class_agreement": float(np.mean(of_images == of_reconstructions)),
+        "recon_class_kl": kl_to_uniform(shares),
+    }

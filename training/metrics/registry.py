@@ -59,7 +59,11 @@ class Reference:
         self.order = np.random.default_rng(seed).permutation(len(self.samples))
 
     def subset(self, n: int) -> np.ndarray:
-        return self.samples[self.order[: min(n, len(self.samples))]]
+        return self.samples[self.subset_indices(n)]
+
+    def subset_indices(self, n: int) -> np.ndarray:
+        """Indices into ``samples`` of :meth:`subset` (to look up cached per-sample values)."""
+        return self.order[: min(n, len(self.samples))]
 
     @cached_property
     def features_and_logits(self) -> tuple[np.ndarray, np.ndarray]:
