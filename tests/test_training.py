@@ -292,6 +292,23 @@ def test_gan_mode_trains_g_and_dx_only(tmp_path):
     assert set(state["nets"]) == {"G", "Dx"} and set(state["ema"]) == {"G"}
 
 
+@needs_fmnist
+def test_gan_runs_do_not_depend_on_aegan_loss_weights(tmp_path):
+    """The baseline stays the same run when the AEGAN weights of a preset are retuned."""
+    runs = []
+    for name, adv_x in (("a", 1.0), ("b", 6.0)):
+        cfg = tiny_config()
+        cfg.loss.mode, cfg.loss.adv_x, cfg.loss.recon_x_final = "gan", adv_x, 0.2
+        runs.append(weights(train(cfg, tmp_path / name)))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    aegan = []
+    for name, adv_x in (("c", 1.0), ("d", 6.0)):
+        cfg = tiny_config()
+        cfg.loss.adv_x = adv_x
+        aegan.append(weights(train(cfg, tmp_path / name)))
+    assert not torch.equal(aegan[0]["nets.G.project.0.weight"], aegan[1]["nets.G.project.0.weight"])
+
+
 # --- the command line -----------------------------------------------------------------------
 
 

@@ -92,12 +92,14 @@ def weighted_total(
     terms: dict[str, torch.Tensor], cfg: LossConfig, recon_x_weight: float | None = None
 ) -> torch.Tensor:
     """Sum of the terms with the config's weights. Discriminator fakes are averaged so real and
-    fake weigh the same whatever the number of fake kinds."""
+    fake weigh the same whatever the number of fake kinds. The loss weights set the balance of the
+    AEGAN terms; a GAN's generator has one term, weighted 1, so a GAN run is the same whatever
+    weights its config carries."""
     recon_x = cfg.recon_x if recon_x_weight is None else recon_x_weight
     weights = {
         "loss/Dx/real": 1.0,
         "loss/Dz/prior": 1.0,
-        "loss/G/adv_x": cfg.adv_x,
+        "loss/G/adv_x": cfg.adv_x if cfg.mode == "aegan" else 1.0,
         "loss/GE/adv_x_recon": cfg.adv_x,
         "loss/E/adv_z": cfg.adv_z,
         "loss/GE/adv_z_recon": cfg.adv_z,
