@@ -35,6 +35,7 @@ DOCS = Path("docs/study")
 
 STEPS = 1500
 EVAL_EVERY = 250
+FULL_STEPS = 10_000  # the shipped preset's budget, for the tuning that decides the default
 EVAL_SAMPLES = 2000
 SEEDS = (0, 1, 2)
 
@@ -47,16 +48,21 @@ class Run:
     sets: tuple[str, ...] = ()  # extra --set assignments (variants)
     group: str = ""  # rows of the table: runs of one group are averaged over seeds
     steps: int = STEPS
+    eval_every: int = EVAL_EVERY
 
     @property
     def dir(self) -> Path:
         return RUNS_DIR / self.name
 
 
+# The loss weights the first study ran with (the defaults then; the tuned ones replaced them).
+FIRST_WEIGHTS = ("loss.adv_x=1", "loss.adv_z=1", "loss.recon_x_final=1")
+
+
 def plan() -> list[Run]:
     runs = []
     for seed in SEEDS:  # pairs of one seed run side by side, under the same load
-        runs.append(Run(f"aegan-seed{seed}", "aegan", seed, group="aegan"))
+        runs.append(Run(f"aegan-seed{seed}", "aegan", seed, FIRST_WEIGHTS, "aegan"))
         runs.append(Run(f"gan-seed{seed}", "gan", seed, group="gan"))
     variants = {
         "recon_x=2": ("loss.recon_x=2",),
@@ -65,10 +71,50 @@ def plan() -> list[Run]:
     }
     for label, sets in variants.items():
         runs.append(
-            Run(f"aegan-{label.replace('=', '')}-seed0", "aegan", 0, sets, f"aegan {label}")
+            Run(
+                f"aegan-{label.replace('=', '')}-seed0",
+                "aegan",
+                0,
+                (*FIRST_WEIGHTS, *sets),  # later --set assignments win
+                f"aegan {label}",
+            )
         )
     # The GAN step is cheaper: twice the steps takes about the AEGAN run's wall-clock time.
     runs.append(Run("gan-steps3000-seed0", "gan", 0, (), "gan, 2x steps", 2 * STEPS))
+    # Tuning at the full budget (one seed each): the shipped recipe is chosen from these.
+    full = {
+        "adv_z=3, recon_x_final=0.2": ("loss.adv_z=3", "loss.recon_x_final=0.2"),
+        "adv_x=3, adv_z=3, recon_x_final=0.2": (
+            "loss.adv_x=3",
+            "loss.adv_z=3",
+            "loss.recon_x_final=0.2",
+        ),
+        "adv_x=6, adv_z=3, recon_x_final=0.2": (
+            "loss.adv_x=6",
+            "loss.adv_z=3",
+            "loss.recon_x_final=0.2",
+        ),
+    }
+    seeds = {  # the candidates: a second seed each
+        "adv_x=3, adv_z=3, recon_x_final=0.2": (0, 1),
+        "adv_x=6, adv_z=3, recon_x_final=0.2": (0, 1),
+    }
+    for label, sets in full.items():
+        name = label.replace("=", "").replace(", ", "-")
+        for seed in seeds.get(label, (0,)):
+            runs.append(
+                Run(
+                    f"full-aegan-{name}-seed{seed}",
+                    "aegan",
+                    seed,
+                    sets,
+                    f"aegan {label}",
+                    FULL_STEPS,
+                    1000,
+                )  # fmt: skip
+            )
+    # A second seed of the baseline at the full budget (seed 0 is runs/fmnist-gan, RESULTS.md).
+    runs.append(Run("full-gan-seed1", "gan", 1, (), "gan, full budget", FULL_STEPS, 1000))
     return runs
 
 
@@ -85,7 +131,7 @@ def train_command(run: Run, threads: int) -> list[str]:
     ]
     cmd += [
         "--set",
-        f"train.eval_every={EVAL_EVERY}",
+        f"train.eval_every={run.eval_every}",
         "--set",
         f"train.eval_samples={EVAL_SAMPLES}",
     ]
@@ -253,11 +299,70 @@ def report(runs: list[Run]) -> None:
         grid = r.dir / "samples" / f"fakes-{r.steps:07d}.png"
         if r.group in MAIN_GROUPS and r is groups[r.group][0] and grid.is_file():
             shutil.copyfile(grid, DOCS / f"samples-{r.name}.png")
-    main_groups = {g: groups[g] for g in MAIN_GROUPS if g in groups}
+    short = {g: [r for r in m if r.steps <= 2 * STEPS] for g, m in groups.items()}
+    short = {g: m for g, m in short.items() if m}
+    main_groups = {g: short[g] for g in MAIN_GROUPS if g in short}
     plot(main_groups, "curves.png", "AEGAN vs GAN: same networks, data, optimiser, batch 64")
-    variants = {g: m for g, m in groups.items() if g.startswith("aegan")}
+    variants = {g: m for g, m in short.items() if g.startswith("aegan")}
     if len(variants) > 1:
         plot(variants, "variants.png", f"AEGAN loss variants, {STEPS} steps")
+    full = {g: [r for r in m if r.steps == FULL_STEPS] for g, m in groups.items()}
+    full = {g: m for g, m in full.items() if m}
+    if full:  # with the GAN's first 3 000 steps: the same trajectory as its 10 000-step run
+        if "gan, 2x steps" in groups:
+            full["gan (seed 0, 3000 steps)"] = groups["gan, 2x steps"]
+        title = f"AEGAN loss variants at the full budget ({FULL_STEPS} steps)"
+        plot(full, "full.png", title, x_keys=("step",))  # runs ran under different loads
+        full_table({g: [finals[r.name] for r in m] for g, m in full.items() if g in groups})
+
+
+# Full-budget seed-0 runs trained before this study, outside it (commands in docs/RESULTS.md):
+# group -> the JSON files of ``aegan eval`` whose metrics make up that run's results.
+OUTSIDE = {
+    "gan, full budget": ("runs/study/fmnist-gan-eval.json",),
+    "aegan, first defaults": (
+        "runs/fmnist-default/eval.json",
+        "runs/fmnist-default/eval-recon-classes.json",  # --metrics coverage,reconstruction
+    ),
+}
+FULL_KEYS = (
+    ("fd_fmnist", "FD-FMNIST ↓", 2),
+    ("precision", "precision ↑", 3),
+    ("recall", "recall ↑", 3),
+    ("coverage_kl", "class KL ↓", 4),
+    ("coverage_classes", "classes ≥5 %", 0),
+    ("recon_psnr", "recon PSNR dB ↑", 2),
+    ("recon_class_agreement", "recon class agreement ↑", 3),
+)
+
+
+def full_table(groups: dict[str, list[dict[str, float]]]) -> None:
+    """The full-budget runs, each seed's value and the mean (docs/study/full-table.md)."""
+    rows = {}
+    for group, paths in OUTSIDE.items():
+        if all(Path(p).is_file() for p in paths):
+            merged: dict[str, float] = {}
+            for path in paths:
+                merged.update(json.loads(Path(path).read_text())["metrics"])
+            rows[group] = [merged]
+    for group, finals in groups.items():
+        if group.startswith("gan ("):  # the 3 000-step curve drawn beside them
+            continue
+        rows[group] = rows.get(group, []) + finals
+    header = ["runs", "seeds", *[label for _, label, _ in FULL_KEYS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, finals in rows.items():
+        cells = [group, str(len(finals))]
+        for key, _, digits in FULL_KEYS:
+            values = [f[key] for f in finals if key in f]
+            text = " / ".join(f"{v:.{digits}f}" for v in values) or "—"
+            if len(values) > 1:
+                text += f" (mean {sum(values) / len(values):.{digits}f})"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (DOCS / "full-table.md").write_text(table)
+    print(table)
 
 
 def _pm(value: tuple[float, float, int], digits: int) -> str:
@@ -265,9 +370,14 @@ def _pm(value: tuple[float, float, int], digits: int) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
-def plot(groups: dict[str, list[Run]], filename: str, title: str) -> None:
-    """Periodic metrics against steps (left) and training wall-clock seconds (right): thin lines
-    per seed, a thick line for the mean over seeds."""
+def plot(
+    groups: dict[str, list[Run]],
+    filename: str,
+    title: str,
+    x_keys: tuple[str, ...] = ("step", "seconds"),
+) -> None:
+    """Periodic metrics against steps (left) and training wall-clock seconds (right, unless
+    ``x_keys`` leaves them out): thin lines per seed, a thick line for the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,12 +389,15 @@ def plot(groups: dict[str, list[Run]], filename: str, title: str) -> None:
         ("recall", "recall (higher is better)"),
     )
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.3 * len(panels)), squeeze=False)
+    width = 5.5 * len(x_keys)
+    fig, axes = plt.subplots(
+        len(panels), len(x_keys), figsize=(width, 3.3 * len(panels)), squeeze=False
+    )
     for colour, (group, members) in zip(colours, groups.items(), strict=False):
         curves = [curve(r) for r in members]
         n = min(len(c["step"]) for c in curves)
         for row, (key, label) in enumerate(panels):
-            for col, x_key in enumerate(("step", "seconds")):
+            for col, x_key in enumerate(x_keys):
                 ax = axes[row][col]
                 if len(curves) > 1:
                     for c in curves:

@@ -45,11 +45,12 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     mode: str = "aegan"  # 'aegan' (G, E, Dx, Dz, reconstruction terms) or 'gan' (G and Dx only).
-    adv_x: float = 1.0  # Weight of the image adversarial terms for G(z) and G(E(x)).
-    adv_z: float = 1.0  # Weight of the latent adversarial terms for E(x) and E(G(z)).
+    # Image defaults tuned on Fashion-MNIST at 10 000 steps against the GAN (docs/RESULTS.md).
+    adv_x: float = 3.0  # Weight of the image adversarial terms for G(z) and G(E(x)) (aegan only).
+    adv_z: float = 3.0  # Weight of the latent adversarial terms for E(x) and E(G(z)).
     recon_x: float = 5.0  # Weight of the image reconstruction ||G(E(x)) - x||_1 (mean per pixel).
     recon_z: float = 2.0  # Weight of the latent reconstruction ||E(G(z)) - z||_2^2 (mean per dim).
-    recon_x_final: float = 1.0  # recon_x weight at the last step, as a fraction (linear anneal).
+    recon_x_final: float = 0.2  # recon_x weight at the last step, as a fraction (linear anneal).
     instance_noise: float = 0.0  # Std of Gaussian noise added to Dx inputs at step 0, decayed to 0.
 
 
@@ -120,7 +121,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"arch": "conv", "latent_dim": 32, "width": 32},
         "train": {"steps": 10000, "batch_size": 64},
     },
-    # The same recipe, larger, for a GPU.
+    # The same recipe, larger, for a GPU (its loss weights were tuned at the CPU preset's size).
     "fmnist-gpu": {
         "data": {"source": "fashion-mnist"},
         "model": {"arch": "conv", "latent_dim": 64, "width": 64},
@@ -129,7 +130,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # N x D vector data (--data FILE.npy), dense networks as in the original AEGAN.
     "vectors-mlp": {
         "model": {"arch": "mlp", "latent_dim": 8, "hidden": 256, "depth": 3},
-        "loss": {"recon_x": 1.0, "recon_z": 1.0},
+        "loss": {  # not tuned: the original AEGAN's equal weights, no anneal
+            "adv_x": 1.0,
+            "adv_z": 1.0,
+            "recon_x": 1.0,
+            "recon_z": 1.0,
+            "recon_x_final": 1.0,
+        },
         "train": {"steps": 5000, "batch_size": 256, "image_every": 0},
     },
     # A few seconds on a CPU: smoke tests and demos.
