@@ -30,6 +30,14 @@ def kl_to_uniform(shares: np.ndarray) -> float:
     return float(np.sum(p[nz] * np.log(p[nz] * len(p))))
 
 
+def named_shares(shares: np.ndarray) -> dict[str, float]:
+    """Class shares by class name, rounded for reports."""
+    return {
+        name: round(float(share), 4)
+        for name, share in zip(FASHION_MNIST_CLASSES, shares, strict=True)
+    }
+
+
 def classes_covered(shares: np.ndarray, min_share: float = MIN_SHARE) -> int:
     return int(np.sum(np.asarray(shares) >= min_share))
 
@@ -44,8 +52,5 @@ def classes_covered(shares: np.ndarray, min_share: float = MIN_SHARE) -> int:
 )
 def coverage(ctx: EvalContext) -> dict[str, float]:
     shares = class_histogram(ctx.fake_features_and_logits[1].argmax(1))
-    ctx.details["class_shares"] = {
-        name: round(float(share), 4)
-        for name, share in zip(FASHION_MNIST_CLASSES, shares, strict=True)
-    }
+    ctx.details["class_shares"] = named_shares(shares)
     return {"coverage_kl": kl_to_uniform(shares), "coverage_classes": classes_covered(shares)}

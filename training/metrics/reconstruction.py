@@ -74,19 +74,15 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
 
 
 def _class_agreement(ctx: EvalContext, x_rec: np.ndarray) -> dict[str, float]:
-    from training.data import FASHION_MNIST_CLASSES
     from training.metrics.classifier import features_and_logits, load_classifier
-    from training.metrics.coverage import class_histogram, kl_to_uniform
+    from training.metrics.coverage import class_histogram, kl_to_uniform, named_shares
 
     assert ctx.reference is not None
     n = len(x_rec)
     of_images = ctx.reference.features_and_logits[1][ctx.reference.subset_indices(n)].argmax(1)
     of_reconstructions = features_and_logits(load_classifier(), x_rec)[1].argmax(1)
     shares = class_histogram(of_reconstructions)
-    ctx.details["recon_class_shares"] = {
-        name: round(float(share), 4)
-        for name, share in zip(FASHION_MNIST_CLASSES, shares, strict=True)
-    }
+    ctx.details["recon_class_shares"] = named_shares(shares)
     return {
         "recon_class_agreement": float(np.mean(of_images == of_reconstructions)),
         "recon_class_kl": kl_to_uniform(shares),
