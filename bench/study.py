@@ -313,44 +313,57 @@ def report(runs: list[Run]) -> None:
             full["gan (seed 0, 3000 steps)"] = groups["gan, 2x steps"]
         title = f"AEGAN loss variants at the full budget ({FULL_STEPS} steps)"
         plot(full, "full.png", title, x_keys=("step",))  # runs ran under different loads
-        full_table({g: [finals[r.name] for r in m] for g, m in full.items() if g in groups})
+        full_table({g: [r.dir for r in m] for g, m in full.items() if g in groups}, finals)
 
 
 # Full-budget seed-0 runs trained before this study, outside it (commands in docs/RESULTS.md):
-# group -> the JSON files of ``aegan eval`` whose metrics make up that run's results.
+# group -> (run directory, the JSON files of ``aegan eval`` whose metrics make up its results).
 OUTSIDE = {
-    "gan, full budget": ("runs/study/fmnist-gan-eval.json",),
+    "gan, full budget": ("runs/fmnist-gan", ("runs/study/fmnist-gan-eval.json",)),
     "aegan, first defaults": (
-        "runs/fmnist-default/eval.json",
-        "runs/fmnist-default/eval-recon-classes.json",  # --metrics coverage,reconstruction
+        "runs/fmnist-default",
+        (
+            "runs/fmnist-default/eval.json",
+            "runs/fmnist-default/eval-recon-classes.json",  # --metrics coverage,reconstruction
+        ),
     ),
 }
 _FULL_DIGITS = {"coverage_kl": 4, "coverage_classes": 0}  # small KLs, whole class counts
+LATE_STEPS = 1000  # training losses are averaged over a run's last this many steps
 FULL_KEYS = (
     *((key, label, _FULL_DIGITS.get(key, d)) for key, label, d in TABLE_KEYS[:6]),
     ("recon_class_agreement", "recon class agreement ↑", 3),
+    ("loss/Dx/fake", f"Dx loss on G(z), last {LATE_STEPS} steps", 3),
+    ("loss/Dz/encoded", f"Dz loss on E(x), last {LATE_STEPS} steps", 3),
 )
 
 
-def full_table(groups: dict[str, list[dict[str, float]]]) -> None:
+def late_losses(run_dir: Path) -> dict[str, float]:
+    """Mean of each logged training loss over the run's last ``LATE_STEPS`` steps (ln 2 = 0.693
+    is a discriminator that cannot tell its two inputs apart)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    late = [r for r in records if r["step"] > records[-1]["step"] - LATE_STEPS]
+    keys = [k for k in late[-1] if k.startswith("loss/")]
+    return {k: sum(r[k] for r in late) / len(late) for k in keys}
+
+
+def full_table(groups: dict[str, list[Path]], finals: dict[str, dict[str, float]]) -> None:
     """The full-budget runs, each seed's value and the mean (docs/study/full-table.md)."""
-    rows = {}
-    for group, paths in OUTSIDE.items():
-        if all(Path(p).is_file() for p in paths):
-            merged: dict[str, float] = {}
+    rows: dict[str, list[dict[str, float]]] = {}
+    for group, (run_dir, paths) in OUTSIDE.items():
+        if all(Path(p).is_file() for p in (*paths, f"{run_dir}/metrics.jsonl")):
+            merged = late_losses(Path(run_dir))
             for path in paths:
                 merged.update(json.loads(Path(path).read_text())["metrics"])
             rows[group] = [merged]
-    for group, finals in groups.items():
-        if group.startswith("gan ("):  # the 3 000-step curve drawn beside them
-            continue
-        rows[group] = rows.get(group, []) + finals
+    for group, dirs in groups.items():
+        rows[group] = rows.get(group, []) + [{**late_losses(d), **finals[d.name]} for d in dirs]
     header = ["runs", "seeds", *[label for _, label, _ in FULL_KEYS]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group, finals in rows.items():
-        cells = [group, str(len(finals))]
+    for group, results in rows.items():
+        cells = [group, str(len(results))]
         for key, _, digits in FULL_KEYS:
-            values = [f[key] for f in finals if key in f]
+            values = [f[key] for f in results if key in f]
             text = " / ".join(f"{v:.{digits}f}" for v in values) or "—"
             if len(values) > 1:
                 text += f" (mean {sum(values) / len(values):.{digits}f})"
