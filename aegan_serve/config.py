@@ -67,8 +67,9 @@ class Settings:
     device: str  # AEGAN_DEVICE: auto (CUDA when it works, else CPU) | cuda (required) | cpu
     workers: int  # AEGAN_WORKERS: server worker processes, each with its own ONNX Runtime sessions
     threads: int  # AEGAN_THREADS: ONNX Runtime intra-op threads per worker (default CPUs/workers)
-    batch_size: int  # AEGAN_BATCH_SIZE: most images one adaptive /encode batch may hold
-    batch_latency_ms: int  # AEGAN_BATCH_LATENCY_MS: most time a request waits in the batch queue
+    batch_size: int  # AEGAN_BATCH_SIZE: most images in one encoder run across requests (1: off)
+    batch_latency_ms: int  # AEGAN_BATCH_LATENCY_MS: most time a request waits for the encoder
+    max_queue: int  # AEGAN_MAX_QUEUE: most images waiting for the encoder; more are refused (429)
     fp16: bool  # AEGAN_FP16: 1 (default) runs the bundle's fp16 graphs on CUDA if present, 0 not
     limits: Limits
 
@@ -81,15 +82,23 @@ class Settings:
         if fp16 not in ("0", "1"):
             raise ConfigError(f"AEGAN_FP16={fp16!r} must be 0 or 1")
         workers = _int(environ, "AEGAN_WORKERS", 1)
+        limits = Limits.from_env(environ)
+        max_queue = _int(environ, "AEGAN_MAX_QUEUE", 1024)
+        if max_queue < limits.max_images:
+            raise ConfigError(
+                f"AEGAN_MAX_QUEUE={max_queue} must be at least AEGAN_MAX_IMAGES={limits.max_images}"
+                " (one request's images always fit in the queue)"
+            )
         return cls(
             model=environ.get("AEGAN_MODEL", "").strip() or str(DEFAULT_MODEL_DIR),
             device=device,
             workers=workers,
             threads=_int(environ, "AEGAN_THREADS", max(1, available_cpus() // workers)),
-            batch_size=_int(environ, "AEGAN_BATCH_SIZE", 64, minimum=2),
+            batch_size=_int(environ, "AEGAN_BATCH_SIZE", 64),
             batch_latency_ms=_int(environ, "AEGAN_BATCH_LATENCY_MS", 5000),
+            max_queue=max_queue,
             fp16=fp16 == "1",
-            limits=Limits.from_env(environ),
+            limits=limits,
         )
 
 

@@ -33,3 +33,13 @@ class WrongModelKind(RequestError):
     """422: the endpoint needs an image model but the loaded model makes vectors."""
 
     error_code = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+class Overloaded(BentoMLException):
+    """429: the server is busy (a queue is full or waited too long); retry after ``Retry-After``.
+
+    429 rather than 503 because BentoML hides the message of 5xx answers, and its own concurrency
+    limit (``traffic.max_concurrency``) answers 429 as well.
+    """
+
+    error_code = HTTPStatus.TOO_MANY_REQUESTS

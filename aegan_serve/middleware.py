@@ -11,9 +11,10 @@ streams past, without buffering it, and answers such requests with a 4xx that sa
   only elsewhere, text parts of at most 1 MiB and at most 1000 parts (Starlette's limits);
 - url-encoded bodies: no file fields (files need multipart).
 
-It also gives every error answer one shape, ``{"error": message}``: BentoML 1.4 wraps the message
-of a service exception in a one-element list, and says only "1 validation error for Input" for a
-field out of bounds (the field and the bound are then put in the message; ``detail`` stays).
+It also adds ``Retry-After`` to 429 and 503 answers (load shed), and gives every error answer one
+shape, ``{"error": message}``: BentoML 1.4 wraps the message of a service exception in a
+one-element list, and says only "1 validation error for Input" for a field out of bounds (the field
+and the bound are then put in the message; ``detail`` stays).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .errors import LimitExceeded, RequestError
 
 MAX_TEXT_PART_BYTES = 1 << 20  # Starlette's limit for a multipart part that is not a file
 MAX_PARTS = 1000  # Starlette's limit on files (and on fields) per multipart body
+RETRY_AFTER_S = b"1"  # Retry-After of a 429/503 answer: the queues drain within about a second
 
 
 class _MultipartCheck:
@@ -233,6 +235,10 @@ def _unwrap_errors(send: Any) -> Any:
         body = _error_body(b"".join(chunks))
         headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
+        if start["status"] in (429, 503) and not any(
+            k.lower() == b"retry-after" for k, _ in headers
+        ):
+            headers.append((b"retry-after", RETRY_AFTER_S))
         await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -8,28 +8,30 @@ with examples: docs/SERVING.md. Health (/livez, /readyz), /metrics and OpenAPI c
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import inspect
 import logging
 import math
-from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, TypeVar
 
 import bentoml
 import numpy as np
 from annotated_types import Ge, Le, Len
-from bentoml.validators import ContentType
+from bentoml.validators import ContentType, FileSchema
 from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
 
 from . import __version__
+from .batching import Batcher
 from .bundle import load_bundle, resolve_bundle_dir
-from .config import Settings
+from .config import Settings, available_cpus
 from .errors import RequestError, WrongModelKind
-from .images import encode_gif, encode_png, load_uploads, make_grid, png_base64, to_pil, to_uint8
+from .images import encode_gif, encode_png, load_uploads, make_grid, png_base64, to_uint8
 from .latents import (
     LATENT_ABS_MAX,
     MAX_SEED,
@@ -49,6 +51,37 @@ logger = logging.getLogger("bentoml.aegan_serve")
 SETTINGS = Settings.from_env()
 LIMITS = SETTINGS.limits
 PSNR_CAP_DB = 100.0  # reported for a perfect reconstruction instead of infinity
+INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
+T = TypeVar("T")
+
+
+class Upload(PurePosixPath):
+    """One uploaded file, held in memory: its name is the client's file name, ``data`` its bytes.
+
+    BentoML's ``Path`` fields first write every upload to a new file in the request's temporary
+    directory; for the small images this service takes, creating those files cost more CPU than
+    decoding the images (docs/BENCHMARKS.md). Starlette still spools a part over 1 MiB to disk.
+    """
+
+    data: bytes
+
+
+class InMemoryFile(FileSchema):
+    """A multipart file field (the OpenAPI schema of ``Path``) whose value is an :class:`Upload`."""
+
+    def decode(self, obj: Any) -> Upload:
+        if isinstance(obj, UploadFile):
+            name, data = obj.filename or "upload", obj.file.read()
+        elif isinstance(obj, bytes):
+            name, data = "upload", obj
+        elif isinstance(obj, Path):  # a local call (e.g. in a test) with a file on disk
+            name, data = obj.name, obj.read_bytes()
+        else:
+            raise ValueError("expected an uploaded file")
+        upload = Upload(Path(name).name or "upload")
+        upload.data = data
+        return upload
+
 
 # Request field types: their bounds are in the OpenAPI schema and checked before any work is done.
 Count = Annotated[int, Ge(1), Le(LIMITS.max_n)]
@@ -56,7 +89,8 @@ Seed = Annotated[int, Ge(0), Le(MAX_SEED)]
 Truncation = Annotated[float, Ge(0.0), Le(1.0)]
 Coordinate = Annotated[float, Field(allow_inf_nan=False, ge=-LATENT_ABS_MAX, le=LATENT_ABS_MAX)]
 Latents = Annotated[list[list[Coordinate]], Len(1, LIMITS.max_n)]
-Uploads = Annotated[list[Path], Len(1, LIMITS.max_images)]
+UploadedFile = Annotated[Upload, InMemoryFile()]
+Uploads = Annotated[list[UploadedFile], Len(1, LIMITS.max_images)]
 Steps = Annotated[int, Ge(2), Le(LIMITS.max_steps)]
 FrameMs = Annotated[int, Ge(20), Le(10_000)]
 
@@ -82,11 +116,6 @@ class Reconstructed(BaseModel):
     psnr: list[float] = Field(description=f"PSNR per image in dB (peak 1, at most {PSNR_CAP_DB:g})")
 
 
-class BatchItem(BaseModel):
-    latent: list[float] = Field([], description="the latent (empty when there is an error)")
-    error: str = Field("", description="why the item could not be encoded (empty if it was)")
-
-
 @bentoml.service(
     name="aegan",
     workers=SETTINGS.workers,
@@ -103,7 +132,17 @@ class AEGAN:
             self.bundle, settings.device, settings.threads, fp16=settings.fp16
         )
         self.prior = prior_name(self.bundle.manifest["latent_prior"])
-        self.batch_sizes: Counter[int] = Counter()  # images per adaptive /encode batch
+        # Decoding uploads, running the generator and encoding PNGs: a pool bounded by the CPUs.
+        self.workers = ThreadPoolExecutor(available_cpus(), thread_name_prefix="aegan-work")
+        # Every encoder run goes through one queue that batches concurrent requests together.
+        self.encoder = Batcher(
+            self.model.encode,
+            max_batch=settings.batch_size,
+            max_queue=settings.max_queue,
+            max_wait_s=settings.batch_latency_ms / 1000,
+            executor=ThreadPoolExecutor(1, thread_name_prefix="aegan-encoder"),
+            name="encoder",
+        )
         logger.info(
             "model %r from %s: %s %s, latent_dim %d; ONNX Runtime %s (%s, %d threads)",
             self.bundle.name,
@@ -116,88 +155,59 @@ class AEGAN:
             self.model.threads,
         )
 
+    # The image endpoints answer a ready Response with the PNG/GIF bytes they made in a worker
+    # thread (the annotations keep the OpenAPI schema and BentoML's client decoding): BentoML would
+    # otherwise encode a PIL image on the event loop, or write the bytes to a temporary file.
+
     @bentoml.api
-    def sample(
-        self,
-        ctx: bentoml.Context,
-        n: Count = 16,
-        seed: Seed | None = None,
-        truncation: Truncation = 1.0,
+    async def sample(
+        self, n: Count = 16, seed: Seed | None = None, truncation: Truncation = 1.0
     ) -> Image.Image:
         """A PNG grid of ``n`` generated images, ceil(sqrt(n)) per row. A seed makes it repeatable;
         without one a random seed is drawn. The seed used is in the ``X-Seed`` response header."""
         self._require_images("sample")
         seed, latents = self._draw(n, seed, truncation)
-        ctx.response.headers["X-Seed"] = str(seed)
-        return to_pil(make_grid(self.model.generate(latents)))
+        png = await self._compute(n, lambda: encode_png(make_grid(self.model.generate(latents))))
+        return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})  # type: ignore[return-value]
 
     @bentoml.api
-    def generate(
+    async def generate(
         self, n: Count = 16, seed: Seed | None = None, truncation: Truncation = 1.0
     ) -> Generated:
         """``n`` samples as JSON: the seed, the latents and the images as base64 PNG (image models)
         or the vectors (vector models)."""
         seed, latents = self._draw(n, seed, truncation)
-        return Generated(seed=seed, latents=latents.tolist(), **self._decode(latents))
+        decoded = await self._compute(n, lambda: self._decode(latents))
+        return Generated(seed=seed, latents=latents.tolist(), **decoded)
 
     @bentoml.api
     async def encode(self, images: Uploads) -> Encoded:
         """One latent per uploaded image, in upload order. Concurrent requests are encoded together
-        through the adaptively batched ``encode_batch``."""
+        (cross-request batching, see ``AEGAN_BATCH_SIZE``)."""
         self._require_images("encode")
-        batch = await asyncio.to_thread(self._load, images)  # decoding is CPU work
-        packed = [base64.b64encode(x.astype("<f4").tobytes()).decode("ascii") for x in batch]
-        items = await self.to_async.encode_batch(packed)  # through BentoML's batching dispatcher
-        if any(item.error for item in items):  # the items were made just above: a bug
-            raise RuntimeError(f"encode_batch refused its own input: {items[0].error}")
-        return Encoded(latents=[item.latent for item in items])
-
-    @bentoml.api(
-        batchable=True,
-        batch_dim=0,
-        max_batch_size=SETTINGS.batch_size,
-        max_latency_ms=SETTINGS.batch_latency_ms,
-    )
-    def encode_batch(self, items: list[str]) -> list[BatchItem]:
-        """Batched encoder behind /encode. Each item is one preprocessed model input: C*H*W float32
-        little-endian values in [-1, 1], base64. Answers a latent, or an error, per item."""
-        self.batch_sizes[len(items)] += 1
-        inputs = [self._unpack(item) for item in items]
-        valid = [x for x in inputs if isinstance(x, np.ndarray)]
-        latents = iter(self.model.encode(np.stack(valid)).tolist() if valid else [])
-        return [
-            BatchItem(latent=next(latents)) if isinstance(x, np.ndarray) else BatchItem(error=x)
-            for x in inputs
-        ]
+        z = await self.encoder(await self._load(images))
+        return Encoded(latents=z.tolist())
 
     @bentoml.api
-    def decode(self, latents: Latents) -> Decoded:
+    async def decode(self, latents: Latents) -> Decoded:
         """Latent vectors -> images as base64 PNG (image models) or vectors (vector models)."""
         z = check_latents(latents, self.bundle.latent_dim, "latents")
-        return Decoded(**self._decode(z))
+        return Decoded(**await self._compute(len(z), lambda: self._decode(z)))
 
     @bentoml.api
-    def reconstruct(self, images: Uploads) -> Reconstructed:
+    async def reconstruct(self, images: Uploads) -> Reconstructed:
         """G(E(x)) for each uploaded image x, with its latent and the per-image error against the
         preprocessed upload."""
         self._require_images("reconstruct")
-        x = self._load(images)
-        z = self.model.encode(x)
-        x_hat = np.clip(self.model.generate(z), -1.0, 1.0)
-        mse = (((x_hat - x) / 2.0) ** 2).reshape(len(x), -1).mean(axis=1)  # pixels in [0, 1]
-        return Reconstructed(
-            latents=z.tolist(),
-            images=[png_base64(tile) for tile in to_uint8(x_hat)],
-            mse=mse.tolist(),
-            psnr=[min(PSNR_CAP_DB, -10.0 * math.log10(max(e, 1e-30))) for e in mse.tolist()],
-        )
+        x = await self._load(images)
+        z = await self.encoder(x)
+        return await self._compute(len(x), lambda: self._reconstructed(x, z))
 
     @bentoml.api
-    def interpolate(
+    async def interpolate(
         self,
-        ctx: bentoml.Context,
         # An empty list, not None, when absent: BentoML 1.4 cannot take optional file lists.
-        images: Annotated[list[Path], Len(0, 2)] = Field(default_factory=list),
+        images: Annotated[list[UploadedFile], Len(0, 2)] = Field(default_factory=list),
         seeds: Annotated[list[Seed] | None, Len(2, 2)] = None,
         latents: Annotated[list[list[Coordinate]] | None, Len(2, 2)] = None,
         steps: Steps = 8,
@@ -220,25 +230,21 @@ class AEGAN:
         if len(images) == 1:
             raise RequestError("images needs 2 uploads (the two end points); got 1")
         if images:
-            ends = self.model.encode(self._load(images))
+            ends = await self.encoder(await self._load(images))
         elif seeds is not None:
             ends = np.concatenate([self._draw(1, s, truncation)[1] for s in seeds])
         else:
             ends = check_latents(latents or [], self.bundle.latent_dim, "latents")
-        frames = self.model.generate(interpolate(ends[0], ends[1], steps, method))
-        if format == "gif":
-            data = encode_gif(frames, frame_ms)
-        else:
-            data = encode_png(make_grid(frames, nrow=steps))
-        path = Path(ctx.temp_dir) / f"interpolation.{format}"
-        path.write_bytes(data)
-        return path
+        data = await self._compute(
+            steps, lambda: self._animation(ends, steps, method, format, frame_ms)
+        )
+        return Response(data, media_type=f"image/{format}")  # type: ignore[return-value]
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
         """The model (name, shapes, prior, metrics measured at export), the execution provider in
-        use, the request limits and the adaptive batching seen so far by this worker."""
-        sizes = self.batch_sizes
+        use, the request limits and the encoder batches run so far by this worker."""
+        sizes = self.encoder.sizes
         return {
             "model": {
                 "name": self.bundle.name,
@@ -259,6 +265,7 @@ class AEGAN:
                 **{LIMITS.env_name(k): v for k, v in asdict(LIMITS).items()},
                 "AEGAN_BATCH_SIZE": SETTINGS.batch_size,
                 "AEGAN_BATCH_LATENCY_MS": SETTINGS.batch_latency_ms,
+                "AEGAN_MAX_QUEUE": SETTINGS.max_queue,
             },
             "encode_batches": {
                 "count": sum(sizes.values()),
@@ -289,26 +296,44 @@ class AEGAN:
             return {"images": [png_base64(tile) for tile in to_uint8(data)]}
         return {"vectors": data.tolist()}
 
-    def _load(self, uploads: list[Path]) -> np.ndarray:
+    async def _compute(self, images: int, work: Callable[[], T]) -> T:
+        """``work()`` for a request of ``images`` images: on the event loop when it is this small
+        (the hop to a thread and back costs more than it), else in the worker pool."""
+        if images <= INLINE_MAX_IMAGES:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self.workers, work)
+
+    async def _load(self, uploads: list[Upload]) -> np.ndarray:
+        """Decode and convert uploads in the worker pool (CPU work off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.workers, self._convert, uploads
+        )
+
+    def _convert(self, uploads: list[Upload]) -> np.ndarray:
         return load_uploads(
-            uploads,
+            [upload.data for upload in uploads],
             self.bundle.data_shape,  # type: ignore[arg-type]
             max_bytes=LIMITS.max_upload_bytes,
             max_pixels=LIMITS.max_pixels,
         )
 
-    def _unpack(self, item: str) -> np.ndarray | str:
-        """One ``encode_batch`` item -> a model input, or the reason it is not one."""
-        shape = self.bundle.data_shape
-        try:
-            x = np.frombuffer(base64.b64decode(item, validate=True), dtype="<f4")
-        except (binascii.Error, ValueError):
-            return "not base64 of float32 values"
-        if x.size != math.prod(shape):
-            return f"{x.size} values; the model takes {math.prod(shape)} ({shape})"
-        if not np.isfinite(x).all() or np.abs(x).max() > 1.0:
-            return "values must be finite and within [-1, 1]"
-        return x.reshape(shape).astype(np.float32)
+    def _reconstructed(self, x: np.ndarray, z: np.ndarray) -> Reconstructed:
+        x_hat = np.clip(self.model.generate(z), -1.0, 1.0)
+        mse = (((x_hat - x) / 2.0) ** 2).reshape(len(x), -1).mean(axis=1)  # pixels in [0, 1]
+        return Reconstructed(
+            latents=z.tolist(),
+            images=[png_base64(tile) for tile in to_uint8(x_hat)],
+            mse=mse.tolist(),
+            psnr=[min(PSNR_CAP_DB, -10.0 * math.log10(max(e, 1e-30))) for e in mse.tolist()],
+        )
+
+    def _animation(
+        self, ends: np.ndarray, steps: int, method: str, format: str, frame_ms: int
+    ) -> bytes:
+        frames = self.model.generate(interpolate(ends[0], ends[1], steps, method))
+        if format == "gif":
+            return encode_gif(frames, frame_ms)
+        return encode_png(make_grid(frames, nrow=steps))
 
 
 for _api in AEGAN.apis.values():  # OpenAPI shows these docstrings: drop their source indentation

@@ -165,15 +165,40 @@ def test_concurrent_encode_requests_are_batched_and_answered_separately(image_bu
         np.testing.assert_allclose(responses[i].json()["latents"][0], expected[i], rtol=1e-5)
 
 
-def test_encode_batch_reports_bad_items_without_failing_the_batch(client):
-    good = base64.b64encode(np.zeros(784, "<f4").tobytes()).decode()
-    short = base64.b64encode(np.zeros(10, "<f4").tobytes()).decode()
-    nan = base64.b64encode(np.full(784, np.nan, "<f4").tobytes()).decode()
-    items = client.post("/encode_batch", json={"items": [good, short, "%%", nan]}).json()
-    assert len(items[0]["latent"]) == 32 and items[0]["error"] == ""
-    assert "10 values; the model takes 784" in items[1]["error"]
-    assert "not base64" in items[2]["error"]
-    assert "finite" in items[3]["error"]
+def test_a_full_encoder_queue_sheds_load_with_429_and_retry_after(image_bundle, monkeypatch):
+    slow_encode = ModelRuntime.encode
+
+    def encode(self, data):  # each run holds the encoder long enough for the queue to fill
+        threading.Event().wait(0.2)
+        return slow_encode(self, data)
+
+    monkeypatch.setattr(ModelRuntime, "encode", encode)
+    limits = {"AEGAN_MAX_IMAGES": "2", "AEGAN_MAX_QUEUE": "2", "AEGAN_BATCH_SIZE": "1"}
+    with serve(image_bundle, **limits) as client:
+        upload = generated_pngs(client, 1, 3)[0]
+        responses = []
+        threads = [
+            threading.Thread(
+                target=lambda: responses.append(client.post("/encode", files=files(upload)))
+            )
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert client.get("/readyz").status_code == 200
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses  # 1 running + 2 queued
+    assert set(statuses) == {200, 429}, statuses
+    shed = next(r for r in responses if r.status_code == 429)
+    assert shed.headers["retry-after"] == "1"
+    assert "encoder queue is full" in error_of(shed, 429)
+
+
+def test_no_internal_batching_endpoint_is_public(client):
+    assert client.post("/encode_batch", json={"items": [""] * 1000}).status_code == 404
+    assert "/encode_batch" not in client.get("/docs.json").json()["paths"]
 
 
 # --- /reconstruct --------------------------------------------------------------------------------

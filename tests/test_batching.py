@@ -1,0 +1,152 @@
+"""The in-process batching queue in front of the encoder (aegan_serve/batching.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from aegan_serve.batching import Batcher
+from aegan_serve.errors import Overloaded
+
+
+class SlowModel:
+    """Row i -> row i * 2 + 1, after holding the (single) model thread for ``delay_s``; records
+    the rows of every run. ``gate`` lets a test hold the first run until it has queued more."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.runs: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.gate.wait(5)
+        threading.Event().wait(self.delay_s)
+        self.runs.append(len(rows))
+        return rows * 2 + 1
+
+
+def batcher(model: SlowModel, **options) -> Batcher:
+    settings = {"max_batch": 16, "max_queue": 1024, "max_wait_s": 10.0, **options}
+    return Batcher(model, executor=ThreadPoolExecutor(1), **settings)
+
+
+def test_concurrent_requests_of_many_sizes_each_get_their_own_rows():
+    model = SlowModel(delay_s=0.002)
+    queue = batcher(model, max_batch=16)
+    rng = np.random.default_rng(0)
+    requests = [rng.normal(size=(int(rng.integers(1, 6)), 3)).astype(np.float32) for _ in range(80)]
+
+    async def main():
+        return await asyncio.gather(*(queue(rows) for rows in requests))
+
+    answers = asyncio.run(main())
+    for rows, answer in zip(requests, answers, strict=True):
+        np.testing.assert_array_equal(answer, rows * 2 + 1)  # exact: same numbers, same order
+    assert sum(model.runs) == sum(len(r) for r in requests)
+    assert max(model.runs) <= 16  # no run larger than max_batch (no request here exceeds it)
+    assert len(model.runs) < len(requests) / 3  # and requests really were put together
+    assert sum(queue.sizes.values()) == len(model.runs)
+
+
+def test_a_request_larger_than_max_batch_runs_alone_and_whole():
+    model = SlowModel()
+    queue = batcher(model, max_batch=4)
+    rows = np.arange(30, dtype=np.float32).reshape(10, 3)
+    answer = asyncio.run(queue(rows))
+    np.testing.assert_array_equal(answer, rows * 2 + 1)
+    assert model.runs == [10]
+
+
+def test_max_batch_one_turns_batching_off():
+    model = SlowModel(delay_s=0.001)
+    queue = batcher(model, max_batch=1)
+
+    async def main():
+        return await asyncio.gather(*(queue(np.full((1, 2), i, np.float32)) for i in range(20)))
+
+    answers = asyncio.run(main())
+    assert model.runs == [1] * 20
+    assert [a[0, 0] for a in answers] == [i * 2 + 1 for i in range(20)]
+
+
+def test_a_full_queue_refuses_at_once_and_keeps_serving_the_rest():
+    model = SlowModel()
+    model.gate.clear()  # the first run holds the model until the queue has filled up
+    queue = batcher(model, max_batch=4, max_queue=8)
+
+    async def main():
+        first = asyncio.ensure_future(queue(np.zeros((4, 1), np.float32)))
+        await asyncio.sleep(0.05)  # the first request is now running, its rows left the queue
+        waiting = [asyncio.ensure_future(queue(np.ones((4, 1), np.float32))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="queue is full"):
+            await queue(np.ones((1, 1), np.float32))  # 8 rows wait: one more is too many
+        model.gate.set()
+        return await asyncio.gather(first, *waiting)
+
+    answers = asyncio.run(main())
+    assert [a.tolist() for a in answers] == [[[1.0]] * 4, [[3.0]] * 4, [[3.0]] * 4]
+
+
+def test_requests_that_waited_too_long_are_refused_not_run():
+    model = SlowModel(delay_s=0.3)
+    queue = batcher(model, max_batch=1, max_wait_s=0.1)
+
+    async def main():
+        return await asyncio.gather(
+            *(queue(np.zeros((1, 1), np.float32)) for _ in range(3)), return_exceptions=True
+        )
+
+    first, *late = asyncio.run(main())
+    assert first.tolist() == [[1.0]]
+    assert all(isinstance(e, Overloaded) and "longer than 0.1 s" in str(e) for e in late), late
+    assert model.runs == [1]  # the late ones cost no model time
+
+
+def test_cancelled_requests_are_dropped_from_the_queue():
+    model = SlowModel()
+    model.gate.clear()
+    queue = batcher(model, max_batch=100)
+
+    async def main():
+        first = asyncio.ensure_future(queue(np.zeros((1, 1), np.float32)))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(queue(np.zeros((5, 1), np.float32)))
+        kept = asyncio.ensure_future(queue(np.full((2, 1), 7, np.float32)))
+        await asyncio.sleep(0)
+        gone.cancel()  # the client went away while waiting
+        model.gate.set()
+        return await first, await kept
+
+    first, kept = asyncio.run(main())
+    assert kept.tolist() == [[15.0], [15.0]]
+    assert model.runs == [1, 2]  # the cancelled request's 5 rows were never run
+
+
+def test_a_model_failure_fails_only_its_own_batch():
+    calls = []
+
+    def flaky(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            threading.Event().wait(0.05)
+            raise RuntimeError("device lost")
+        return rows + 1
+
+    queue = Batcher(flaky, max_batch=1, max_queue=10, max_wait_s=10, executor=ThreadPoolExecutor(1))
+
+    async def main():
+        return await asyncio.gather(
+            queue(np.zeros((1, 1), np.float32)),
+            queue(np.zeros((1, 1), np.float32)),
+            return_exceptions=True,
+        )
+
+    failed, served = asyncio.run(main())
+    assert isinstance(failed, RuntimeError)
+    assert served.tolist() == [[1.0]]
