@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, QuerystringParser, parse_options_header
@@ -30,6 +31,7 @@ from .errors import LimitExceeded, RequestError
 
 MAX_TEXT_PART_BYTES = 1 << 20  # Starlette's limit for a multipart part that is not a file
 MAX_PARTS = 1000  # Starlette's limit on files (and on fields) per multipart body
+SINGLE_HEADERS = ("content-type", "content-length")  # a request may carry at most one of each
 RETRY_AFTER_S = b"1"  # Retry-After of a 429/503 answer: the queues drain within about a second
 
 
@@ -131,7 +133,8 @@ class _UrlencodedCheck:
         self.name += data[start:end]
 
     def _end(self) -> None:
-        name = self.name.decode("utf-8", "replace")
+        # Decoded as the form parser will decode it: "imag%65s" is the field "images".
+        name = unquote_plus(self.name.decode("latin-1"), encoding="utf-8", errors="replace")
         if name in self.file_fields:
             raise RequestError(f"form field {name!r} is a file: send it as multipart/form-data")
 
@@ -151,7 +154,12 @@ class RequestGuard:
         if scope["type"] != "http" or scope["path"] not in self.routes:
             return await self.app(scope, receive, send)
         file_fields = self.routes[scope["path"]]
-        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        headers: dict[str, bytes] = {}
+        for key, value in scope["headers"]:
+            name = key.decode("latin-1").lower()
+            if name in headers and name in SINGLE_HEADERS:  # which one would the parser read?
+                return await _reject(send, 400, f"the request has more than one {name} header")
+            headers[name] = value
         length = headers.get("content-length", b"").strip()
         if length.isdigit() and int(length) > self.max_bytes:
             return await _reject(send, 413, self._too_large())

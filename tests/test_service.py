@@ -4,6 +4,7 @@ happy paths, and each kind of bad request answered with a 4xx whose message name
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import threading
 
@@ -457,6 +458,52 @@ def test_malformed_form_bodies_are_4xx(client):
         "/decode", content=b"{latents", headers={"content-type": "application/json"}
     )
     assert "Invalid JSON" in error_of(not_json, 400)
+
+
+@pytest.fixture()
+def url_target():
+    """A local HTTP server that records every request it gets: the service must never call it."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(image_bytes(gradient()))
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/picture.png", hits
+    server.shutdown()
+
+
+def test_the_service_never_fetches_a_url_named_by_a_client(client, url_target):
+    url, hits = url_target
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    for name in ("images", "imag%65s", "%69mages", "images%00"):
+        answer = client.post("/encode", content=f"{name}={url}", headers=form)
+        assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text)
+    multipart = f'--b\r\nContent-Disposition: form-data; name="images"\r\n\r\n{url}\r\n--b--\r\n'
+    for headers in (
+        [("content-type", "multipart/form-data; boundary=b")],
+        [("content-type", "application/json"), ("content-type", "multipart/form-data; boundary=b")],
+        [("content-type", "multipart/form-data; boundary=b"), ("content-type", "application/json")],
+    ):
+        answer = client.post("/encode", content=multipart.encode(), headers=headers)
+        assert 400 <= answer.status_code < 500, (headers, answer.status_code, answer.text)
+    as_json = client.post("/reconstruct", json={"images": [url]})
+    assert as_json.status_code == 400, as_json.text
+    assert hits == []
+
+
+def test_two_content_type_headers_are_400(client):
+    headers = [("content-type", "application/json"), ("content-type", "text/plain")]
+    answer = client.post("/decode", content=b'{"latents": [[0]]}', headers=headers)
+    assert "more than one content-type header" in error_of(answer, 400)
 
 
 def test_request_body_over_the_limit_is_413(client):
