@@ -198,11 +198,13 @@ def load_uploads(
     max_bytes: int,
     max_pixels: int,
     field: str = "images",
+    first_index: int = 0,
 ) -> np.ndarray:
-    """Decode and convert uploads into one (N, C, H, W) float32 batch in [-1, 1]."""
+    """Decode and convert uploads into one (N, C, H, W) float32 batch in [-1, 1]. Error messages
+    name each upload ``field[first_index + i]``."""
     draft_size = max(shape[1:])
     batch = []
-    for i, upload in enumerate(uploads):
+    for i, upload in enumerate(uploads, start=first_index):
         image = decode_upload(
             upload,
             label=f"{field}[{i}]",

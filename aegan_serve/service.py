@@ -133,7 +133,8 @@ class AEGAN:
         )
         self.prior = prior_name(self.bundle.manifest["latent_prior"])
         # Decoding uploads, running the generator and encoding PNGs: a pool bounded by the CPUs.
-        self.workers = ThreadPoolExecutor(available_cpus(), thread_name_prefix="aegan-work")
+        self.pool_size = available_cpus()
+        self.workers = ThreadPoolExecutor(self.pool_size, thread_name_prefix="aegan-work")
         # Every encoder run goes through one queue that batches concurrent requests together.
         self.encoder = Batcher(
             self.model.encode,
@@ -304,17 +305,25 @@ class AEGAN:
         return await asyncio.get_running_loop().run_in_executor(self.workers, work)
 
     async def _load(self, uploads: list[Upload]) -> np.ndarray:
-        """Decode and convert uploads in the worker pool (CPU work off the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self.workers, self._convert, uploads
+        """Decode and convert uploads in the worker pool, off the event loop; the uploads of one
+        request are split over the pool's threads (Pillow's codecs release the GIL)."""
+        loop = asyncio.get_running_loop()
+        size = math.ceil(len(uploads) / self.pool_size)
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(self.workers, self._convert, uploads[i : i + size], i)
+                for i in range(0, len(uploads), size)
+            )
         )
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _convert(self, uploads: list[Upload]) -> np.ndarray:
+    def _convert(self, uploads: list[Upload], first_index: int) -> np.ndarray:
         return load_uploads(
             [upload.data for upload in uploads],
             self.bundle.data_shape,  # type: ignore[arg-type]
             max_bytes=LIMITS.max_upload_bytes,
             max_pixels=LIMITS.max_pixels,
+            first_index=first_index,
         )
 
     def _reconstructed(self, x: np.ndarray, z: np.ndarray) -> Reconstructed:

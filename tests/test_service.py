@@ -197,6 +197,14 @@ def test_a_full_encoder_queue_sheds_load_with_429_and_retry_after(image_bundle, 
     assert "encoder queue is full" in error_of(shed, 429)
 
 
+def test_a_bad_upload_among_many_is_named_by_its_position(client):
+    good = image_bytes(gradient())
+    uploads = [good] * 7
+    uploads[5] = b"\x89PNG\r\n\x1a\n broken"
+    answer = client.post("/encode", files=files(*uploads))  # decoded in parts, in parallel
+    assert error_of(answer, 400).startswith("images[5] is ")
+
+
 def test_no_internal_batching_endpoint_is_public(client):
     assert client.post("/encode_batch", json={"items": [""] * 1000}).status_code == 404
     assert "/encode_batch" not in client.get("/docs.json").json()["paths"]
