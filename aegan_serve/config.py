@@ -6,6 +6,7 @@ cannot be parsed stops the server at start-up with a message naming the variable
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -14,6 +15,8 @@ from pathlib import Path
 # The shipped bundle, found relative to this package (repository root, Bento or container image).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist"
 DEVICES = ("auto", "cuda", "cpu")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "QUOTA PERIOD" or "max PERIOD"
+NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 
 
 class ConfigError(ValueError):
@@ -65,7 +68,10 @@ class Settings:
 
     model: str  # AEGAN_MODEL: bundle directory, or a BentoML model tag (``bentoml:NAME[:VERSION]``)
     device: str  # AEGAN_DEVICE: auto (CUDA when it works, else CPU) | cuda (required) | cpu
-    workers: int  # AEGAN_WORKERS: server worker processes, each with its own ONNX Runtime sessions
+    # AEGAN_WORKERS: server worker processes, each with its own ONNX Runtime sessions. Default: one
+    # per CPU on the CPU (measured best for small requests, equal for large ones:
+    # docs/BENCHMARKS.md), one when a GPU is visible (one CUDA context, batches stay large).
+    workers: int
     threads: int  # AEGAN_THREADS: ONNX Runtime intra-op threads per worker (default CPUs/workers)
     batch_size: int  # AEGAN_BATCH_SIZE: most images in one encoder run across requests (1: off)
     batch_latency_ms: int  # AEGAN_BATCH_LATENCY_MS: most time a request waits for the encoder
@@ -81,7 +87,8 @@ class Settings:
         fp16 = environ.get("AEGAN_FP16", "1").strip()
         if fp16 not in ("0", "1"):
             raise ConfigError(f"AEGAN_FP16={fp16!r} must be 0 or 1")
-        workers = _int(environ, "AEGAN_WORKERS", 1)
+        gpu = device != "cpu" and gpu_visible()
+        workers = _int(environ, "AEGAN_WORKERS", 1 if gpu else available_cpus())
         limits = Limits.from_env(environ)
         max_queue = _int(environ, "AEGAN_MAX_QUEUE", 1024)
         if max_queue < limits.max_images:
@@ -103,8 +110,22 @@ class Settings:
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (honours CPU affinity, e.g. a container's cpuset)."""
+    """CPUs this process may use: its CPU affinity (e.g. a container's cpuset), bounded by a cgroup
+    v2 CPU quota (e.g. a container's CPU limit), rounded up; at least 1."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here
+        pass
+    return max(1, cpus)
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA GPU's device node is present (no driver call: this runs when the service module
+    is imported, before any worker starts)."""
+    return any(Path(node).exists() for node in NVIDIA_DEVICE_NODES)

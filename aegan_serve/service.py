@@ -133,11 +133,17 @@ class AEGAN:
         )
         self.prior = prior_name(self.bundle.manifest["latent_prior"])
         # Decoding uploads, running the generator and encoding PNGs: a pool bounded by the CPUs.
-        self.pool_size = available_cpus()
+        self.pool_size = max(1, available_cpus() // settings.workers)
         self.workers = ThreadPoolExecutor(self.pool_size, thread_name_prefix="aegan-work")
         # Every encoder run goes through one queue that batches concurrent requests together.
+        batch_images = encoder_batch_histogram()
+
+        def encode(batch: np.ndarray) -> np.ndarray:
+            batch_images.observe(len(batch))
+            return self.model.encode(batch)
+
         self.encoder = Batcher(
-            self.model.encode,
+            encode,
             max_batch=settings.batch_size,
             max_queue=settings.max_queue,
             max_wait_s=settings.batch_latency_ms / 1000,
@@ -343,6 +349,25 @@ class AEGAN:
         if format == "gif":
             return encode_gif(frames, frame_ms)
         return encode_png(make_grid(frames, nrow=steps))
+
+
+_ENCODER_BATCH_HISTOGRAM: Any = None
+
+
+def encoder_batch_histogram() -> Any:
+    """The Prometheus histogram of images per encoder run, shown at /metrics for all workers.
+    Made when the first worker starts (BentoML sets up multi-process metrics before that), once
+    per process."""
+    global _ENCODER_BATCH_HISTOGRAM
+    if _ENCODER_BATCH_HISTOGRAM is None:
+        from prometheus_client import Histogram
+
+        _ENCODER_BATCH_HISTOGRAM = Histogram(
+            "aegan_encoder_batch_images",
+            "Images per encoder run (concurrent requests batched together)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+    return _ENCODER_BATCH_HISTOGRAM
 
 
 for _api in AEGAN.apis.values():  # OpenAPI shows these docstrings: drop their source indentation

@@ -156,7 +156,8 @@ class Load:
             "p95_ms": float(np.percentile(lat, 95)),
             "p99_ms": float(np.percentile(lat, 99)),
             "statuses": dict(self.statuses),
-            "errors": sum(v for k, v in self.statuses.items() if k != "200"),
+            "shed": self.statuses.get("429", 0),  # refused under load, with Retry-After
+            "errors": sum(v for k, v in self.statuses.items() if k not in ("200", "429")),
             "wrong": self.wrong,
         }
 
@@ -226,13 +227,18 @@ class Server:
                 pass
         return found
 
-    def info(self) -> dict[str, Any]:
+    def encoder_runs(self) -> tuple[float, float]:
+        """(encoder runs, images encoded) so far, summed over all workers (from /metrics)."""
         import urllib.request
 
-        request = urllib.request.Request(self.base + "/info", data=b"{}", method="POST")
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.loads(answer.read())
+        with urllib.request.urlopen(self.base + "/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+        found = {}
+        for line in text.splitlines():
+            for key in ("count", "sum"):
+                if line.startswith(f"aegan_encoder_batch_images_{key}"):
+                    found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        return found.get("count", 0.0), found.get("sum", 0.0)
 
 
 @contextmanager
@@ -334,25 +340,21 @@ def measure(server: Server, plan: list[tuple[Scenario, int]], seconds: float) ->
     results: dict[str, Any] = {"ready_s": server.ready_s, "rss_idle_mib": server.rss_mib()}
     points = []
     for scenario, concurrency in plan:
-        batching = server.name != "baseline"
-        before = server.info()["encode_batches"]["sizes"] if batching else {}
+        batching = server.name != "baseline" and scenario.path in ("/encode", "/reconstruct")
+        before = server.encoder_runs() if batching else (0.0, 0.0)
         load = asyncio.run(run_load(server.base, scenario, concurrency, seconds))
         point = {"scenario": scenario.name, "concurrency": concurrency, **load.summary()}
-        if batching and scenario.path in ("/encode", "/reconstruct"):
-            after = server.info()["encode_batches"]["sizes"]
-            runs = {int(k): v - before.get(k, 0) for k, v in after.items()}
-            runs = {k: v for k, v in runs.items() if v > 0}
-            total = sum(runs.values())
-            point["encoder_runs"] = total
-            point["mean_batch"] = sum(k * v for k, v in runs.items()) / max(total, 1)
-            point["largest_batch"] = max(runs, default=0)
+        if batching:
+            runs, images = (a - b for a, b in zip(server.encoder_runs(), before, strict=True))
+            point["encoder_runs"] = runs
+            point["mean_batch"] = images / max(runs, 1)
         point["latencies_ms"] = sorted(load.latencies_ms)[:: max(1, len(load.latencies_ms) // 400)]
         points.append(point)
         print(
             f"  {server.name:<24} {scenario.name:<14} c={concurrency:<3} "
             f"{point['img_per_s']:8.0f} img/s {point['req_per_s']:7.0f} req/s "
             f"p50 {point['p50_ms']:6.1f} p99 {point['p99_ms']:7.1f} ms "
-            f"errors {point['errors']} wrong {point['wrong']}"
+            f"shed {point['shed']} errors {point['errors']} wrong {point['wrong']}"
             + (f" batch {point['mean_batch']:.1f}" if "mean_batch" in point else ""),
             flush=True,
         )
@@ -398,18 +400,24 @@ def main() -> None:
         print(f"  {name:<14} {figures['img_per_s']:8.0f} img/s {figures['req_per_s']:7.0f} req/s")
     del model
 
+    small = [(by_name[n], c) for n in ("sample-1", "encode-1") for c in (1, 16, 32)]
     configs = [
         ("baseline", baseline(cpus), full),
-        ("service", service({}), full),
+        ("service", service({}), full),  # defaults: one worker per CPU, one thread each
         (
             "service-batching-off",
             service({"AEGAN_BATCH_SIZE": "1"}),
             [(by_name["encode-1"], c) for c in (8, 32)],
         ),
         (
-            f"service-{cpus}-workers",
-            service({"AEGAN_WORKERS": str(cpus)}),
-            [(by_name[n], c) for n in ("sample-1", "sample-64", "encode-1") for c in (1, 16, 32)],
+            f"service-1-worker-{cpus}-threads",
+            service({"AEGAN_WORKERS": "1"}),
+            small + [(by_name[n], c) for n in ("sample-64", "encode-64") for c in (1, 8)],
+        ),
+        (
+            "service-no-access-log",
+            service({"BENTOML_CONFIG_OPTIONS": "services.aegan.logging.access.enabled=false"}),
+            small,
         ),
     ]
     report["servers"] = {}

@@ -151,8 +151,6 @@ def test_served_encode_is_exact_under_many_concurrent_clients(server, image_bund
         assert status == 200, latents
         # 1e-5: the same graph on a batch of other rows; measured differences are below 1e-6
         np.testing.assert_allclose(latents, expected[picks], rtol=1e-5, atol=1e-5)
-    sizes = httpx.post(server + "/info", timeout=30).json()["encode_batches"]["sizes"]
-    assert sum(int(k) * v for k, v in sizes.items()) >= sum(len(p) for p in requests)
 
 
 def test_served_health_and_metrics(server):
@@ -163,6 +161,8 @@ def test_served_health_and_metrics(server):
     metrics = urllib.request.urlopen(server + "/metrics", timeout=10).read().decode()
     assert "bentoml_service_request_total" in metrics
     assert 'endpoint="/generate"' in metrics
+    count = re.search(r"^aegan_encoder_batch_images_count(?:\{[^}]*\})? (\S+)$", metrics, re.M)
+    assert count and float(count.group(1)) > 0, metrics[-2000:]  # the encoder runs of every worker
 
 
 @pytest.mark.slow

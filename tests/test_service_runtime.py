@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from bundle_factory import tamper, write_bundle
 from service_helpers import serve
 
+from aegan_serve import config
 from aegan_serve.bundle import MANIFEST_NAME, BundleError, load_bundle, resolve_bundle_dir
 from aegan_serve.config import ConfigError, Limits, Settings, available_cpus
 from aegan_serve.runtime import CPU, CUDA, DeviceError, ModelRuntime
@@ -94,10 +96,17 @@ def test_model_store_tags_resolve_to_the_stored_bundle(image_bundle):
         resolve_bundle_dir("bentoml:no-such-model")
 
 
-def test_settings_defaults_and_overrides():
-    settings = Settings.from_env({})
-    assert settings.device == "auto" and settings.workers == 1 and settings.fp16
-    assert settings.threads == available_cpus()
+def test_settings_defaults_and_overrides(monkeypatch):
+    monkeypatch.setattr(config, "gpu_visible", lambda: False)
+    monkeypatch.setattr(config, "available_cpus", lambda: 4)
+    settings = Settings.from_env({})  # on the CPU: one worker per CPU, one thread each
+    assert settings.device == "auto" and settings.workers == 4 and settings.threads == 1
+    assert settings.fp16 and settings.batch_size == 64 and settings.max_queue == 1024
+    monkeypatch.setattr(config, "gpu_visible", lambda: True)
+    settings = Settings.from_env({})  # a GPU: one worker (one CUDA context) with all the threads
+    assert settings.workers == 1 and settings.threads == 4
+    assert Settings.from_env({"AEGAN_DEVICE": "cpu"}).workers == 4  # unless told to use the CPU
+    monkeypatch.undo()
     assert settings.model.endswith("models/fashion-mnist")
     assert settings.limits == Limits()
     env = {
@@ -116,8 +125,23 @@ def test_settings_defaults_and_overrides():
 
 
 @pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000", 8), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), ("", 8)],
+)
+def test_available_cpus_honours_a_cgroup_cpu_quota(monkeypatch, tmp_path, cpu_max, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    monkeypatch.setattr(config, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert config.available_cpus() == expected
+
+
+@pytest.mark.parametrize(
     ("env", "message"),
     [
+        (
+            {"AEGAN_MAX_IMAGES": "64", "AEGAN_MAX_QUEUE": "63"},
+            "AEGAN_MAX_QUEUE=63 must be at least",
+        ),
         ({"AEGAN_DEVICE": "gpu"}, "AEGAN_DEVICE='gpu' must be one of auto, cuda, cpu"),
         ({"AEGAN_MAX_N": "many"}, "AEGAN_MAX_N='many' is not an integer"),
         ({"AEGAN_MAX_IMAGES": "0"}, "AEGAN_MAX_IMAGES=0 must be at least 1"),
