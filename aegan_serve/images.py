@@ -89,6 +89,7 @@ _OTHER_FORMATS = {
     b"\x89HDF": "HDF5",
     b"\x93NUMPY": "NPY",
 }
+MAX_JPEG_SCANS = 32  # libjpeg's standard progression writes 6 scans (grey) or 10 (colour)
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -140,12 +141,26 @@ def decode_upload(
             f"{label} is not a readable image (corrupt data or an unknown format); "
             f"accepted image formats: {accepted}"
         ) from None
+    # Pillow's format plugins raise many exception types on malformed headers (OSError for a BMP
+    # header size it does not know, ValueError for a PNG text or ICC chunk that inflates too far,
+    # SyntaxError, struct.error, ...): all of them mean the upload is corrupt.
+    except Exception as exc:
+        raise RequestError(f"{label} has a malformed image header: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise LimitExceeded(
             f"{label} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
             "pixels per image (AEGAN_MAX_PIXELS)"
         )
+    if image.format == "JPEG":
+        # Each scan of a progressive JPEG is decoded over the whole image, so a small file that
+        # repeats its scans hundreds of times costs seconds of CPU. Inside entropy-coded data
+        # 0xFF is always followed by 0x00 or a restart marker: FF DA is a start-of-scan marker.
+        scans = raw.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise RequestError(
+                f"{label} is a JPEG with {scans} scans; at most {MAX_JPEG_SCANS} are accepted"
+            )
     try:
         if draft_size is not None and image.format == "JPEG":
             image.draft(None, (draft_size, draft_size))

@@ -369,6 +369,9 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=60.0, help="seconds of /encode at 32 clients")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench-serve.json")
     parser.add_argument("--no-docs", action="store_true", help="write no plots or BENCHMARKS.md")
+    parser.add_argument(
+        "--load-note", default="", help="what else ran on the machine (recorded with the figures)"
+    )
     args = parser.parse_args()
 
     cpus = available_cpus()
@@ -393,6 +396,8 @@ def main() -> None:
         },
         "duration_s": args.duration,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_start": os.getloadavg()[0],
+        "load_note": args.load_note or f"load average {os.getloadavg()[0]:.1f} at the start",
     }
     print("in-process", flush=True)
     report["in_process"] = in_process(model, pngs, args.duration)

@@ -214,7 +214,10 @@ def markdown(report: dict) -> str:
         "load generator shares the CPUs with the server; every ratio below is from this one run. "
         "Baseline: bench/baseline_server.py (Starlette + uvicorn, the same ONNX Runtime sessions "
         "and image code, no validation, limits, batching, metrics or tracing). In-process: the "
-        "same work called in a loop without HTTP. Raw figures: docs/bench-serve.json.",
+        "same work called in a loop without HTTP. Raw figures: docs/bench-serve.json. "
+        f"Other load on the machine during the run: {report.get('load_note', 'not recorded')}. "
+        "No GPU was available for this run: the CUDA provider (fp32 and fp16 graphs, IO binding) "
+        "is not measured here.",
         "",
         "### Targets",
         "",
