@@ -46,6 +46,9 @@ class Limits:
     max_n: int = 64  # AEGAN_MAX_N: images or vectors made per request (/sample, /generate, /decode)
     max_steps: int = 64  # AEGAN_MAX_STEPS: frames per /interpolate answer
     max_request_bytes: int = 64 << 20  # AEGAN_MAX_REQUEST_BYTES: whole request body
+    max_json_bytes: int = (
+        1 << 20
+    )  # AEGAN_MAX_JSON_BYTES: whole body of a request that is not a form
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:

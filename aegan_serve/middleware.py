@@ -5,11 +5,16 @@ text value in a file field is taken as a URL to download; a file in a text field
 JSON; Starlette's own multipart errors are not mapped to 4xx). This guard reads the body as it
 streams past, without buffering it, and answers such requests with a 4xx that says what is wrong:
 
-- a body larger than ``max_bytes`` (``AEGAN_MAX_REQUEST_BYTES``): 413, before it is read when the
-  ``Content-Length`` says so;
+- a form body larger than ``max_bytes`` (``AEGAN_MAX_REQUEST_BYTES``), any other body (JSON)
+  larger than ``max_json_bytes`` (``AEGAN_MAX_JSON_BYTES``): 413, before it is read when the
+  ``Content-Length`` says so, else as soon as the streamed body passes the limit;
+- at most one ``Content-Type`` and one ``Content-Length`` header;
 - multipart bodies: a boundary, well-formed parts, named parts, files only in file fields, text
   only elsewhere, text parts of at most 1 MiB and at most 1000 parts (Starlette's limits);
-- url-encoded bodies: no file fields (files need multipart).
+- url-encoded bodies: no file fields (files need multipart; names are percent-decoded first, as
+  the form parser will), at most 1000 fields;
+- text values of forms that BentoML's JSON reading of form values would fail on with a server
+  error (numbers of more than 4300 digits, deep nesting).
 
 It also adds ``Retry-After`` to 429 and 503 answers (load shed), and gives every error answer one
 shape, ``{"error": message}``: BentoML 1.4 wraps the message of a service exception in a
@@ -54,8 +59,11 @@ class _MultipartCheck:
                 "on_header_end": self._header_end,
                 "on_headers_finished": self._headers_finished,
                 "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
             },
         )
+        self.name = ""
+        self.text = bytearray()
 
     def feed(self, chunk: bytes, last: bool) -> None:
         try:
@@ -95,16 +103,22 @@ class _MultipartCheck:
             )
         if name not in self.file_fields and is_file:
             raise RequestError(f"form field {name!r} takes a value, not a file")
+        self.name = name
         self.text_bytes = None if is_file else 0
+        self.text.clear()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self.text_bytes is not None:
             self.text_bytes += end - start
             if self.text_bytes > MAX_TEXT_PART_BYTES:
                 raise LimitExceeded(
-                    f"a form field is larger than {MAX_TEXT_PART_BYTES} bytes; "
-                    "send large values as JSON"
+                    f"a form field is larger than {MAX_TEXT_PART_BYTES} bytes"
                 )
+            self.text += data[start:end]
+
+    def _part_end(self) -> None:
+        if self.text_bytes is not None:
+            _check_form_value(self.name, bytes(self.text))
 
 
 class _UrlencodedCheck:
@@ -113,10 +127,13 @@ class _UrlencodedCheck:
     def __init__(self, file_fields: Collection[str]) -> None:
         self.file_fields = file_fields
         self.name = b""
+        self.value = bytearray()
+        self.fields = 0
         self.parser = QuerystringParser(
             {
                 "on_field_start": self._start,
                 "on_field_name": self._name,
+                "on_field_data": self._data,
                 "on_field_end": self._end,
             }
         )
@@ -127,16 +144,42 @@ class _UrlencodedCheck:
             self.parser.finalize()
 
     def _start(self) -> None:
+        self.fields += 1
+        if self.fields > MAX_PARTS:
+            raise RequestError(f"url-encoded body has more than {MAX_PARTS} fields")
         self.name = b""
+        self.value.clear()
 
     def _name(self, data: bytes, start: int, end: int) -> None:
         self.name += data[start:end]
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+        if len(self.value) > 3 * MAX_TEXT_PART_BYTES:  # percent-encoding triples a byte at most
+            raise LimitExceeded(f"a form field is larger than {MAX_TEXT_PART_BYTES} bytes")
 
     def _end(self) -> None:
         # Decoded as the form parser will decode it: "imag%65s" is the field "images".
         name = unquote_plus(self.name.decode("latin-1"), encoding="utf-8", errors="replace")
         if name in self.file_fields:
             raise RequestError(f"form field {name!r} is a file: send it as multipart/form-data")
+        value = unquote_plus(self.value.decode("latin-1"), encoding="utf-8", errors="replace")
+        _check_form_value(name, value.encode())
+
+
+def _check_form_value(name: str, value: bytes) -> None:
+    """BentoML reads each text value of a form as JSON when it parses, else as a string; refuse
+    the values on which that parse fails other than by not being JSON (a number of more than 4300
+    digits, nesting deeper than the interpreter's recursion limit)."""
+    try:
+        json.loads(value)
+    except json.JSONDecodeError:
+        pass  # taken as a string, then validated as one
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RequestError(
+            f"form field {name!r} has a value that cannot be read: {reason}"
+        ) from None
 
 
 class RequestGuard:
@@ -145,9 +188,17 @@ class RequestGuard:
     ``routes`` maps each API route to the names of its file fields; other paths pass untouched.
     """
 
-    def __init__(self, app: Any, *, max_bytes: int, routes: Mapping[str, Collection[str]]) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_bytes: int,
+        max_json_bytes: int,
+        routes: Mapping[str, Collection[str]],
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_json_bytes = max_json_bytes
         self.routes = {route: frozenset(fields) for route, fields in routes.items()}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -160,10 +211,19 @@ class RequestGuard:
             if name in headers and name in SINGLE_HEADERS:  # which one would the parser read?
                 return await _reject(send, 400, f"the request has more than one {name} header")
             headers[name] = value
-        length = headers.get("content-length", b"").strip()
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await _reject(send, 413, self._too_large())
         media_type, options = parse_options_header(headers.get("content-type"))
+        is_form = media_type in (b"multipart/form-data", b"application/x-www-form-urlencoded")
+        # Bodies that are not forms are parsed whole (JSON): a limit of their own, far below the
+        # one for uploads, keeps the parse small.
+        limit, setting = (
+            (self.max_bytes, "AEGAN_MAX_REQUEST_BYTES")
+            if is_form
+            else (min(self.max_bytes, self.max_json_bytes), "AEGAN_MAX_JSON_BYTES")
+        )
+        too_large = f"request body is larger than {limit} bytes ({setting})"
+        length = headers.get("content-length", b"").strip()
+        if length.isdigit() and int(length) > limit:
+            return await _reject(send, 413, too_large)
         check: _MultipartCheck | _UrlencodedCheck | None = None
         if media_type == b"multipart/form-data":
             if b"boundary" not in options:
@@ -179,16 +239,13 @@ class RequestGuard:
             if message["type"] == "http.request":
                 body = message.get("body", b"")
                 received += len(body)
-                if received > self.max_bytes:
-                    raise LimitExceeded(self._too_large())
+                if received > limit:
+                    raise LimitExceeded(too_large)
                 if check is not None:  # raising here makes BentoML answer with the error's status
                     check.feed(body, last=not message.get("more_body", False))
             return message
 
         await self.app(scope, checked_receive, _unwrap_errors(send))
-
-    def _too_large(self) -> str:
-        return f"request body is larger than {self.max_bytes} bytes (AEGAN_MAX_REQUEST_BYTES)"
 
 
 async def _reject(send: Any, status: int, message: str) -> None:

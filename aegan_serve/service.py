@@ -377,5 +377,6 @@ for _api in AEGAN.apis.values():  # OpenAPI shows these docstrings: drop their s
 AEGAN.add_asgi_middleware(
     RequestGuard,
     max_bytes=LIMITS.max_request_bytes,
+    max_json_bytes=LIMITS.max_json_bytes,
     routes={api.route: api.input_spec.multipart_fields for api in AEGAN.apis.values()},
 )

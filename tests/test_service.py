@@ -516,8 +516,8 @@ def test_two_content_type_headers_are_400(client):
 
 def test_request_body_over_the_limit_is_413(client):
     headers = {
-        "content-type": "application/json",
+        "content-type": "multipart/form-data; boundary=b",
         "content-length": str(LIMITS.max_request_bytes + 1),
     }
-    response = client.post("/decode", content=b"{}", headers=headers)
+    response = client.post("/encode", content=b"--b--\r\n", headers=headers)
     assert "AEGAN_MAX_REQUEST_BYTES" in error_of(response, 413)

@@ -79,3 +79,43 @@ def test_a_long_filename_is_not_a_problem(client):
     upload = image_bytes(Image.new("L", (28, 28)))
     answer = client.post("/encode", files=[("images", ("x" * 300 + ".png", upload, "image/png"))])
     assert answer.status_code == 200, answer.text
+
+
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+MULTIPART = {"content-type": "multipart/form-data; boundary=b"}
+
+
+def text_part(name: str, value: bytes) -> bytes:
+    return (
+        f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        + value
+        + (b"\r\n--b--\r\n")
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        (b"steps=" + b"1" * 5000 + b"&seeds=[1,2]", FORM, "'steps' has a value that cannot be"),
+        (text_part("steps", b"1" * 5000), MULTIPART, "'steps' has a value that cannot be read"),
+        (b"latents=" + b"%5B" * 100_000, FORM, "'latents' has a value that cannot be read"),
+        (text_part("latents", b"[" * 100_000), MULTIPART, "nested too deeply"),
+        (b"&".join(b"f%d=1" % i for i in range(1001)), FORM, "more than 1000 fields"),
+    ],
+    ids=["form-digits", "multipart-digits", "form-nesting", "multipart-nesting", "1001-fields"],
+)
+def test_hostile_form_values_are_400(client, body, headers, message):
+    answer = client.post("/interpolate", content=body, headers=headers)
+    assert message in error_of(answer, 400)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_json_bodies_have_their_own_small_limit(client, chunked):
+    latent = b'{"latents": [[' + b",".join([b"0.5"] * 400_000) + b"]]}"  # 1.6 MB of JSON
+    content = (
+        iter([latent[i : i + 65536] for i in range(0, len(latent), 65536)]) if chunked else latent
+    )
+    answer = client.post("/decode", content=content, headers={"content-type": "application/json"})
+    assert "larger than 1048576 bytes (AEGAN_MAX_JSON_BYTES)" in error_of(answer, 413)
+    ok = client.post("/decode", json={"latents": [[0.5] * 32] * 64})  # the largest real request
+    assert ok.status_code == 200, ok.text
