@@ -111,9 +111,7 @@ class _MultipartCheck:
         if self.text_bytes is not None:
             self.text_bytes += end - start
             if self.text_bytes > MAX_TEXT_PART_BYTES:
-                raise LimitExceeded(
-                    f"a form field is larger than {MAX_TEXT_PART_BYTES} bytes"
-                )
+                raise LimitExceeded(f"a form field is larger than {MAX_TEXT_PART_BYTES} bytes")
             self.text += data[start:end]
 
     def _part_end(self) -> None:

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from . import __version__
 from .batching import Batcher
 from .bundle import load_bundle, resolve_bundle_dir
-from .config import Settings, available_cpus
+from .config import ConfigError, Settings, available_cpus, gpu_visible
 from .errors import RequestError, WrongModelKind
 from .images import encode_gif, encode_png, load_uploads, make_grid, png_base64, to_uint8
 from .latents import (
@@ -50,6 +50,12 @@ logger = logging.getLogger("bentoml.aegan_serve")
 # when a worker starts (AEGAN.__init__).
 SETTINGS = Settings.from_env()
 LIMITS = SETTINGS.limits
+# `bentoml serve` imports this module before it starts any worker: a bundle that does not load
+# (missing, altered, not a bundle) or a bad AEGAN_* value above stops it here with the reason and a
+# non-zero exit status, instead of workers failing and being restarted forever behind an open port.
+load_bundle(resolve_bundle_dir(SETTINGS.model))
+if SETTINGS.device == "cuda" and not gpu_visible():
+    raise ConfigError("AEGAN_DEVICE=cuda but no NVIDIA GPU is visible (no /dev/nvidiactl)")
 PSNR_CAP_DB = 100.0  # reported for a perfect reconstruction instead of infinity
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
 T = TypeVar("T")

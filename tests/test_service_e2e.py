@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import yaml
 from bentoml.exceptions import BentoMLException
+from bundle_factory import tamper
 from PIL import Image
 from service_helpers import gradient, image_bytes
 
@@ -151,6 +152,38 @@ def test_served_encode_is_exact_under_many_concurrent_clients(server, image_bund
         assert status == 200, latents
         # 1e-5: the same graph on a batch of other rows; measured differences are below 1e-6
         np.testing.assert_allclose(latents, expected[picks], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("tampered", "does not match its manifest"),
+        ("AEGAN_MAX_N=many", "AEGAN_MAX_N='many' is not an integer"),
+        ("AEGAN_MODEL=/nonexistent/bundle", "/nonexistent/bundle"),
+    ],
+)
+def test_a_misconfigured_server_exits_with_the_reason(image_bundle, tmp_path, setting, message):
+    """Not a crash loop of workers behind an open port: the process ends, non-zero, and says why."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(image_bundle, bundle)
+    env = {**os.environ, "AEGAN_MODEL": str(bundle), "AEGAN_DEVICE": "cpu"}
+    if setting == "tampered":
+        tamper(bundle)
+    else:
+        key, value = setting.split("=", 1)
+        env[key] = value
+    started = time.monotonic()
+    run = subprocess.run(
+        [str(BENTOML), "serve", "aegan_serve.service:AEGAN", "--port", str(free_port())],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert message in run.stdout + run.stderr
+    print(f"exited with {run.returncode} after {time.monotonic() - started:.1f} s")
 
 
 def test_served_health_and_metrics(server):
