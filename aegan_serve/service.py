@@ -248,6 +248,8 @@ class AEGAN:
                 "latent_prior": self.prior,
                 "path": str(self.bundle.path),
                 "metrics": self.bundle.metrics,
+                # Latent directions for the explorer page (/ui); null when the bundle has none.
+                "directions": self.bundle.directions and self.bundle.directions.to_json(),
             },
             "runtime": {
                 "provider": self.model.provider,
