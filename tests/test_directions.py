@@ -164,6 +164,14 @@ def test_directions_command_names_a_bad_bundle(tmp_path):
     assert result.exit_code != 0 and "is not a directory" in result.output
 
 
+def test_the_shipped_bundle_has_directions():
+    bundle = load_bundle(Path(__file__).resolve().parents[1] / "models" / "fashion-mnist")
+    assert bundle.directions is not None
+    assert bundle.manifest["directions"]["data"] == "fashion-mnist:train"
+    assert bundle.directions.samples == 60_000
+    assert bundle.metrics["fd_fmnist"] > 0  # the rest of its manifest is still there
+
+
 # --- served -----------------------------------------------------------------------------------
 
 
