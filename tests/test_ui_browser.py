@@ -11,6 +11,7 @@ the test's temporary directory.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
 import shutil
@@ -365,7 +366,27 @@ def plain_bundle(image_bundle: Path) -> Path:
     return image_bundle
 
 
+def drop_file(driver, name: str, data: bytes) -> None:
+    """Drop a file on the upload box, as a drag from the desktop does."""
+    driver.execute_script(
+        """const [name, b64] = arguments;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, { type: "image/png" }));
+        const zone = document.getElementById("drop-zone");
+        const init = { dataTransfer: dt, bubbles: true, cancelable: true };
+        for (const type of ["dragenter", "dragover", "drop"]) {
+          zone.dispatchEvent(new DragEvent(type, init));
+        }""",
+        name,
+        base64.b64encode(data).decode(),
+    )
+
+
 def test_bundle_without_directions_gets_random_directions(plain_bundle, browser):
+    """An older bundle: random orthonormal directions; and an upload by drag and drop."""
+    from PIL import Image
+
     driver = browser
     with in_process(plain_bundle) as url:
         driver.get(f"{url}/ui/")
@@ -383,6 +404,11 @@ def test_bundle_without_directions_gets_random_directions(plain_bundle, browser)
             lambda d: d.find_element("id", "selected-image").get_attribute("src") != before,
             "the edited image",
         )
+        buffer = io.BytesIO()
+        Image.linear_gradient("L").resize((56, 56)).save(buffer, format="PNG")
+        drop_file(driver, "dropped.png", buffer.getvalue())
+        wait_for(driver, lambda d: "dropped.png: PSNR" in d.find_element("id", "psnr").text, "drop")
+        assert by_id(driver, "selected-caption").text == "reconstruction of dropped.png"
         assert console_problems(driver) == []
 
 
