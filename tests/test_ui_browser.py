@@ -214,6 +214,17 @@ def console_problems(driver, allowed: tuple[str, ...] = ()) -> list[str]:
     ]
 
 
+def screenshot(driver, path: Path) -> None:
+    """The whole page, without empty space below it: the window is fitted to the content."""
+    frame = driver.execute_script("return window.outerHeight - window.innerHeight")
+    height = driver.execute_script(
+        "return Math.ceil(document.body.getBoundingClientRect().bottom + window.scrollY) + 16"
+    )
+    driver.set_window_size(1280, height + frame)
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.save_screenshot(str(path))
+
+
 def fetch_bytes(driver, url: str) -> bytes:
     """The bytes behind a URL the page holds (a blob: link), read by the page itself."""
     encoded = driver.execute_async_script(
@@ -342,7 +353,7 @@ def test_explorer_flow_on_the_shipped_model(served, browser, shots, tmp_path):
         "the edited upload",
     )
     assert console_problems(driver) == []
-    driver.save_screenshot(str(shots / "explorer.png"))
+    screenshot(driver, shots / "explorer.png")
 
     # A text file as an image: the service's reason, in words, on the page.
     notes = tmp_path / "notes.txt"
@@ -353,8 +364,7 @@ def test_explorer_flow_on_the_shipped_model(served, browser, shots, tmp_path):
     assert "/reconstruct refused the request" in message
     assert "not a readable image" in message and "HTTP 400" in message
     assert by_id(driver, "psnr").text.startswith("notes.txt was not reconstructed: /reconstruct")
-    driver.execute_script("window.scrollTo(0, 0)")
-    driver.save_screenshot(str(shots / "error.png"))
+    screenshot(driver, shots / "error.png")
     # The refused upload is logged by Chromium as a failed request; nothing else may be.
     assert console_problems(driver, allowed=(r"/reconstruct - Failed to load resource.*400",)) == []
     print(f"explorer flow in the browser: {time.monotonic() - started:.1f} s")
@@ -422,4 +432,4 @@ def test_vector_model_is_shown_as_a_plot_and_a_table(vector_bundle, browser, sho
         assert len(driver.find_elements("css selector", "#vector-plot circle")) == 64
         assert len(driver.find_elements("css selector", "#vector-table tbody tr")) == 16
         assert console_problems(driver) == []
-        driver.save_screenshot(str(shots / "vector.png"))
+        screenshot(driver, shots / "vector.png")
