@@ -394,7 +394,7 @@ def drop_file(driver, name: str, data: bytes) -> None:
 
 
 def test_bundle_without_directions_gets_random_directions(plain_bundle, browser):
-    """An older bundle: random orthonormal directions; and an upload by drag and drop."""
+    """An older bundle: random orthonormal directions; an upload by drag and drop; a limit."""
     from PIL import Image
 
     driver = browser
@@ -420,6 +420,19 @@ def test_bundle_without_directions_gets_random_directions(plain_bundle, browser)
         wait_for(driver, lambda d: "dropped.png: PSNR" in d.find_element("id", "psnr").text, "drop")
         assert by_id(driver, "selected-caption").text == "reconstruction of dropped.png"
         assert console_problems(driver) == []
+
+        # A limit: more samples than AEGAN_MAX_N (the field's own check is skipped by "New seed").
+        count = by_id(driver, "count")
+        count.clear()
+        count.send_keys("100")
+        by_id(driver, "new-seed").click()
+        wait_for(driver, lambda d: shown(d, "error"), "the error message")
+        message = by_id(driver, "error-text").text
+        assert message.startswith("/generate refused the request: n: Input should be less than")
+        assert "HTTP 400" in message
+        assert len(driver.find_elements("css selector", "#grid .tile")) == 16  # the old grid stays
+        refused = r"/generate - Failed to load resource.*400"
+        assert console_problems(driver, allowed=(refused,)) == []
 
 
 def test_vector_model_is_shown_as_a_plot_and_a_table(vector_bundle, browser, shots):
