@@ -4,6 +4,11 @@ This module is the single definition of the bundle format. ``export/`` writes bu
 :func:`write_manifest`; the service loads them with :func:`load_bundle`, which verifies the
 SHA-256 of every file named in the manifest and refuses a bundle that is incomplete or altered.
 
+Optional addition (its own version, so bundles without it still load): ``directions.json``, the
+principal directions of the encoder's latents of the training data (written by
+:func:`write_directions`, named by the manifest's ``directions`` entry and hash-checked like the
+graphs).
+
 No torch here: the serving image carries none.
 """
 
@@ -15,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -35,6 +42,12 @@ REQUIRED_ROLES = (GENERATOR, ENCODER)
 # Tensor names of the exported graphs (batch dimension dynamic).
 LATENT_TENSOR = "z"  # (B, latent_dim) float32
 DATA_TENSOR = "x"  # (B, C, H, W) float32 in [-1, 1] for images; (B, D) float32 for vectors
+
+# Latent directions (optional): the manifest's ``directions`` entry names this file with its hash.
+DIRECTIONS_KEY = "directions"
+DIRECTIONS_NAME = "directions.json"
+DIRECTIONS_VERSION = 1  # version of the directions file and its manifest entry
+ORTHONORMAL_TOLERANCE = 1e-3  # largest |C C^T - I| accepted for the stored components
 
 REQUIRED_KEYS = (
     "format_version",
@@ -61,11 +74,48 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 @dataclass(frozen=True)
+class LatentDirections:
+    """Principal directions of the encoder's latents E(x) over the training data (PCA).
+
+    ``components`` holds unit, mutually orthogonal rows (k, latent_dim) by decreasing variance;
+    ``variances`` the variance of the latents along each; ``total_variance`` the sum over all
+    latent_dim directions (so ``variances / total_variance`` is the share each explains).
+    """
+
+    method: str  # "pca"
+    mean: np.ndarray  # (latent_dim,) mean latent of the training data
+    components: np.ndarray  # (k, latent_dim)
+    variances: np.ndarray  # (k,)
+    total_variance: float
+    samples: int  # training samples encoded
+    data: str  # what they were, e.g. "fashion-mnist:train"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": DIRECTIONS_VERSION,
+            "method": self.method,
+            "samples": self.samples,
+            "data": self.data,
+            "total_variance": _round(self.total_variance),
+            "variances": [_round(v) for v in self.variances.tolist()],
+            "mean": [_round(v) for v in self.mean.tolist()],
+            "components": [[_round(v) for v in row] for row in self.components.tolist()],
+        }
+
+
+def _round(value: float) -> float:
+    """Seven significant digits: float32 precision, half the JSON."""
+    return float(f"{value:.7g}")
+
+
+@dataclass(frozen=True)
 class Bundle:
-    """A verified bundle: its directory, its manifest and the paths of its graphs."""
+    """A verified bundle: its directory, its manifest, the paths of its graphs and, when the
+    bundle has them, its latent directions."""
 
     path: Path
     manifest: dict[str, Any]
+    directions: LatentDirections | None = None
 
     @property
     def name(self) -> str:
@@ -129,6 +179,23 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def write_directions(bundle_dir: Path, directions: LatentDirections) -> dict[str, Any]:
+    """Write ``directions.json`` into ``bundle_dir``; return its manifest entry (put it under
+    ``manifest["directions"]``, then :func:`write_manifest`)."""
+    path = Path(bundle_dir) / DIRECTIONS_NAME
+    path.write_text(json.dumps(directions.to_json(), separators=(",", ":")) + "\n", "utf-8")
+    return {
+        "format_version": DIRECTIONS_VERSION,
+        "path": DIRECTIONS_NAME,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "method": directions.method,
+        "count": len(directions.variances),
+        "samples": directions.samples,
+        "data": directions.data,
+    }
+
+
 def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     """Read a bundle directory and (by default) verify every file's SHA-256 against its manifest.
 
@@ -178,7 +245,68 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
                     f"{file_path} does not match its manifest (sha256 {actual[:12]}..., "
                     f"expected {str(entry['sha256'])[:12]}...): the bundle was altered or truncated"
                 )
-    return Bundle(path=root, manifest=manifest)
+    directions = None
+    if DIRECTIONS_KEY in manifest:
+        directions = _load_directions(root, manifest, verify)
+    return Bundle(path=root, manifest=manifest, directions=directions)
+
+
+def _load_directions(root: Path, manifest: dict[str, Any], verify: bool) -> LatentDirections:
+    """The bundle's ``directions.json``, hash-checked against the manifest and checked for shape,
+    finiteness and orthonormality."""
+    entry = manifest[DIRECTIONS_KEY]
+    where = f"{root / MANIFEST_NAME}: entry 'directions'"
+    if not isinstance(entry, dict) or not {"format_version", "path", "sha256"} <= set(entry):
+        raise BundleError(f"{where} is malformed (needs format_version, path and sha256)")
+    if entry["format_version"] != DIRECTIONS_VERSION:
+        raise BundleError(
+            f"{where} has format_version {entry['format_version']!r}; this server reads version "
+            f"{DIRECTIONS_VERSION}"
+        )
+    file_path = root / str(entry["path"])
+    if file_path.parent.resolve() != root.resolve():
+        raise BundleError(f"{where}: {entry['path']!r} is outside the bundle")
+    if not file_path.is_file():
+        raise BundleError(f"model bundle {root} is incomplete: {entry['path']} is missing")
+    if verify:
+        actual = sha256_file(file_path)
+        if actual != entry["sha256"]:
+            raise BundleError(
+                f"{file_path} does not match its manifest (sha256 {actual[:12]}..., "
+                f"expected {str(entry['sha256'])[:12]}...): the bundle was altered or truncated"
+            )
+    latent_dim = int(manifest["latent_dim"])
+    try:
+        raw = json.loads(file_path.read_text(encoding="utf-8"))
+        mean = np.asarray(raw["mean"], dtype=np.float64)
+        components = np.asarray(raw["components"], dtype=np.float64)
+        variances = np.asarray(raw["variances"], dtype=np.float64)
+        total = float(raw["total_variance"])
+        directions = LatentDirections(
+            method=str(raw["method"]),
+            mean=mean,
+            components=components,
+            variances=variances,
+            total_variance=total,
+            samples=int(raw["samples"]),
+            data=str(raw["data"]),
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{file_path} is not a valid directions file: {exc!r}") from exc
+    k = len(variances)
+    if mean.shape != (latent_dim,) or components.shape != (k, latent_dim) or k < 1:
+        raise BundleError(
+            f"{file_path}: expected a mean of {latent_dim} numbers and k >= 1 components of "
+            f"{latent_dim} numbers with k variances; got mean {mean.shape}, components "
+            f"{components.shape}, variances {variances.shape}"
+        )
+    values = np.concatenate([mean, components.ravel(), variances, [total]])
+    if not np.isfinite(values).all() or (variances < 0).any():
+        raise BundleError(f"{file_path}: values must be finite and variances >= 0")
+    error = np.abs(components @ components.T - np.eye(k)).max()
+    if error > ORTHONORMAL_TOLERANCE:
+        raise BundleError(f"{file_path}: components are not orthonormal (error {error:.2g})")
+    return directions
 
 
 BENTOML_PREFIX = "bentoml:"

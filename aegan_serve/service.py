@@ -43,6 +43,7 @@ from .latents import (
 )
 from .middleware import RequestGuard
 from .runtime import ModelRuntime
+from .ui import UI_PATH, ui_app
 
 logger = logging.getLogger("bentoml.aegan_serve")
 
@@ -267,6 +268,8 @@ class AEGAN:
                 "latent_prior": self.prior,
                 "path": str(self.bundle.path),
                 "metrics": self.bundle.metrics,
+                # Latent directions for the explorer page (/ui); null when the bundle has none.
+                "directions": self.bundle.directions and self.bundle.directions.to_json(),
             },
             "runtime": {
                 "provider": self.model.provider,
@@ -378,6 +381,9 @@ def encoder_batch_histogram() -> Any:
 
 for _api in AEGAN.apis.values():  # OpenAPI shows these docstrings: drop their source indentation
     _api.doc = inspect.cleandoc(_api.doc or "")
+
+# The latent explorer page: static files that call the endpoints above (aegan_serve/ui.py).
+AEGAN.mount_asgi_app(ui_app(), path=UI_PATH, name="ui")
 
 # Size and form-body checks before BentoML parses a request (see aegan_serve/middleware.py).
 AEGAN.add_asgi_middleware(

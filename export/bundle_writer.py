@@ -2,7 +2,8 @@
 
 :func:`export_bundle` rebuilds G and E from the checkpoint's own config, loads their EMA weights,
 exports both graphs (and their fp16 variants), checks each against PyTorch with ONNX Runtime,
-writes the manifest, re-reads the bundle the way the service will, and only then moves it into
+writes the manifest, adds the latent directions (export/directions.py: PCA of the encoder's latents
+of the training data), re-reads the bundle the way the service will, and only then moves it into
 place. All of this happens in a temporary directory beside ``out``: a failed export leaves nothing
 behind.
 """
@@ -26,6 +27,7 @@ from torch import nn
 
 from aegan_serve.bundle import (
     DATA_TENSOR,
+    DIRECTIONS_KEY,
     ENCODER,
     ENCODER_FP16,
     FILE_NAMES,
@@ -38,6 +40,7 @@ from aegan_serve.bundle import (
     load_bundle,
     write_manifest,
 )
+from export.directions import add_directions, training_samples
 from export.onnx_export import (
     EXAMPLE_BATCH,
     EXPORTER,
@@ -53,6 +56,7 @@ from export.onnx_export import (
 )
 from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from training.config import RunConfig
+from training.data import DataError
 from training.networks import build_networks
 
 log = logging.getLogger(__name__)
@@ -152,6 +156,7 @@ def export_bundle(
         if kind == "image":
             manifest.update(pixel_range=PIXEL_RANGE, normalisation=NORMALISATION)
         write_manifest(work, manifest)
+        _add_directions(work, cfg)
         load_bundle(work)  # read back and hash-check exactly as the service will
         _fsync_dir(work)
         _move_into_place(work, out)
@@ -197,6 +202,21 @@ def _write_graphs(
             onnx.save(half, folder / FILE_NAMES[half_role])
             files[half_role] = file_entry(folder, half_role, input_name, output_name)
     return files, parity
+
+
+def _add_directions(folder: Path, cfg: RunConfig) -> None:
+    """Latent directions from the run's training data (export/directions.py). Without the data
+    the bundle is still complete: the explorer page then uses random directions."""
+    try:
+        samples, data = training_samples(cfg.data)
+    except DataError as exc:
+        log.warning(
+            "the bundle gets no latent directions: the training data cannot be read (%s); add "
+            "them later with `aegan directions BUNDLE --data ...`",
+            exc,
+        )
+        return
+    add_directions(folder, samples, data)
 
 
 def _kind(cfg: RunConfig) -> str:
@@ -361,7 +381,10 @@ def store_in_bentoml(bundle_dir: Path, name: str) -> str:
     )
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         target = Path(model.path)
-        for file_name in [MANIFEST_NAME, *(e["path"] for e in manifest["files"].values())]:
+        names = [MANIFEST_NAME, *(e["path"] for e in manifest["files"].values())]
+        if DIRECTIONS_KEY in manifest:
+            names.append(manifest[DIRECTIONS_KEY]["path"])
+        for file_name in names:
             shutil.copy2(bundle_dir / file_name, target / file_name)
         load_bundle(target)  # the copy is what a service will read: check it too
     return str(model.tag)

@@ -88,3 +88,60 @@ def export_command(
         import bentoml
 
         click.echo(f"BentoML model: {bentoml.models.get(bentoml_name).tag}")
+
+
+@click.command("directions")
+@click.argument("bundle_dir", metavar="BUNDLE_DIR", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    default=None,
+    help="Training data: fashion-mnist, an image folder or a .npy file (default: the data named "
+    "in the bundle's training_config).",
+)
+@click.option(
+    "--fashion-mnist-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Directory of the Fashion-MNIST IDX .gz files (default: $AEGAN_FASHION_MNIST_DIR or "
+    "Debian's).",
+)
+@click.option("--limit", type=click.IntRange(min=2), default=None, help="Use the first N samples.")
+def directions_command(
+    bundle_dir: Path, data: str | None, fashion_mnist_dir: Path | None, limit: int | None
+) -> None:
+    """Add latent directions to an existing bundle (``aegan export`` adds them itself).
+
+    Runs the bundle's own ONNX encoder over the training data and stores the principal components
+    of the latents, with their variances, in BUNDLE_DIR/directions.json; the manifest records its
+    SHA-256 and keeps everything else. The explorer page (/ui) edits latents along them.
+    """
+    from dataclasses import replace
+
+    from aegan_serve.bundle import BundleError, load_bundle
+    from export.directions import add_directions, bundle_data_config, training_samples
+    from training.config import DataConfig
+    from training.data import DataError
+
+    try:
+        bundle = load_bundle(bundle_dir)
+        cfg = bundle_data_config(bundle) if data is None else DataConfig(source=data)
+        if fashion_mnist_dir is not None:
+            cfg = replace(cfg, fashion_mnist_dir=str(fashion_mnist_dir))
+        if limit is not None:
+            cfg = replace(cfg, limit=limit)
+        samples, described = training_samples(cfg)
+        bundle = add_directions(bundle_dir, samples, described)
+    except (BundleError, DataError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    d = bundle.directions
+    assert d is not None
+    share = d.variances / max(d.total_variance, 1e-30)
+    first = ", ".join(f"{100 * v:.1f}" for v in share[:5])
+    agreement = ", ".join(f"{c:.2f}" for c in bundle.manifest["directions"]["split_half_cosine"])
+    click.echo(
+        f"{bundle_dir}: {len(d.variances)} directions from {d.samples} latents of {d.data}\n"
+        f"  variance explained by the first {min(5, len(share))}: {first} % (first 8 together: "
+        f"{100 * share[:8].sum():.1f} %; {100 / len(d.mean):.1f} % each if the latents were "
+        "isotropic)\n"
+        f"  split-half |cos| of the leading components: {agreement}"
+    )

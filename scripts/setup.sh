@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: Fashion-MNIST (Debian package), a virtual environment in .venv with the
-# serving, training and development dependencies, torch pinned to its CPU build (constraints.txt).
+# Set up a fresh machine: Fashion-MNIST and Chromium (Debian packages), a virtual environment in
+# .venv with the serving, training and development dependencies, torch pinned to its CPU build
+# (constraints.txt).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages: the dataset, and Chromium with its driver for the browser tests of the explorer
+# page (tests/test_ui_browser.py; they are skipped, with the reason, where the browser is missing).
+packages=()
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${AEGAN_FASHION_MNIST_DIR:-}" ]; then
+    packages+=(dataset-fashion-mnist)
+fi
+command -v chromium >/dev/null || packages+=(chromium)
+command -v chromedriver >/dev/null || packages+=(chromium-driver)
+if [ ${#packages[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
     else
-        echo "note: Fashion-MNIST not found; install Debian's dataset-fashion-mnist or set" \
-             "AEGAN_FASHION_MNIST_DIR (needed for training and for some tests)" >&2
+        echo "note: not installed: ${packages[*]} (Debian packages; run this script as root," \
+             "or install them). Fashion-MNIST is needed for training and some tests (or set" \
+             "AEGAN_FASHION_MNIST_DIR); without chromium the browser tests are skipped." >&2
     fi
 fi
 

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from aegan_serve.bundle import (
     DATA_TENSOR,
+    DIRECTIONS_NAME,
     FILE_NAMES,
     LATENT_TENSOR,
     MANIFEST_NAME,
@@ -113,8 +114,11 @@ def test_bundle_holds_the_graphs_and_a_complete_manifest(tiny_run, tiny_bundle):
     checkpoint = resolve_checkpoint(tiny_run)
     state = load_checkpoint(checkpoint)
     assert sorted(p.name for p in tiny_bundle.iterdir()) == sorted(
-        [MANIFEST_NAME, *FILE_NAMES.values()]
+        [MANIFEST_NAME, *FILE_NAMES.values(), DIRECTIONS_NAME]
     )
+    # latent directions from the run's training data (tests/test_directions.py tests them)
+    assert bundle.directions is not None and bundle.directions.components.shape == (8, 8)
+    assert (m["directions"]["samples"], m["directions"]["data"]) == (64, "fashion-mnist:train[:64]")
     assert (bundle.name, bundle.kind, bundle.data_shape, bundle.latent_dim) == (
         "tiny-aegan",
         "image",

@@ -287,6 +287,7 @@ def test_info_describes_model_runtime_and_limits(client, image_bundle):
         "latent_prior": "normal",
         "path": str(image_bundle),
         "metrics": {"recon_mse": 0.01},
+        "directions": None,  # the bundle has none (tests/test_directions.py)
     }
     assert info["runtime"]["provider"] == "CPUExecutionProvider"
     assert info["runtime"]["precision"] == "fp32"

@@ -1,4 +1,4 @@
-"""The ``aegan`` command: ``aegan train``, ``aegan export``, ``aegan eval``.
+"""The ``aegan`` command: ``aegan train``, ``aegan export``, ``aegan directions``, ``aegan eval``.
 
 Flags are turned into a typed :class:`~training.config.RunConfig` here, at the edge, and checked
 once by :func:`~training.config.validate`; errors name the flag to fix.
@@ -175,9 +175,10 @@ from training.evaluate import eval_command  # noqa: E402
 main.add_command(eval_command)
 
 
-from export.cli import export_command  # noqa: E402
+from export.cli import directions_command, export_command  # noqa: E402
 
 main.add_command(export_command)
+main.add_command(directions_command)
 
 
 def run() -> None:
