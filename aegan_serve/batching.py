@@ -8,13 +8,18 @@ larger batches by itself. A request is never split: one with more rows than ``ma
 alone. ``max_batch=1`` turns batching off (each request runs on its own).
 
 Bounded: at most ``max_queue`` rows may wait, and none longer than ``max_wait_s``; past either the
-request is refused with :class:`Overloaded` (503 with ``Retry-After``) before any model work is
+request is refused with :class:`Overloaded` (429 with ``Retry-After``) before any model work is
 spent on it. A request whose client went away (its task cancelled) is dropped from the queue.
+
+A request of at most ``inline_rows`` rows that finds the graph idle and nobody waiting runs at
+once, on the event loop, while the measured cost of such a run stays under ``inline_budget_s``:
+for a tiny run the hops to the model thread and back cost more than the run itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -45,8 +50,13 @@ class Batcher:
         max_wait_s: float,
         executor: Executor | None = None,
         name: str = "model",
+        inline_rows: int = 0,
+        inline_budget_s: float = 0.001,
     ) -> None:
         self.run = run
+        self.inline_rows = inline_rows
+        self.inline_budget_s = inline_budget_s
+        self.row_cost_s = math.inf  # measured seconds per row of recent runs (none yet)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
@@ -65,12 +75,26 @@ class Batcher:
                 f"{self.max_queue}); retry shortly"
             )
         loop = asyncio.get_running_loop()
+        idle = not self._queue and (self._worker is None or self._worker.done())
+        cheap = len(rows) * self.row_cost_s <= self.inline_budget_s
+        if idle and len(rows) <= self.inline_rows and cheap:  # the hops would cost more
+            self.sizes[len(rows)] += 1
+            return self._timed(rows)
         item = _Waiting(rows, loop.create_future(), time.monotonic())
         self._queue.append(item)
         self._queued_rows += len(rows)
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
         return await item.future
+
+    def _timed(self, rows: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        outputs = self.run(rows)
+        cost = (time.perf_counter() - started) / max(1, len(rows))
+        self.row_cost_s = (
+            cost if math.isinf(self.row_cost_s) else 0.8 * self.row_cost_s + 0.2 * cost
+        )
+        return outputs
 
     def _next_batch(self) -> list[_Waiting]:
         """Take the next requests (in arrival order, at most ``max_batch`` rows unless a single
@@ -107,7 +131,7 @@ class Batcher:
             inputs = np.concatenate([item.rows for item in batch])
             self.sizes[len(inputs)] += 1
             try:
-                outputs = await loop.run_in_executor(self.executor, self.run, inputs)
+                outputs = await loop.run_in_executor(self.executor, self._timed, inputs)
             except Exception as exc:  # a model failure fails the requests of this batch only
                 for item in batch:
                     if not item.future.done():

@@ -156,6 +156,7 @@ class AEGAN:
             max_wait_s=settings.batch_latency_ms / 1000,
             executor=ThreadPoolExecutor(1, thread_name_prefix="aegan-encoder"),
             name="encoder",
+            inline_rows=INLINE_MAX_IMAGES,
         )
         logger.info(
             "model %r from %s: %s %s, latent_dim %d; ONNX Runtime %s (%s, %d threads)",

@@ -150,3 +150,47 @@ def test_a_model_failure_fails_only_its_own_batch():
     failed, served = asyncio.run(main())
     assert isinstance(failed, RuntimeError)
     assert served.tolist() == [[1.0]]
+
+
+def test_a_tiny_request_on_an_idle_model_runs_inline_and_a_busy_model_queues_it():
+    threads: list[str] = []
+
+    def model(rows: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        threading.Event().wait(0.05)
+        return rows + 1
+
+    queue = Batcher(
+        model,
+        max_batch=8,
+        max_queue=64,
+        max_wait_s=10,
+        executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
+        inline_rows=1,
+    )
+
+    queue.inline_budget_s = 1.0  # the model below is slow on purpose: allow it inline
+
+    async def main():
+        first = await queue(np.zeros((1, 1), np.float32))  # no cost measured yet: the thread
+        assert first.tolist() == [[1.0]]
+        alone = await queue(np.zeros((1, 1), np.float32))  # idle and cheap: inline, this thread
+        pair = await queue(np.zeros((2, 1), np.float32))  # more rows than inline_rows
+        busy = asyncio.ensure_future(queue(np.zeros((3, 1), np.float32)))
+        await asyncio.sleep(0.01)
+        behind = await queue(np.full((1, 1), 5, np.float32))  # the model is busy: it queues
+        return alone, pair, await busy, behind
+
+    alone, pair, busy, behind = asyncio.run(main())
+    assert alone.tolist() == [[1.0]] and pair.tolist() == [[1.0], [1.0]]
+    assert busy.tolist() == [[1.0]] * 3 and behind.tolist() == [[6.0]]
+    assert threads[1] == threading.current_thread().name
+    assert all(name.startswith("model") for name in threads[:1] + threads[2:]), threads
+    assert sorted(queue.sizes.elements()) == [1, 1, 1, 2, 3]
+    queue.inline_budget_s = 0.001  # 50 ms a row is over the budget: never inline
+
+    async def again():
+        return await queue(np.zeros((1, 1), np.float32))
+
+    asyncio.run(again())
+    assert threads[-1].startswith("model")
