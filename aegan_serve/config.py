@@ -45,10 +45,10 @@ class Limits:
     max_pixels: int = 4096 * 4096  # AEGAN_MAX_PIXELS: width x height of one upload (pre-decode)
     max_n: int = 64  # AEGAN_MAX_N: images or vectors made per request (/sample, /generate, /decode)
     max_steps: int = 64  # AEGAN_MAX_STEPS: frames per /interpolate answer
-    max_request_bytes: int = 64 << 20  # AEGAN_MAX_REQUEST_BYTES: whole request body
-    max_json_bytes: int = (
-        1 << 20
-    )  # AEGAN_MAX_JSON_BYTES: whole body of a request that is not a form
+    max_request_bytes: int = 64 << 20  # AEGAN_MAX_REQUEST_BYTES: whole body of a form (uploads)
+    max_json_bytes: int = 1 << 20  # AEGAN_MAX_JSON_BYTES: whole body of any other request (JSON)
+    # AEGAN_MAX_INFLIGHT_BYTES: request bodies one worker holds at once; more load is refused (429)
+    max_inflight_bytes: int = 256 << 20
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
@@ -56,6 +56,11 @@ class Limits:
             f.name: _int(environ, f"AEGAN_{f.name.upper()}", f.default)  # type: ignore[arg-type]
             for f in fields(cls)
         }
+        if values["max_inflight_bytes"] < values["max_request_bytes"]:
+            raise ConfigError(
+                "AEGAN_MAX_INFLIGHT_BYTES must be at least AEGAN_MAX_REQUEST_BYTES "
+                f"({values['max_request_bytes']}): one request must always fit"
+            )
         if values["max_steps"] < 2:
             raise ConfigError("AEGAN_MAX_STEPS must be at least 2 (the two end points)")
         return cls(**values)

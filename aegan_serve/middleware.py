@@ -32,7 +32,7 @@ from urllib.parse import unquote_plus
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, QuerystringParser, parse_options_header
 
-from .errors import LimitExceeded, RequestError
+from .errors import LimitExceeded, Overloaded, RequestError
 
 MAX_TEXT_PART_BYTES = 1 << 20  # Starlette's limit for a multipart part that is not a file
 MAX_PARTS = 1000  # Starlette's limit on files (and on fields) per multipart body
@@ -192,11 +192,14 @@ class RequestGuard:
         *,
         max_bytes: int,
         max_json_bytes: int,
+        max_inflight_bytes: int,
         routes: Mapping[str, Collection[str]],
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_json_bytes = max_json_bytes
+        self.max_inflight_bytes = max_inflight_bytes
+        self.inflight_bytes = 0  # request body bytes announced or received, of unfinished requests
         self.routes = {route: frozenset(fields) for route, fields in routes.items()}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -222,6 +225,12 @@ class RequestGuard:
         length = headers.get("content-length", b"").strip()
         if length.isdigit() and int(length) > limit:
             return await _reject(send, 413, too_large)
+        # Bodies held at once by this worker: announced ones count from the start, so excess
+        # load is refused before any of it is read.
+        reserved = int(length) if length.isdigit() else 0
+        if self.inflight_bytes + reserved > self.max_inflight_bytes:
+            return await _reject(send, 429, self._busy(), [(b"retry-after", RETRY_AFTER_S)])
+        self.inflight_bytes += reserved
         check: _MultipartCheck | _UrlencodedCheck | None = None
         if media_type == b"multipart/form-data":
             if b"boundary" not in options:
@@ -232,21 +241,37 @@ class RequestGuard:
         received = 0
 
         async def checked_receive() -> dict[str, Any]:
-            nonlocal received
+            nonlocal received, reserved
             message = await receive()
             if message["type"] == "http.request":
                 body = message.get("body", b"")
                 received += len(body)
                 if received > limit:
                     raise LimitExceeded(too_large)
+                if received > reserved:  # more than announced (or no Content-Length): count it
+                    self.inflight_bytes += received - reserved
+                    reserved = received
+                    if self.inflight_bytes > self.max_inflight_bytes:
+                        raise Overloaded(self._busy())
                 if check is not None:  # raising here makes BentoML answer with the error's status
                     check.feed(body, last=not message.get("more_body", False))
             return message
 
-        await self.app(scope, checked_receive, _unwrap_errors(send))
+        try:
+            await self.app(scope, checked_receive, _unwrap_errors(send))
+        finally:
+            self.inflight_bytes -= reserved
+
+    def _busy(self) -> str:
+        return (
+            f"the server holds {self.inflight_bytes} bytes of request bodies, the most it takes "
+            f"at once is {self.max_inflight_bytes} (AEGAN_MAX_INFLIGHT_BYTES); retry shortly"
+        )
 
 
-async def _reject(send: Any, status: int, message: str) -> None:
+async def _reject(
+    send: Any, status: int, message: str, extra_headers: list[tuple[bytes, bytes]] = ()
+) -> None:
     body = json.dumps({"error": message}).encode()
     await send(
         {
@@ -255,6 +280,7 @@ async def _reject(send: Any, status: int, message: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *extra_headers,
             ],
         }
     )

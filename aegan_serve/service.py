@@ -391,5 +391,6 @@ AEGAN.add_asgi_middleware(
     RequestGuard,
     max_bytes=LIMITS.max_request_bytes,
     max_json_bytes=LIMITS.max_json_bytes,
+    max_inflight_bytes=LIMITS.max_inflight_bytes,
     routes={api.route: api.input_spec.multipart_fields for api in AEGAN.apis.values()},
 )

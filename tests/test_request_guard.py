@@ -1,0 +1,106 @@
+"""The request guard's budget of request-body bytes held at once by one worker: excess load is
+refused with 429 and Retry-After before its body is read, and the budget is given back when a
+request ends (tested on the ASGI middleware directly, with an app that holds its requests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aegan_serve.errors import Overloaded
+from aegan_serve.middleware import RequestGuard
+
+KIB = 1024
+
+
+class HoldingApp:
+    """Reads the whole body, then waits for ``release`` before it answers 200."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.calls += 1
+        while True:
+            message = await receive()
+            if not message.get("more_body", False):
+                break
+        await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def request(length: int | None, chunks: list[bytes]):
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    scope = {"type": "http", "path": "/decode", "headers": headers}
+    pending = list(chunks)
+
+    async def receive():
+        body = pending.pop(0) if pending else b""
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    return scope, receive, send, sent
+
+
+def guard(app) -> RequestGuard:
+    return RequestGuard(
+        app,
+        max_bytes=1024 * KIB,
+        max_json_bytes=1024 * KIB,
+        max_inflight_bytes=1024 * KIB,
+        routes={"/decode": ()},
+    )
+
+
+def test_announced_bodies_over_the_budget_are_refused_before_they_are_read():
+    app = HoldingApp()
+    middleware = guard(app)
+
+    async def main():
+        first = request(700 * KIB, [b"x" * (700 * KIB)])
+        held = asyncio.ensure_future(middleware(*first[:3]))
+        await asyncio.sleep(0.01)
+        assert middleware.inflight_bytes == 700 * KIB
+        second = request(400 * KIB, [b"x" * (400 * KIB)])
+        await middleware(*second[:3])  # 700 + 400 KiB > 1 MiB: refused at once
+        start = second[3][0]
+        assert start["status"] == 429 and (b"retry-after", b"1") in start["headers"]
+        assert b"AEGAN_MAX_INFLIGHT_BYTES" in second[3][1]["body"]
+        assert app.calls == 1  # the refused request never reached the app
+        third = request(300 * KIB, [b"x" * (300 * KIB)])  # 700 + 300 KiB fit
+        fits = asyncio.ensure_future(middleware(*third[:3]))
+        await asyncio.sleep(0.01)
+        app.release.set()
+        await asyncio.gather(held, fits)
+        assert first[3][0]["status"] == third[3][0]["status"] == 200
+        assert middleware.inflight_bytes == 0  # all given back
+
+    asyncio.run(main())
+
+
+def test_streamed_bodies_count_as_they_arrive():
+    app = HoldingApp()
+    middleware = guard(app)
+
+    async def main():
+        first = request(900 * KIB, [b"x" * (900 * KIB)])
+        held = asyncio.ensure_future(middleware(*first[:3]))
+        await asyncio.sleep(0.01)
+        chunked = request(None, [b"x" * (64 * KIB)] * 4)  # no Content-Length: 256 KiB streamed
+        with pytest.raises(Overloaded, match="AEGAN_MAX_INFLIGHT_BYTES"):
+            await middleware(*chunked[:3])
+        assert middleware.inflight_bytes == 900 * KIB  # the refused stream gave its bytes back
+        app.release.set()
+        await held
+        assert middleware.inflight_bytes == 0
+
+    asyncio.run(main())
