@@ -233,22 +233,35 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     for role, entry in files.items():
         if not isinstance(entry, dict) or not {"path", "sha256", "input", "output"} <= set(entry):
             raise BundleError(f"{manifest_path}: entry for {role!r} is malformed")
-        file_path = root / entry["path"]
-        if file_path.parent.resolve() != root.resolve():
-            raise BundleError(f"{manifest_path}: {entry['path']!r} is outside the bundle")
-        if not file_path.is_file():
-            raise BundleError(f"model bundle {root} is incomplete: {entry['path']} is missing")
-        if verify:
-            actual = sha256_file(file_path)
-            if actual != entry["sha256"]:
-                raise BundleError(
-                    f"{file_path} does not match its manifest (sha256 {actual[:12]}..., "
-                    f"expected {str(entry['sha256'])[:12]}...): the bundle was altered or truncated"
-                )
+        _checked_file(root, entry, f"{manifest_path}: entry for {role!r}", verify)
     directions = None
     if DIRECTIONS_KEY in manifest:
         directions = _load_directions(root, manifest, verify)
     return Bundle(path=root, manifest=manifest, directions=directions)
+
+
+def _checked_file(root: Path, entry: dict[str, Any], where: str, verify: bool) -> Path:
+    """The file a manifest entry names: a plain file name (a string), a regular file directly in
+    the bundle (not a link, which could point anywhere or change after the check), and, with
+    ``verify``, the SHA-256 the entry records."""
+    name = entry["path"]
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{where}: path {name!r} is not a file name")
+    if Path(name).name != name:
+        raise BundleError(f"{where}: {name!r} is outside the bundle (entries name its files)")
+    file_path = root / name
+    if file_path.is_symlink():
+        raise BundleError(f"{where}: {name!r} is a symbolic link; bundles hold regular files")
+    if not file_path.is_file():
+        raise BundleError(f"model bundle {root} is incomplete: {name} is missing")
+    if verify:
+        actual = sha256_file(file_path)
+        if actual != entry["sha256"]:
+            raise BundleError(
+                f"{file_path} does not match its manifest (sha256 {actual[:12]}..., "
+                f"expected {str(entry['sha256'])[:12]}...): the bundle was altered or truncated"
+            )
+    return file_path
 
 
 def _load_directions(root: Path, manifest: dict[str, Any], verify: bool) -> LatentDirections:
@@ -263,18 +276,7 @@ def _load_directions(root: Path, manifest: dict[str, Any], verify: bool) -> Late
             f"{where} has format_version {entry['format_version']!r}; this server reads version "
             f"{DIRECTIONS_VERSION}"
         )
-    file_path = root / str(entry["path"])
-    if file_path.parent.resolve() != root.resolve():
-        raise BundleError(f"{where}: {entry['path']!r} is outside the bundle")
-    if not file_path.is_file():
-        raise BundleError(f"model bundle {root} is incomplete: {entry['path']} is missing")
-    if verify:
-        actual = sha256_file(file_path)
-        if actual != entry["sha256"]:
-            raise BundleError(
-                f"{file_path} does not match its manifest (sha256 {actual[:12]}..., "
-                f"expected {str(entry['sha256'])[:12]}...): the bundle was altered or truncated"
-            )
+    file_path = _checked_file(root, entry, where, verify)
     latent_dim = int(manifest["latent_dim"])
     try:
         raw = json.loads(file_path.read_text(encoding="utf-8"))

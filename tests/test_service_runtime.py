@@ -158,3 +158,37 @@ def test_bad_settings_name_the_variable(env, message):
 def test_the_service_imports_no_torch():
     code = "import sys, aegan_serve.service; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda entry, root: entry.update(path=5), "path 5 is not a file name"),
+        (lambda entry, root: entry.update(path=""), "path '' is not a file name"),
+        (lambda entry, root: entry.update(path="../encoder.onnx"), "is outside the bundle"),
+        (lambda entry, root: entry.update(path=str(root / "encoder.onnx")), "outside the bundle"),
+    ],
+    ids=["number", "empty", "parent", "absolute"],
+)
+def test_manifest_paths_that_are_not_plain_file_names_are_refused(
+    image_bundle, tmp_path, edit, message
+):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(image_bundle, bundle)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    edit(manifest["files"]["encoder"], bundle)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"entry for 'encoder'.*{message}"):
+        load_bundle(bundle)
+
+
+def test_a_graph_that_is_a_symbolic_link_is_refused(image_bundle, tmp_path):
+    """Even to the very bytes the manifest hashed: a link can point anywhere, and change after
+    the check."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(image_bundle, bundle)
+    elsewhere = tmp_path / "elsewhere.onnx"
+    (bundle / "encoder.onnx").rename(elsewhere)
+    (bundle / "encoder.onnx").symlink_to(elsewhere)
+    with pytest.raises(BundleError, match="'encoder.onnx' is a symbolic link"):
+        load_bundle(bundle)
