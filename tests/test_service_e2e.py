@@ -32,6 +32,7 @@ from aegan_serve.images import load_uploads
 from aegan_serve.runtime import ModelRuntime
 
 REPO = Path(__file__).resolve().parent.parent
+SERVER_PIDS: dict[str, int] = {}  # base URL -> pid of its `bentoml serve` process
 BENTOML = Path(sys.executable).with_name("bentoml")
 
 
@@ -66,6 +67,7 @@ def server(image_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             start_new_session=True,  # its workers share the group: stop them all at the end
         )
     try:
+        SERVER_PIDS[f"http://127.0.0.1:{port}"] = process.pid
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -246,3 +248,47 @@ def test_bentoml_build_packages_the_bundle_without_torch(image_bundle, tmp_path)
         "/reconstruct",
         "/interpolate",
     }
+
+
+def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(server):
+    """SIGKILL of a worker in the middle of a load: the requests it held fail fast at the
+    connection (nothing hangs, nothing is answered 5xx), the others are answered, a new worker
+    takes its place and the server answers again within seconds. Last in this module: it
+    disturbs the shared server."""
+    import psutil
+
+    def workers() -> set[int]:
+        tree = psutil.Process(SERVER_PIDS[server]).children(recursive=True)
+        return {p.pid for p in tree if "_bentoml_impl.worker" in " ".join(p.cmdline())}
+
+    with bentoml.SyncHTTPClient(server, server_ready_timeout=90):
+        pass
+    before = workers()
+    stop = time.monotonic() + 6
+    outcomes: list[tuple[str, float]] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=server, timeout=60) as http:
+            while time.monotonic() < stop:
+                started = time.monotonic()
+                try:
+                    status = str(http.post("/generate", json={"n": 4}).status_code)
+                except httpx.TransportError as exc:  # the connection of a killed worker
+                    status = type(exc).__name__
+                outcomes.append((status, time.monotonic() - started))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    os.kill(min(before), signal.SIGKILL)
+    for thread in threads:
+        thread.join()
+    statuses = {status for status, _ in outcomes}
+    assert "200" in statuses and not {s for s in statuses if s[0] in "45"}, statuses
+    assert max(seconds for _, seconds in outcomes) < 10  # failed or answered, never stuck
+    deadline = time.monotonic() + 30
+    while len(workers() - before) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers()) == len(before) and workers() != before  # replaced
+    assert httpx.post(server + "/generate", json={"n": 1}, timeout=30).status_code == 200
