@@ -48,6 +48,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one, whole."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(state: dict[str, Any], run_dir: Path, keep: int) -> Path:
     """Write ``state`` for its step atomically (temp file, fsync, rename) and prune old ones."""
     path = checkpoint_path(run_dir, int(state["step"]))

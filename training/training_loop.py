@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from aegan_serve.images import save_grid
-from training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, write_atomic
 from training.config import ConfigError, RunConfig
 from training.data import Dataset, load_dataset
 from training.losses import discriminator_loss, forward, generator_encoder_loss, weighted_total
@@ -127,11 +127,20 @@ def write_grids(
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint we resume from."""
+    """On resume, drop records written after the checkpoint we resume from, and a last record cut
+    off by a crash in the middle of its write; the history is replaced atomically."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a record cut off mid-write
+            continue
+        recorded = record.get("step") if isinstance(record, dict) else None
+        if isinstance(recorded, int) and recorded <= step:
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 # --- the loop -------------------------------------------------------------------------------
