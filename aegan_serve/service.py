@@ -42,6 +42,7 @@ from .latents import (
     sample_prior,
 )
 from .middleware import RequestGuard
+from .openapi import OpenAPICompletion
 from .runtime import ModelRuntime
 from .ui import UI_PATH, ui_app
 
@@ -54,11 +55,13 @@ LIMITS = SETTINGS.limits
 # `bentoml serve` imports this module before it starts any worker: a bundle that does not load
 # (missing, altered, not a bundle) or a bad AEGAN_* value above stops it here with the reason and a
 # non-zero exit status, instead of workers failing and being restarted forever behind an open port.
-load_bundle(resolve_bundle_dir(SETTINGS.model))
+STARTUP_BUNDLE = load_bundle(resolve_bundle_dir(SETTINGS.model))
 if SETTINGS.device == "cuda" and not gpu_visible():
     raise ConfigError("AEGAN_DEVICE=cuda but no NVIDIA GPU is visible (no /dev/nvidiactl)")
 PSNR_CAP_DB = 100.0  # reported for a perfect reconstruction instead of infinity
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
+IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate")  # 422 on a vector model
+IN_USE = {"latent_dim": STARTUP_BUNDLE.latent_dim}  # the bundle of this worker
 T = TypeVar("T")
 
 
@@ -135,6 +138,7 @@ class AEGAN:
     def __init__(self) -> None:
         settings = Settings.from_env()
         self.bundle = load_bundle(resolve_bundle_dir(settings.model))  # verifies SHA-256
+        IN_USE["latent_dim"] = self.bundle.latent_dim  # for the OpenAPI document
         self.model = ModelRuntime(
             self.bundle, settings.device, settings.threads, fp16=settings.fp16
         )
@@ -385,6 +389,18 @@ for _api in AEGAN.apis.values():  # OpenAPI shows these docstrings: drop their s
 
 # The latent explorer page: static files that call the endpoints above (aegan_serve/ui.py).
 AEGAN.mount_asgi_app(ui_app(), path=UI_PATH, name="ui")
+
+# /docs.json as the service behaves: every error answer, latent lengths (aegan_serve/openapi.py).
+AEGAN.add_asgi_middleware(
+    OpenAPICompletion,
+    path="/docs.json",
+    describe=lambda: {
+        "latent_dim": IN_USE["latent_dim"],
+        "api_routes": [api.route for api in AEGAN.apis.values()],
+        "upload_routes": [a.route for a in AEGAN.apis.values() if a.input_spec.multipart_fields],
+        "image_routes": IMAGE_ONLY,
+    },
+)
 
 # Size and form-body checks before BentoML parses a request (see aegan_serve/middleware.py).
 AEGAN.add_asgi_middleware(

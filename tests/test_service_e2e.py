@@ -19,12 +19,21 @@ from pathlib import Path
 
 import bentoml
 import httpx
+import hypothesis
 import numpy as np
 import pytest
+import schemathesis
 import yaml
 from bentoml.exceptions import BentoMLException
 from bundle_factory import tamper
 from PIL import Image
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from service_helpers import gradient, image_bytes
 
 from aegan_serve.bundle import load_bundle
@@ -248,6 +257,40 @@ def test_bentoml_build_packages_the_bundle_without_torch(image_bundle, tmp_path)
         "/reconstruct",
         "/interpolate",
     }
+
+
+def test_generated_requests_get_no_5xx_and_answers_that_match_the_document(server):
+    """Property-based requests generated from the service's own OpenAPI document, for each of its
+    operations: no 5xx, and status codes, content types, headers and bodies as documented. Not
+    checked: that every schema-valid request is accepted (an image's bytes, or "exactly one pair
+    of end points", are not in a schema) nor that every invalid one is refused (pydantic reads
+    `false` as 0.0). The longer run: bench/fuzz.py."""
+    with bentoml.SyncHTTPClient(server, server_ready_timeout=90):
+        pass
+    schema = schemathesis.openapi.from_url(server + "/docs.json")
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+    ]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 11  # the endpoints, health and metrics
+    for operation in operations:
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(
+            max_examples=20,
+            deadline=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+            derandomize=True,  # the same requests on every run
+            database=None,
+        )
+        def check(case) -> None:
+            case.call_and_validate(checks=checks, timeout=60)
+
+        check()
 
 
 def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(server):
