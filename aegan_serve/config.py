@@ -82,7 +82,7 @@ class Settings:
     workers: int
     threads: int  # AEGAN_THREADS: ONNX Runtime intra-op threads per worker (default CPUs/workers)
     batch_size: int  # AEGAN_BATCH_SIZE: most images in one encoder run across requests (1: off)
-    batch_latency_ms: int  # AEGAN_BATCH_LATENCY_MS: most time a request waits for the encoder
+    batch_latency_ms: int  # AEGAN_BATCH_LATENCY_MS: most wait for the encoder or a worker thread
     max_queue: int  # AEGAN_MAX_QUEUE: most images waiting for the encoder; more are refused (429)
     fp16: bool  # AEGAN_FP16: 1 (default) runs the bundle's fp16 graphs on CUDA if present, 0 not
     limits: Limits

@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import logging
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -30,7 +31,7 @@ from . import __version__
 from .batching import Batcher
 from .bundle import load_bundle, resolve_bundle_dir
 from .config import ConfigError, Settings, available_cpus, gpu_visible
-from .errors import RequestError, WrongModelKind
+from .errors import Overloaded, RequestError, WrongModelKind
 from .images import encode_gif, encode_png, load_uploads, make_grid, png_base64, to_uint8
 from .latents import (
     LATENT_ABS_MAX,
@@ -146,6 +147,7 @@ class AEGAN:
         # Decoding uploads, running the generator and encoding PNGs: a pool bounded by the CPUs.
         self.pool_size = max(1, available_cpus() // settings.workers)
         self.workers = ThreadPoolExecutor(self.pool_size, thread_name_prefix="aegan-work")
+        self.max_wait_s = settings.batch_latency_ms / 1000
         # Every encoder run goes through one queue that batches concurrent requests together.
         batch_images = encoder_batch_histogram()
 
@@ -322,16 +324,32 @@ class AEGAN:
         (the hop to a thread and back costs more than it), else in the worker pool."""
         if images <= INLINE_MAX_IMAGES:
             return work()
-        return await asyncio.get_running_loop().run_in_executor(self.workers, work)
+        return await self._in_pool(work)
+
+    async def _in_pool(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in the worker pool, refused (429) instead of run when it waited for a
+        thread longer than ``AEGAN_BATCH_LATENCY_MS``: work beyond what the CPUs can do in time
+        is shed rather than piled up until BentoML's request timeout answers 504."""
+        queued = time.monotonic()
+
+        def run() -> T:
+            waited = time.monotonic() - queued
+            if waited > self.max_wait_s:
+                raise Overloaded(
+                    f"waited {waited:.1f} s for a worker thread, longer than "
+                    f"{self.max_wait_s:g} s; retry shortly"
+                )
+            return work(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self.workers, run)
 
     async def _load(self, uploads: list[Upload]) -> np.ndarray:
         """Decode and convert uploads in the worker pool, off the event loop; the uploads of one
         request are split over the pool's threads (Pillow's codecs release the GIL)."""
-        loop = asyncio.get_running_loop()
         size = math.ceil(len(uploads) / self.pool_size)
         parts = await asyncio.gather(
             *(
-                loop.run_in_executor(self.workers, self._convert, uploads[i : i + size], i)
+                self._in_pool(self._convert, uploads[i : i + size], i)
                 for i in range(0, len(uploads), size)
             )
         )

@@ -522,3 +522,38 @@ def test_request_body_over_the_limit_is_413(client):
     }
     response = client.post("/encode", content=b"--b--\r\n", headers=headers)
     assert "AEGAN_MAX_REQUEST_BYTES" in error_of(response, 413)
+
+
+def test_work_that_waited_too_long_for_a_thread_is_refused_not_run(image_bundle, monkeypatch):
+    """More heavy requests than the CPUs can serve in time are shed with 429 (before decoding)
+    instead of piling up until the request timeout answers 504."""
+    from aegan_serve import images as image_module
+
+    decoded = []
+    slow_load = image_module.load_uploads
+
+    def load_uploads(*args, **kwargs):
+        threading.Event().wait(0.3)  # a heavy decode holds the (single) worker thread
+        decoded.append(1)
+        return slow_load(*args, **kwargs)
+
+    monkeypatch.setattr("aegan_serve.service.load_uploads", load_uploads)
+    limits = {"AEGAN_BATCH_LATENCY_MS": "100", "AEGAN_WORKERS": "2"}  # one pool thread
+    with serve(image_bundle, **limits) as client:
+        upload = image_bytes(gradient())
+        responses = []
+        threads = [
+            threading.Thread(
+                target=lambda: responses.append(client.post("/reconstruct", files=files(upload)))
+            )
+            for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) == {200, 429} and statuses.count(200) < 6, statuses
+    assert len(decoded) == statuses.count(200)  # the refused ones cost no decoding
+    shed = next(r for r in responses if r.status_code == 429)
+    assert "for a worker thread" in error_of(shed, 429) and shed.headers["retry-after"] == "1"
