@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fmnist_data import FMNIST, needs_fmnist
 
 from training.cli import main
 from training.config import ConfigError, RunConfig, from_preset, validate
@@ -30,11 +31,6 @@ from training.metrics.frechet import frechet_distance, mean_cov
 from training.metrics.precision_recall import precision_recall
 from training.metrics.reconstruction import psnr
 from training.metrics.vectors import energy_distance
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
-needs_classifier = pytest.mark.skipif(not WEIGHTS.is_file(), reason="classifier weights not built")
-
 
 # --- Fréchet distance -----------------------------------------------------------------------
 
@@ -141,7 +137,6 @@ def _flat_autoencoder(decode_all_to: np.ndarray | None = None) -> GenerativeMode
 
 
 @needs_fmnist
-@needs_classifier
 def test_reconstruction_class_agreement_on_exact_and_constant_decoders():
     from training.evaluate import fmnist_reference
 
@@ -233,7 +228,6 @@ def test_eval_every_is_checked():
 # --- the classifier -------------------------------------------------------------------------
 
 
-@needs_classifier
 def test_shipped_classifier_matches_its_record():
     import hashlib
 
@@ -267,7 +261,6 @@ def aegan_run(tmp_path_factory) -> Path:
 
 
 @needs_fmnist
-@needs_classifier
 def test_eval_on_a_tiny_run_prints_table_and_writes_json(aegan_run, tmp_path):
     out = tmp_path / "eval.json"
     args = ["eval", str(aegan_run), "--json", str(out), "--num-samples", "200"]
@@ -287,7 +280,6 @@ def test_eval_on_a_tiny_run_prints_table_and_writes_json(aegan_run, tmp_path):
 
 
 @needs_fmnist
-@needs_classifier
 def test_eval_is_deterministic_and_metrics_can_be_chosen(aegan_run, tmp_path):
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
     for out in outs:
@@ -300,7 +292,6 @@ def test_eval_is_deterministic_and_metrics_can_be_chosen(aegan_run, tmp_path):
 
 
 @needs_fmnist
-@needs_classifier
 def test_eval_of_a_gan_run_skips_reconstruction(tmp_path):
     run = _tiny_run(tmp_path / "gan", "gan", steps=10)
     out = tmp_path / "eval.json"
@@ -314,7 +305,6 @@ def test_eval_of_a_gan_run_skips_reconstruction(tmp_path):
 
 
 @needs_fmnist
-@needs_classifier
 def test_eval_on_an_image_bundle(tmp_path):
     from bundle_factory import write_bundle
 
@@ -350,7 +340,6 @@ def test_eval_on_a_vector_bundle_with_held_out_data(tmp_path):
 
 
 @needs_fmnist
-@needs_classifier
 @pytest.mark.slow
 def test_training_hook_logs_metrics_without_changing_training(tmp_path):
     from training.evaluate import make_eval_hook
