@@ -28,7 +28,7 @@ from training.metrics import (
 from training.metrics.classifier import WEIGHTS, classifier_info, load_classifier, report
 from training.metrics.coverage import class_histogram, classes_covered, kl_to_uniform
 from training.metrics.frechet import frechet_distance, mean_cov
-from training.metrics.precision_recall import precision_recall
+from training.metrics.precision_recall import knn_radii, precision_recall
 from training.metrics.reconstruction import psnr
 from training.metrics.vectors import energy_distance
 
@@ -96,6 +96,31 @@ def test_precision_recall_of_two_draws_of_one_distribution_are_high():
     assert precision > 0.8 and recall > 0.8
 
 
+def _on_a_line(*xs: float) -> np.ndarray:
+    """Points (x, 0): distances are differences of x, exact in float64."""
+    return np.array([[x, 0.0] for x in xs])
+
+
+def test_knn_radius_reaches_the_kth_nearest_other_point():
+    # 0..9 on a line, k = 3: the ends reach 3 (neighbours 1, 2, 3 away), inner points 2 (1, 1, 2).
+    radii = knn_radii(torch.as_tensor(_on_a_line(*range(10))), k=3)
+    assert radii.tolist() == [9.0] + [4.0] * 8 + [9.0]  # squared distances
+    assert knn_radii(torch.as_tensor(_on_a_line(*range(10))), k=1).tolist() == [1.0] * 10
+
+
+def test_precision_and_recall_of_points_on_a_line():
+    """Real points 0..9; the real manifold is [-3, 12] at the ends (radius 3) and +-2 inside.
+    Of the six other points, 11.5, 12 (on the boundary: balls are closed), -2.5 and 4.5 are
+    inside, 12.5 and -3.5 are not."""
+    line = _on_a_line(*range(10))
+    others = _on_a_line(11.5, 12.0, 12.5, -2.5, -3.5, 4.5)
+    # Seen as samples, 4 of 6 are on the data manifold; the others' manifold (radii >= 7) holds
+    # every real point.
+    assert precision_recall(line, others) == (4 / 6, 1.0)
+    # Seen as the data, 4 of 6 are covered by the line's manifold.
+    assert precision_recall(others, line) == (1.0, 4 / 6)
+
+
 def test_precision_recall_need_more_than_k_samples():
     with pytest.raises(ValueError, match="more than 3"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
@@ -122,6 +147,26 @@ def test_psnr_of_known_noise():
     noisy = clean + sigma * rng.choice([-1.0, 1.0], size=clean.shape)  # MSE exactly sigma^2
     assert psnr(clean, noisy) == pytest.approx(np.full(50, 20.0), abs=1e-9)  # -20 log10(0.1)
     assert psnr(clean, clean).max() == 100.0  # capped, not infinite
+
+
+def test_reconstruction_errors_are_measured_on_pixels_in_0_1():
+    """A decoder that adds 0.2 to every pixel in [-1, 1] is 0.1 off on [0, 1]: MSE 0.01 and PSNR
+    20 dB (on [-1, 1] it would be 0.04 and 14 dB). Latents keep their own units: 0.2^2."""
+    rng = np.random.default_rng(7)
+    images = rng.uniform(-0.5, 0.5, (64, 1, 28, 28)).astype(np.float32)
+    model = GenerativeModel(
+        generate=lambda z: z.reshape(len(z), 1, 28, 28) + np.float32(0.2),
+        encode=lambda x: x.reshape(len(x), -1),  # so E(G(z)) = z + 0.2
+        latent_dim=784,
+        data_shape=(1, 28, 28),
+    )
+    ctx = EvalContext(model, Reference("fmnist", images, "synthetic"), 64)
+    results = METRICS["reconstruction"].fn(ctx)
+    # float32 sums with 0.2 are off by ~1e-8 per pixel; 1e-5 relative is far below the 4x (6 dB)
+    # of a [-1, 1] scale
+    assert results["recon_mse"] == pytest.approx(0.01, rel=1e-5)
+    assert results["recon_psnr"] == pytest.approx(20.0, abs=1e-4)
+    assert results["latent_mse"] == pytest.approx(0.04, rel=1e-5)
 
 
 def _flat_autoencoder(decode_all_to: np.ndarray | None = None) -> GenerativeModel:
