@@ -192,6 +192,28 @@ def test_reconstruct_answers_images_latents_and_errors(client):
     assert mse[2] > 100 * mse[:2].max()  # noise is far from what it can make
 
 
+def test_reconstruct_errors_are_on_pixels_in_0_1(tmp_path):
+    """G(E(x)) = x + 0.2 on [-1, 1] is 0.1 off on [0, 1]: MSE 0.01 and PSNR 20 dB for any image
+    that stays in range (on [-1, 1] it would be 0.04 and 14 dB)."""
+    from bundle_factory import write_offset_bundle
+
+    rng = np.random.default_rng(3)
+    uploads = [
+        image_bytes(Image.fromarray(rng.integers(0, 200, (28, 28), dtype=np.uint8)))
+        for _ in range(2)
+    ]
+    with serve(write_offset_bundle(tmp_path / "offset", 0.2)) as offset_client:
+        response = offset_client.post("/reconstruct", files=files(*uploads))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # float32 pixels: errors of ~1e-7 on 0.1; 1e-5 relative is far below the 4x of a wrong scale
+    np.testing.assert_allclose(body["mse"], [0.01, 0.01], rtol=1e-5)
+    np.testing.assert_allclose(body["psnr"], [20.0, 20.0], atol=1e-4)
+    for upload, image in zip(uploads, body["images"], strict=True):
+        shifted = decode_png(upload).astype(float) + 25.5  # 0.2 of [-1, 1] is 25.5 grey levels
+        assert np.abs(b64png(image) - shifted).max() <= 0.5 + 1e-3  # rounding to a grey level
+
+
 # --- /interpolate --------------------------------------------------------------------------------
 
 
@@ -206,6 +228,22 @@ def test_interpolate_two_seeds_as_gif(client):
     np.testing.assert_array_equal(np.asarray(gif.convert("L")), ends[0])
     gif.seek(5)
     np.testing.assert_array_equal(np.asarray(gif.convert("L")), ends[1])
+
+
+def test_interpolate_seeds_honour_truncation(client):
+    """The end frames are /generate's images of the same seeds at the same truncation."""
+    for truncation in (0.5, 0.0):
+        response = client.post(
+            "/interpolate",
+            json={"seeds": [3, 4], "steps": 3, "format": "png", "truncation": truncation},
+        )
+        assert response.status_code == 200, response.text
+        frames = tiles(decode_png(response.content), 3)
+        for frame, seed in ((frames[0], 3), (frames[-1], 4)):
+            body = client.post("/generate", json={"n": 1, "seed": seed, "truncation": truncation})
+            np.testing.assert_array_equal(frame, b64png(body.json()["images"][0]))
+    # truncation 0 pulls both seeds to the prior's mean: every frame is G(0) = tanh(0), grey 128
+    assert all((frame == 128).all() for frame in frames)
 
 
 def test_interpolate_two_images_ends_are_their_reconstructions(client):
@@ -441,3 +479,30 @@ def test_request_body_over_the_limit_is_413(client):
     }
     response = client.post("/decode", content=b"{}", headers=headers)
     assert "AEGAN_MAX_REQUEST_BYTES" in error_of(response, 413)
+
+
+def _streamed(total: int, chunk: bytes):
+    """A body of ``total`` bytes sent in chunks without a Content-Length (chunked encoding)."""
+    for _ in range(total // len(chunk)):
+        yield chunk
+
+
+@pytest.mark.parametrize("route", ["/decode", "/encode"])
+def test_chunked_body_over_the_limit_is_413(client, route):
+    """No Content-Length to refuse early: the guard counts the bytes as they arrive. Without it
+    the 66 MiB body is read and parsed, and answered 400 (not JSON; not images)."""
+    chunk = b" " * (1 << 20)
+    total = LIMITS.max_request_bytes + 2 * len(chunk)
+    if route == "/decode":
+        headers = {"content-type": "application/json"}
+        body = _streamed(total, chunk)
+    else:  # parts of 1 MiB each, all files, none of them an image
+        boundary = b"b0undary"
+        head = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; '
+        head += b'filename="x.bin"\r\n\r\n'
+        part = head + b"x" * (len(chunk) - len(head) - 2) + b"\r\n"
+        headers = {"content-type": f"multipart/form-data; boundary={boundary.decode()}"}
+        body = _streamed(total, part)
+    response = client.post(route, content=body, headers=headers)
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    assert "request body is larger than" in error_of(response, 413)
