@@ -39,7 +39,7 @@ from training.losses import (
     weighted_total,
 )
 from training.networks import build_networks
-from training.training_loop import ema_beta, train, update_ema
+from training.training_loop import ema_beta, schedules, train, update_ema
 
 
 def tiny_config(**train_overrides) -> RunConfig:
@@ -506,6 +506,14 @@ def test_first_ema_step_of_a_run_keeps_a_tenth_of_the_initial_weights(tmp_path):
             else:
                 assert torch.equal(value, live[key]), f"{net}.{key}"  # batch-norm statistics
         assert any(not torch.equal(live[k], start[k]) for k in start)  # the step moved them
+
+
+def test_schedules_are_linear_from_the_first_to_the_last_step():
+    loss = LossConfig(recon_x=4.0, recon_x_final=0.25, instance_noise=0.5)
+    assert schedules(0, 11, loss) == pytest.approx((0.5, 4.0))
+    assert schedules(5, 11, loss) == pytest.approx((0.25, 2.5))  # half way: 4 (1 - 0.5 * 0.75)
+    assert schedules(10, 11, loss) == pytest.approx((0.0, 1.0))  # last step: 4 * 0.25
+    assert schedules(0, 1, loss) == pytest.approx((0.5, 4.0))  # a one-step run starts there
 
 
 @needs_fmnist
