@@ -30,6 +30,7 @@ from training.metrics.coverage import class_histogram, classes_covered, kl_to_un
 from training.metrics.frechet import frechet_distance, mean_cov
 from training.metrics.precision_recall import knn_radii, precision_recall
 from training.metrics.reconstruction import psnr
+from training.metrics.registry import Metric
 from training.metrics.vectors import energy_distance
 
 # --- Fréchet distance -----------------------------------------------------------------------
@@ -121,6 +122,17 @@ def test_precision_and_recall_of_points_on_a_line():
     assert precision_recall(others, line) == (1.0, 4 / 6)
 
 
+def test_precision_recall_over_several_chunks():
+    """1500 points (two chunks of 1000): radii 3 at the ends, 2 inside; of 1500 samples, the 1000
+    half-way between real points are inside and the 500 far away are not."""
+    line = _on_a_line(*range(1500))
+    assert knn_radii(torch.as_tensor(line)).tolist() == [9.0] + [4.0] * 1498 + [9.0]
+    samples = _on_a_line(*(np.arange(1000) + 0.5), *(np.arange(500) + 10_000.0))
+    precision, recall = precision_recall(line, samples)
+    assert precision == 1000 / 1500
+    assert recall == 1003 / 1500  # samples 0.5..999.5 cover reals 0..1002 (radius 3 at 999.5)
+
+
 def test_precision_recall_need_more_than_k_samples():
     with pytest.raises(ValueError, match="more than 3"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
@@ -210,6 +222,16 @@ def test_energy_distance_zero_for_identical_and_grows_with_shift():
     assert 0 < near < far
 
 
+def test_energy_distance_of_small_sets_by_hand():
+    # x = {0, 1}, y = {3}: E|x - y| = (3 + 2) / 2, E|x - x'| = (0 + 1 + 1 + 0) / 4, E|y - y'| = 0
+    assert energy_distance(np.array([[0.0], [1.0]]), np.array([[3.0]])) == pytest.approx(4.5)
+    # more rows than one chunk (1000): every pair still counted once
+    x, y = np.zeros((2500, 1)), np.ones((1200, 1))
+    assert energy_distance(x, y) == pytest.approx(2.0, rel=1e-12)  # 2 * 1 - 0 - 0
+    y[:600] = 3.0  # E|x - y| = 2, E|y - y'| = 2 * 0.5 * 0.5 * 2 = 1
+    assert energy_distance(x, y) == pytest.approx(3.0, rel=1e-12)
+
+
 def test_energy_distance_matches_one_dimensional_closed_form():
     # N(0, 1) vs N(m, 1): 2 E|X-Y| - E|X-X'| - E|Y-Y'| with X-Y ~ N(-m, 2), X-X' ~ N(0, 2).
     m, rng = 1.0, np.random.default_rng(8)
@@ -239,8 +261,25 @@ def test_registry_rejects_unknown_names():
 
 
 def test_registry_refuses_duplicates():
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match="metric 'fd_fmnist' is registered twice"):
         register_metric("fd_fmnist", results={})(lambda ctx: {})
+
+
+def test_register_metric_records_what_it_is_given():
+    def fn(ctx):
+        return {"x": 1.0}
+
+    try:
+        meaning = {"x": "what x means"}
+        decorate = register_metric(
+            "test-x", reference="vector", needs_encoder=True, results=meaning
+        )
+        assert decorate(fn) is fn
+        assert METRICS["test-x"] == Metric("test-x", fn, "vector", True, {"x": "what x means"})
+        assert register_metric("test-y", results={})(fn) is fn
+        assert METRICS["test-y"] == Metric("test-y", fn, None, False, {})
+    finally:
+        METRICS.pop("test-x", None), METRICS.pop("test-y", None)
 
 
 def test_metrics_that_do_not_apply_are_skipped_with_a_note():

@@ -478,7 +478,22 @@ def test_request_body_over_the_limit_is_413(client):
         "content-length": str(LIMITS.max_request_bytes + 1),
     }
     response = client.post("/decode", content=b"{}", headers=headers)
-    assert "AEGAN_MAX_REQUEST_BYTES" in error_of(response, 413)
+    message = (
+        f"request body is larger than {LIMITS.max_request_bytes} bytes (AEGAN_MAX_REQUEST_BYTES)"
+    )
+    assert error_of(response, 413) == message
+    # answered by the guard itself, before the app: a complete JSON response
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["content-length"] == str(len(response.content))
+
+
+def test_url_encoded_file_fields_are_refused_wherever_they_are(client):
+    refused = "form field 'images' is a file: send it as multipart/form-data"
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    after_another = client.post("/encode", content=b"steps=3&images=abc", headers=form)
+    assert error_of(after_another, 400) == refused
+    not_utf8 = client.post("/encode", content=b"\xff\xfe=1&images=abc", headers=form)
+    assert error_of(not_utf8, 400) == refused
 
 
 def _streamed(total: int, chunk: bytes):

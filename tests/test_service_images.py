@@ -172,3 +172,34 @@ def test_gif_and_grid_codecs():
         assert np.all(np.asarray(gif.convert("L")) == to_uint8(frames[i : i + 1])[0, ..., 0])
     grid = make_grid(frames, nrow=5)
     assert grid.shape == (28 + 4, 5 * 30 + 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("head", "name"),
+    [
+        (b"II*\x00", "TIFF"),
+        (b"MM\x00*", "TIFF"),
+        (b"\x00\x00\x01\x00", "ICO"),
+        (b"8BPS\x00\x01", "PSD"),
+        (b"%PDF-1.7", "PDF"),
+        (b"\x89HDF\r\n\x1a\n", "HDF5"),
+        (b"\x93NUMPY\x01\x00", "NPY"),
+        (b"\x00\x00\x00\x1cftypavif", "avif"),  # ISO media: the brand names it
+        (b"\x00\x00\x00\x18ftypheic", "heic"),
+        (b"\x00\x00\x00\x18ftyp    ", "ISO media"),  # a blank brand
+    ],
+)
+def test_other_formats_are_named_by_their_signature(head, name):
+    message = rf"images\[0\] is a {name} file; accepted image formats: PNG, JPEG, WEBP, GIF, BMP$"
+    with pytest.raises(UnsupportedImage, match=message):
+        load(head + bytes(range(64)))
+
+
+def test_unknown_bytes_are_not_a_readable_image():
+    message = (
+        r"images\[0\] is not a readable image \(corrupt data or an unknown format\); "
+        r"accepted image formats: PNG, JPEG, WEBP, GIF, BMP$"
+    )
+    for blob in (b"\x00\x00\x00\x18ftyq" + bytes(64), b"xxxxxftyp" + bytes(64)):
+        with pytest.raises(RequestError, match=message):
+            load(blob)

@@ -7,10 +7,12 @@ import pytest
 
 from aegan_serve.errors import RequestError
 from aegan_serve.latents import (
+    MAX_SEED,
     check_latents,
     interpolate,
     lerp,
     prior_name,
+    random_seed,
     sample_prior,
     slerp,
 )
@@ -77,3 +79,20 @@ def test_check_latents_names_the_bad_value():
         check_latents([[float("inf"), 0.0]], 2, "latents")
     with pytest.raises(RequestError, match=r"within \+-100"):
         check_latents([[1e6, 0.0]], 2, "latents")
+    with pytest.raises(RequestError, match=r"latents\[1\]\[0\] = -100.5: latent values must be"):
+        check_latents([[0.0, 100.0], [-100.5, 0.0]], 2, "latents")
+
+
+def test_check_latents_accepts_the_bounds_and_answers_float32():
+    z = check_latents([[100.0, -100.0], [1, 2]], 2, "latents")  # JSON may give integers
+    assert z.dtype == np.float32 and z.shape == (2, 2)
+    np.testing.assert_array_equal(z, [[100.0, -100.0], [1.0, 2.0]])
+
+
+def test_random_seeds_span_the_whole_seed_range(monkeypatch):
+    import secrets
+
+    bounds = []
+    monkeypatch.setattr(secrets, "randbelow", lambda n: bounds.append(n) or n - 1)
+    assert random_seed() == MAX_SEED == 2**32 - 1
+    assert bounds == [2**32]
