@@ -166,7 +166,8 @@ def test_gif_and_grid_codecs():
     frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 1, 28, 28), np.float32)
     gif = Image.open(io.BytesIO(encode_gif(frames, frame_ms=40)))
     assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == (28, 28)
-    assert gif.info["duration"] == 40
+    assert gif.info["duration"] == 40 and gif.info["loop"] == 0  # loops for ever
+    assert Image.open(io.BytesIO(encode_gif(frames))).info["duration"] == 100  # the default
     for i in range(5):
         gif.seek(i)
         assert np.all(np.asarray(gif.convert("L")) == to_uint8(frames[i : i + 1])[0, ..., 0])

@@ -51,6 +51,9 @@ def test_slerp_keeps_ends_and_follows_the_arc():
     angles = np.arctan2(path[:, 1], path[:, 0])
     np.testing.assert_allclose(np.diff(angles), np.pi / 8, atol=1e-9)  # constant angular speed
     assert np.linalg.norm(path[2]) > np.linalg.norm(lerp(a, b, np.array([0.5]))[0])
+    # the other way round (a unit end point last): half way is norm 1.5 at 45 degrees
+    middle = slerp(b, a, np.array([0.5]))[0]
+    np.testing.assert_allclose(middle, [1.5 / np.sqrt(2), 1.5 / np.sqrt(2)], atol=1e-12)
 
 
 def test_slerp_degenerate_cases_fall_back_to_lerp():
