@@ -64,6 +64,7 @@ SCOPE: dict[str, list[str] | None] = {
 # the code in subprocesses, which mutmut cannot follow) and the repository checks.
 TESTS = [
     "tests/test_training.py",
+    "tests/test_checkpoint.py",
     "tests/test_bundle.py",
     "tests/test_parity.py",
     "tests/test_export.py",

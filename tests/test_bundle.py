@@ -3,6 +3,7 @@ kept inside the bundle; each refusal names the file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +14,12 @@ from bundle_factory import tamper
 from aegan_serve.bundle import (
     FILE_NAMES,
     MANIFEST_NAME,
+    REQUIRED_KEYS,
     BundleError,
+    file_entry,
     load_bundle,
     sha256_file,
+    write_manifest,
 )
 
 
@@ -101,3 +105,39 @@ def test_optional_graphs_are_optional(fp16_bundle):
     assert not bundle.has("generator_fp16") and bundle.has("generator")
     with pytest.raises(BundleError, match="has no 'encoder_fp16' graph"):
         bundle.file("encoder_fp16")
+
+
+def test_file_entry_records_name_hash_size_and_tensors(tmp_path):
+    data = bytes(range(256)) * 9000  # over 2 MiB: hashed in several blocks
+    (tmp_path / "encoder.onnx").write_bytes(data)
+    assert file_entry(tmp_path, "encoder", "x", "z") == {
+        "path": "encoder.onnx",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "input": "x",
+        "output": "z",
+    }
+
+
+def test_write_manifest_checks_the_keys_and_writes_sorted_json(tmp_path):
+    partial = {k: 1 for k in REQUIRED_KEYS if k not in ("kind", "opset")}
+    with pytest.raises(BundleError, match="manifest lacks required keys: kind, opset$"):
+        write_manifest(tmp_path, partial)
+    assert not (tmp_path / MANIFEST_NAME).exists()
+    manifest = {k: k for k in reversed(REQUIRED_KEYS)}
+    path = write_manifest(tmp_path, manifest)
+    assert path == tmp_path / MANIFEST_NAME
+    text = path.read_text()
+    assert json.loads(text) == manifest
+    assert text.startswith('{\n  "data_shape": "data_shape",\n') and text.endswith("}\n")
+
+
+def test_bundle_properties_read_the_manifest(fp16_bundle):
+    bundle = load_bundle(fp16_bundle)
+    assert bundle.name == "tiny-test" and bundle.path == fp16_bundle
+    assert bundle.metrics == {"recon_mse": 0.01}
+    bundle.metrics["recon_mse"] = 1.0  # a copy: the manifest is not changed through it
+    assert bundle.manifest["metrics"] == {"recon_mse": 0.01}
+    assert bundle.tensor_names("generator") == ("z", "x")
+    _edit_manifest(fp16_bundle, lambda m: m.pop("metrics"))
+    assert load_bundle(fp16_bundle).metrics == {}
