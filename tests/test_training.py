@@ -455,6 +455,41 @@ def test_weighted_totals_use_each_weight_once():
     )
 
 
+def test_instance_noise_reaches_every_image_dx_sees_and_nothing_else():
+    """With noise, each image's Dx logit is the mean of x + std * n; the draws are replayed from
+    the seed in the order the images are shown (real, G(z), G(E(x)))."""
+    nets, x, p = _known_passes()
+    std = 0.1
+
+    def mean_sp(sign: float, value: float, noise: torch.Tensor) -> float:
+        """Batch mean of softplus(sign * logit), logit = value + std * (row mean of noise)."""
+        rows = noise.flatten(1).mean(1).tolist()
+        return sum(_sp(sign * (value + std * r)) for r in rows) / len(rows)
+
+    torch.manual_seed(5)
+    d = {k: v.item() for k, v in discriminator_loss(nets, x, p, noise_std=std).items()}
+    torch.manual_seed(5)
+    n = [torch.randn_like(x) for _ in range(3)]
+    assert d == pytest.approx(
+        {
+            "loss/Dx/real": mean_sp(-1, 0.75, n[0]),
+            "loss/Dx/fake": mean_sp(1, 0.25, n[1]),
+            "loss/Dx/recon": mean_sp(1, -0.5, n[2]),
+            "loss/Dz/prior": _sp(-1.0),  # latents get no noise
+            "loss/Dz/encoded": _sp(-1.0),
+            "loss/Dz/recon": _sp(2.0),
+        },
+        rel=1e-12,
+    )
+    torch.manual_seed(6)
+    ge = {k: v.item() for k, v in generator_encoder_loss(nets, x, p, noise_std=std).items()}
+    torch.manual_seed(6)
+    m = [torch.randn_like(x) for _ in range(2)]
+    assert ge["loss/G/adv_x"] == pytest.approx(mean_sp(-1, 0.25, m[0]), rel=1e-12)
+    assert ge["loss/GE/adv_x_recon"] == pytest.approx(mean_sp(-1, -0.5, m[1]), rel=1e-12)
+    assert ge["loss/GE/recon_x"] == pytest.approx(1.25, rel=1e-12)  # measured on clean images
+
+
 def test_latent_adversarial_gradient_pushes_encodings_towards_the_prior_side():
     """d/dz softplus(-w.z) = -sigmoid(-w.z) w: at z = 0 each encoding gets -w / 2 (per batch row
     mean), so gradient descent moves E(x) to where Dz says "prior"."""
