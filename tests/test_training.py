@@ -240,134 +240,6 @@ def test_every_loss_term_is_finite_and_distinct():
     assert ge_terms["loss/E/adv_z"].item() != ge_terms["loss/GE/adv_x_recon"].item()
 
 
-# --- the loop -------------------------------------------------------------------------------
-
-
-@needs_fmnist
-def test_run_writes_grids_metrics_and_checkpoints(tmp_path):
-    final = train(tiny_config(), tmp_path)
-    assert final == tmp_path / "checkpoints" / "step-0000006.pt"
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000003.pt", "step-0000006.pt"]
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    for name in ("fakes-0000003.png", "recon-0000006.png"):
-        assert Image.open(tmp_path / "samples" / name).format == "PNG"
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4, 6]
-    expected = {"loss/Dx/real", "loss/Dz/encoded", "loss/E/adv_z", "loss/GE/recon_x"}
-    assert expected <= set(records[0]) and records[0]["images_per_s"] > 0
-    state = load_checkpoint(final)
-    assert set(state["nets"]) == {"G", "E", "Dx", "Dz"} and set(state["ema"]) == {"G", "E"}
-    assert state["config"]["model"]["data_shape"] == [1, 28, 28]
-    assert json.loads((tmp_path / "config.json").read_text()) == state["config"]
-
-
-@needs_fmnist
-def test_keeps_only_the_newest_checkpoints(tmp_path):
-    train(tiny_config(checkpoint_every=1, keep_checkpoints=2), tmp_path)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005.pt", "step-0000006.pt"]
-
-
-@needs_fmnist
-def test_deterministic_on_cpu(tmp_path):
-    a = weights(train(tiny_config(), tmp_path / "a"))
-    b = weights(train(tiny_config(), tmp_path / "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def noisy_config() -> RunConfig:
-    """Instance noise on: the D and G+E steps then draw from torch's global RNG every step."""
-    cfg = tiny_config()
-    cfg.loss.instance_noise = 0.3
-    return cfg
-
-
-@needs_fmnist
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
-    straight = weights(train(noisy_config(), tmp_path / "straight"))
-    run = tmp_path / "interrupted"
-    train(noisy_config(), run)
-    (run / "checkpoints" / "step-0000006.pt").unlink()  # as if killed after step 3's checkpoint
-    resumed = weights(train(None, run, resume=True))
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4, 6]
-
-
-@needs_fmnist
-def test_resume_skips_a_truncated_checkpoint(tmp_path):
-    train(tiny_config(), tmp_path)
-    newest = tmp_path / "checkpoints" / "step-0000006.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])
-    assert resolve_checkpoint(tmp_path).name == "step-0000003.pt"
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        load_checkpoint(newest)
-
-
-@needs_fmnist
-def test_gan_mode_trains_g_and_dx_only(tmp_path):
-    cfg = tiny_config()
-    cfg.loss.mode = "gan"
-    state = load_checkpoint(train(cfg, tmp_path))
-    assert set(state["nets"]) == {"G", "Dx"} and set(state["ema"]) == {"G"}
-
-
-@needs_fmnist
-def test_gan_runs_do_not_depend_on_aegan_loss_weights(tmp_path):
-    """The baseline stays the same run when the AEGAN weights of a preset are retuned."""
-    runs = []
-    for name, adv_x in (("a", 1.0), ("b", 6.0)):
-        cfg = tiny_config()
-        cfg.loss.mode, cfg.loss.adv_x, cfg.loss.recon_x_final = "gan", adv_x, 0.2
-        runs.append(weights(train(cfg, tmp_path / name)))
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    aegan = []
-    for name, adv_x in (("c", 1.0), ("d", 6.0)):
-        cfg = tiny_config()
-        cfg.loss.adv_x = adv_x
-        aegan.append(weights(train(cfg, tmp_path / name)))
-    assert not torch.equal(aegan[0]["nets.G.project.0.weight"], aegan[1]["nets.G.project.0.weight"])
-
-
-# --- the command line -----------------------------------------------------------------------
-
-
-def test_cli_dry_run_prints_resolved_config():
-    result = CliRunner().invoke(
-        main, ["train", "--preset", "fmnist-cpu", "--steps", "7", "--dry-run"]
-    )
-    assert result.exit_code == 0, result.output
-    resolved = json.loads(result.output)
-    assert resolved["train"]["steps"] == 7 and resolved["preset"] == "fmnist-cpu"
-
-
-def test_cli_rejects_bad_settings_naming_the_flag():
-    result = CliRunner().invoke(main, ["train", "--batch-size", "1", "--dry-run"])
-    assert result.exit_code == 2 and "--batch-size" in result.output
-    result = CliRunner().invoke(main, ["train", "--set", "loss.nope=1", "--dry-run"])
-    assert result.exit_code == 2 and "--set" in result.output
-
-
-def test_cli_trains_mlp_on_vector_data(tmp_path):
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "ring.npy", rng.normal(size=(300, 2)).astype(np.float32))
-    args = ["train", "--preset", "vectors-mlp", "--data", str(tmp_path / "ring.npy"),
-            "--arch", "mlp", "--steps", "4", "--batch-size", "32", "--no-progress",
-            "--out", str(tmp_path / "run")]  # fmt: skip
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
-    assert state["config"]["model"]["data_shape"] == [2]
-    assert not (tmp_path / "run" / "samples").exists()
-
-
-def test_cli_conv_on_vectors_names_the_flag(tmp_path):
-    np.save(tmp_path / "v.npy", np.zeros((40, 3), np.float32))
-    args = ["train", "--data", str(tmp_path / "v.npy"), "--arch", "conv", "--steps", "1",
-            "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
-    result = CliRunner().invoke(main, args)
-    assert isinstance(result.exception, ConfigError) and "--arch" in str(result.exception)
-
-
 # --- exact values of the objective ----------------------------------------------------------
 # Discriminators with known logits: Dx(x) and Dz(z) are the mean of their input, and each pass is
 # a constant tensor, so every term is softplus of a known number. Each pass has its own value, so a
@@ -525,6 +397,145 @@ def test_ema_step_moves_a_fraction_one_minus_beta_towards_the_network():
     assert torch.equal(ema.running_mean, torch.full((3,), 5.0))  # buffers are copied as they are
 
 
+def test_schedules_are_linear_from_the_first_to_the_last_step():
+    loss = LossConfig(recon_x=4.0, recon_x_final=0.25, instance_noise=0.5)
+    assert schedules(0, 11, loss) == pytest.approx((0.5, 4.0))
+    assert schedules(5, 11, loss) == pytest.approx((0.25, 2.5))  # half way: 4 (1 - 0.5 * 0.75)
+    assert schedules(10, 11, loss) == pytest.approx((0.0, 1.0))  # last step: 4 * 0.25
+    assert schedules(0, 1, loss) == pytest.approx((0.5, 4.0))  # a one-step run starts there
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_run_writes_grids_metrics_and_checkpoints(tmp_path):
+    final = train(tiny_config(), tmp_path)
+    assert final == tmp_path / "checkpoints" / "step-0000006.pt"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000003.pt", "step-0000006.pt"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    for name in ("fakes-0000003.png", "recon-0000006.png"):
+        assert Image.open(tmp_path / "samples" / name).format == "PNG"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    expected = {"loss/Dx/real", "loss/Dz/encoded", "loss/E/adv_z", "loss/GE/recon_x"}
+    assert expected <= set(records[0]) and records[0]["images_per_s"] > 0
+    state = load_checkpoint(final)
+    assert set(state["nets"]) == {"G", "E", "Dx", "Dz"} and set(state["ema"]) == {"G", "E"}
+    assert state["config"]["model"]["data_shape"] == [1, 28, 28]
+    assert json.loads((tmp_path / "config.json").read_text()) == state["config"]
+
+
+@needs_fmnist
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    train(tiny_config(checkpoint_every=1, keep_checkpoints=2), tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005.pt", "step-0000006.pt"]
+
+
+@needs_fmnist
+def test_deterministic_on_cpu(tmp_path):
+    a = weights(train(tiny_config(), tmp_path / "a"))
+    b = weights(train(tiny_config(), tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def noisy_config() -> RunConfig:
+    """Instance noise on: the D and G+E steps then draw from torch's global RNG every step."""
+    cfg = tiny_config()
+    cfg.loss.instance_noise = 0.3
+    return cfg
+
+
+@needs_fmnist
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    straight = weights(train(noisy_config(), tmp_path / "straight"))
+    run = tmp_path / "interrupted"
+    train(noisy_config(), run)
+    (run / "checkpoints" / "step-0000006.pt").unlink()  # as if killed after step 3's checkpoint
+    resumed = weights(train(None, run, resume=True))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+@needs_fmnist
+def test_resume_skips_a_truncated_checkpoint(tmp_path):
+    train(tiny_config(), tmp_path)
+    newest = tmp_path / "checkpoints" / "step-0000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert resolve_checkpoint(tmp_path).name == "step-0000003.pt"
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(newest)
+
+
+@needs_fmnist
+def test_gan_mode_trains_g_and_dx_only(tmp_path):
+    cfg = tiny_config()
+    cfg.loss.mode = "gan"
+    state = load_checkpoint(train(cfg, tmp_path))
+    assert set(state["nets"]) == {"G", "Dx"} and set(state["ema"]) == {"G"}
+
+
+@needs_fmnist
+def test_gan_runs_do_not_depend_on_aegan_loss_weights(tmp_path):
+    """The baseline stays the same run when the AEGAN weights of a preset are retuned."""
+    runs = []
+    for name, adv_x in (("a", 1.0), ("b", 6.0)):
+        cfg = tiny_config()
+        cfg.loss.mode, cfg.loss.adv_x, cfg.loss.recon_x_final = "gan", adv_x, 0.2
+        runs.append(weights(train(cfg, tmp_path / name)))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    aegan = []
+    for name, adv_x in (("c", 1.0), ("d", 6.0)):
+        cfg = tiny_config()
+        cfg.loss.adv_x = adv_x
+        aegan.append(weights(train(cfg, tmp_path / name)))
+    assert not torch.equal(aegan[0]["nets.G.project.0.weight"], aegan[1]["nets.G.project.0.weight"])
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_cli_dry_run_prints_resolved_config():
+    result = CliRunner().invoke(
+        main, ["train", "--preset", "fmnist-cpu", "--steps", "7", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    resolved = json.loads(result.output)
+    assert resolved["train"]["steps"] == 7 and resolved["preset"] == "fmnist-cpu"
+
+
+def test_cli_rejects_bad_settings_naming_the_flag():
+    result = CliRunner().invoke(main, ["train", "--batch-size", "1", "--dry-run"])
+    assert result.exit_code == 2 and "--batch-size" in result.output
+    result = CliRunner().invoke(main, ["train", "--set", "loss.nope=1", "--dry-run"])
+    assert result.exit_code == 2 and "--set" in result.output
+
+
+def test_cli_trains_mlp_on_vector_data(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "ring.npy", rng.normal(size=(300, 2)).astype(np.float32))
+    args = ["train", "--preset", "vectors-mlp", "--data", str(tmp_path / "ring.npy"),
+            "--arch", "mlp", "--steps", "4", "--batch-size", "32", "--no-progress",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
+    assert state["config"]["model"]["data_shape"] == [2]
+    assert not (tmp_path / "run" / "samples").exists()
+
+
+def test_cli_conv_on_vectors_names_the_flag(tmp_path):
+    np.save(tmp_path / "v.npy", np.zeros((40, 3), np.float32))
+    args = ["train", "--data", str(tmp_path / "v.npy"), "--arch", "conv", "--steps", "1",
+            "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, ConfigError) and "--arch" in str(result.exception)
+
+
+# --- EMA and schedules in the loop ------------------------------------------------------------
+
+
 @needs_fmnist
 def test_first_ema_step_of_a_run_keeps_a_tenth_of_the_initial_weights(tmp_path):
     cfg = tiny_config(steps=1, log_every=1, image_every=0, checkpoint_every=0)
@@ -541,14 +552,6 @@ def test_first_ema_step_of_a_run_keeps_a_tenth_of_the_initial_weights(tmp_path):
             else:
                 assert torch.equal(value, live[key]), f"{net}.{key}"  # batch-norm statistics
         assert any(not torch.equal(live[k], start[k]) for k in start)  # the step moved them
-
-
-def test_schedules_are_linear_from_the_first_to_the_last_step():
-    loss = LossConfig(recon_x=4.0, recon_x_final=0.25, instance_noise=0.5)
-    assert schedules(0, 11, loss) == pytest.approx((0.5, 4.0))
-    assert schedules(5, 11, loss) == pytest.approx((0.25, 2.5))  # half way: 4 (1 - 0.5 * 0.75)
-    assert schedules(10, 11, loss) == pytest.approx((0.0, 1.0))  # last step: 4 * 0.25
-    assert schedules(0, 1, loss) == pytest.approx((0.5, 4.0))  # a one-step run starts there
 
 
 @needs_fmnist
