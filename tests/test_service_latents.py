@@ -61,6 +61,8 @@ def test_slerp_degenerate_cases_fall_back_to_lerp():
     t = np.linspace(0, 1, 3)
     np.testing.assert_allclose(slerp(a, 2 * a, t), lerp(a, 2 * a, t))  # parallel
     np.testing.assert_allclose(slerp(np.zeros(2), a, t), lerp(np.zeros(2), a, t))  # zero
+    ones = np.ones(3)  # its unit vector's dot with itself rounds to 1 + 2**-52: clipped to 1
+    np.testing.assert_allclose(slerp(ones, 2 * ones, t), lerp(ones, 2 * ones, t))
 
 
 @pytest.mark.parametrize("method", ["slerp", "lerp"])
