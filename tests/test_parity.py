@@ -92,3 +92,13 @@ def test_wrong_output_shape_is_a_parity_failure():
         check_fp16(_offset_graph(0.0, True), "g.fp16.onnx", "x", inputs, refs)
     with pytest.raises(ParityError, match=r"output shape"):
         check_fp32(_offset_graph(0.0, False), "g.onnx", "x", inputs, refs)
+
+
+def test_a_graph_a_provider_cannot_run_is_skipped_with_the_reason():
+    model = _offset_graph(0.0, True)
+    model.graph.node[1].op_type = "NoSuchOp"  # loads nowhere
+    inputs = _inputs()
+    result = check_fp16(model, "g.fp16.onnx", "x", inputs, inputs)
+    assert CPU not in result.max_abs_error
+    assert result.skipped[CPU].startswith("cannot run here: ")
+    assert "NoSuchOp" in result.skipped[CPU] and len(result.skipped[CPU]) <= 500

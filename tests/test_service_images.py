@@ -125,11 +125,19 @@ def test_other_sizes_are_centre_cropped_and_resized():
     assert x.mean() < -0.9  # the white sides were cropped away
     small = load(image_bytes(Image.new("L", (7, 7), 255)))
     assert np.allclose(small, 1.0)
+    # resized with a Lanczos filter (sharper than Pillow's default bicubic)
+    picture = gradient((90, 60))
+    lanczos = picture.resize((28, 28), Image.Resampling.LANCZOS, box=(15, 0, 75, 60))
+    np.testing.assert_array_equal(load(image_bytes(picture)), expected(lanczos))
 
 
 def test_large_jpegs_decode_at_reduced_size():
     photo = gradient((2000, 1500), "RGB")
-    x = load(image_bytes(photo, "JPEG", quality=90))
+    blob = image_bytes(photo, "JPEG", quality=90)
+    # the decoder scales by 1/2, 1/4 or 1/8 while both sides stay >= the requested size
+    drafted = decode_upload(blob, label="x", max_bytes=1 << 22, max_pixels=10**7, draft_size=28)
+    assert drafted.size == (250, 188)  # 2000 / 8, 1500 / 8 rounded up
+    x = load(blob)
     assert x.shape == GREY
     assert np.abs(x - expected(photo.resize((28, 28), box=(250, 0, 1750, 1500)))).mean() < 0.05
 

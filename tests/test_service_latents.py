@@ -38,6 +38,7 @@ def test_uniform_prior_and_prior_names():
     assert z.min() >= -1 and z.max() <= 1
     assert prior_name("normal(0, I)") == "normal"
     assert prior_name({"type": "Gaussian"}) == "normal"
+    assert prior_name("N(0, I)") == "normal"
     assert prior_name("uniform(-1, 1)") == "uniform"
     with pytest.raises(ValueError, match="unknown latent prior"):
         prior_name("laplace")
