@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from export.onnx_export import (
@@ -18,6 +19,9 @@ from export.onnx_export import (
     ParityError,
     check_fp16,
     check_fp32,
+    max_abs_error,
+    probe_inputs,
+    session,
 )
 
 
@@ -102,3 +106,34 @@ def test_a_graph_a_provider_cannot_run_is_skipped_with_the_reason():
     assert CPU not in result.max_abs_error
     assert result.skipped[CPU].startswith("cannot run here: ")
     assert "NoSuchOp" in result.skipped[CPU] and len(result.skipped[CPU]) <= 500
+
+
+class _Constant(torch.nn.Module):
+    """A generator whose every sample is ``value`` (shape ``shape``)."""
+
+    def __init__(self, shape: tuple[int, ...], value: float) -> None:
+        super().__init__()
+        self.shape, self.value = shape, value
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(z), *self.shape), self.value)
+
+
+def test_probe_inputs_mix_samples_with_off_manifold_noise():
+    latents, data = probe_inputs(_Constant((1, 4, 4), 0.25), 3, "image")
+    assert [len(z) for z in latents] == list(PARITY_BATCHES) and latents[0].shape == (1, 3)
+    big = data[-1]  # batch 64: 32 samples of G, then 32 images of uniform noise in [-1, 1]
+    assert (big[:32] == 0.25).all()
+    noise = big[32:]
+    assert -1 <= noise.min() < -0.9 and 0.9 < noise.max() <= 1 and abs(noise.mean()) < 0.05
+    _, vectors = probe_inputs(_Constant((5,), 2.0), 3, "vector")
+    spread = vectors[-1][32:]  # Gaussian noise of the samples' scale: std(samples) + 1e-3
+    assert (vectors[-1][:32] == 2.0).all() and 0.8e-3 < spread.std() < 1.2e-3
+
+
+def test_max_abs_error_needs_one_reference_per_batch():
+    inputs = _inputs()
+    sess = session(_offset_graph(0.5, False), CPU)
+    assert max_abs_error(sess, "x", inputs, inputs) == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError):
+        max_abs_error(sess, "x", inputs, inputs[:2])

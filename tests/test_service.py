@@ -523,6 +523,15 @@ def test_chunked_body_over_the_limit_is_413(client, route):
     assert "request body is larger than" in error_of(response, 413)
 
 
+def test_chunked_body_of_exactly_the_limit_is_read(client):
+    """The limit is inclusive: a body of exactly AEGAN_MAX_REQUEST_BYTES reaches the endpoint
+    (spaces are not JSON: 400, not 413)."""
+    chunk = b" " * (1 << 20)
+    body = _streamed(LIMITS.max_request_bytes, chunk)
+    response = client.post("/decode", content=body, headers={"content-type": "application/json"})
+    assert "Invalid JSON" in error_of(response, 400)
+
+
 def _multipart(*parts: tuple[bytes, bytes | None, bytes]) -> tuple[bytes, dict[str, str]]:
     """A multipart body from (name, filename or None, data) parts, names as raw bytes."""
     body = b""
