@@ -165,13 +165,15 @@ def results(workdir: Path, mutmut: Path, digits: str) -> dict[str, object]:
             module = re.split(r"\.x[_\u01c1]", name)[0]  # x_function or xǁClassǁmethod
             by_module.setdefault(module, Counter())[state] += 1
     counts = Counter(status.values())
-    killed = counts.get("killed", 0)
-    # Every mutant that ran counts: a survivor, a timeout or a mutant no test reaches is a miss.
+    # A mutant that makes the tests fail (killed) or hang (timeout) is caught; one that survives or
+    # that no test reaches is missed. Mutants not run yet ("not checked") are left out.
+    caught = counts.get("killed", 0) + counts.get("timeout", 0)
     considered = sum(n for state, n in counts.items() if state not in ("skipped", "not checked"))
     return {
-        "score_percent": round(100.0 * killed / max(1, considered), 1),
-        "killed": killed,
-        "mutants": considered,
+        "score_percent": round(100.0 * caught / max(1, considered), 1),
+        "caught": caught,
+        "mutants_run": considered,
+        "mutants_not_run": counts.get("not checked", 0),
         "by_status": dict(sorted(counts.items())),
         "by_module": {k: dict(sorted(v.items())) for k, v in sorted(by_module.items())},
         "not_killed": sorted(name for name, state in status.items() if state != "killed"),
@@ -187,28 +189,37 @@ def main() -> int:
         "--sample", type=int, choices=sorted(SAMPLE_DIGITS), default=1, help="every N-th mutant"
     )
     parser.add_argument("--json", type=Path, help="write the summary here")
+    parser.add_argument(
+        "--report", action="store_true", help="only summarise the results already in --workdir"
+    )
     parser.add_argument("mutants", nargs="*", help="only these mutants (mutmut's names or globs)")
     args = parser.parse_args()
 
     mutmut = Path(sys.executable).with_name("mutmut")
+    digits = SAMPLE_DIGITS[args.sample]
+    if args.report:
+        return summarise(args, mutmut, digits, seconds=None)
     stage(args.workdir, args.fresh)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # the tests must import the mutated copy, nothing else
     started = time.monotonic()
-    digits = SAMPLE_DIGITS[args.sample]
     names = args.mutants or ([f"*__mutmut_*[{digits}]"] if args.sample > 1 else [])
     cmd = [str(mutmut), "run", "--max-children", str(args.max_children), *names]
     run = subprocess.run(cmd, cwd=args.workdir, env=env)
     if run.returncode != 0:
         print(f"mutmut run failed ({run.returncode})", file=sys.stderr)
         return run.returncode
+    return summarise(args, mutmut, digits, seconds=round(time.monotonic() - started))
+
+
+def summarise(args: argparse.Namespace, mutmut: Path, digits: str, seconds: int | None) -> int:
     summary = {
         "command": " ".join(["nice -n 19 .venv/bin/python scripts/mutation.py", *sys.argv[1:]]),
         "sample": f"mutants numbered *[{digits}]" if args.sample > 1 else "all mutants",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}",
-        "seconds": round(time.monotonic() - started),
+        "seconds": seconds,
         **results(args.workdir, mutmut, digits),
     }
     text = json.dumps(summary, indent=2) + "\n"
