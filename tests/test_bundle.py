@@ -45,9 +45,15 @@ def test_an_intact_bundle_loads_with_all_four_graphs(fp16_bundle):
 
 @pytest.mark.parametrize("role", sorted(FILE_NAMES))
 def test_every_graph_hash_is_verified(fp16_bundle, role):
+    expected = json.loads((fp16_bundle / MANIFEST_NAME).read_text())["files"][role]["sha256"]
     tamper(fp16_bundle, role)
+    actual = sha256_file(fp16_bundle / FILE_NAMES[role])
     name = FILE_NAMES[role].replace(".", r"\.")
-    with pytest.raises(BundleError, match=rf"{name} does not match its manifest"):
+    message = (
+        rf"{name} does not match its manifest \(sha256 {actual[:12]}\.\.\., expected "
+        rf"{expected[:12]}\.\.\.\): the bundle was altered or truncated$"
+    )
+    with pytest.raises(BundleError, match=message):
         load_bundle(fp16_bundle)
     assert load_bundle(fp16_bundle, verify=False).has(role)  # only the hash was wrong
 
@@ -141,3 +147,8 @@ def test_bundle_properties_read_the_manifest(fp16_bundle):
     assert bundle.tensor_names("generator") == ("z", "x")
     _edit_manifest(fp16_bundle, lambda m: m.pop("metrics"))
     assert load_bundle(fp16_bundle).metrics == {}
+
+
+def test_an_entry_needs_exactly_path_hash_and_tensor_names(fp16_bundle):
+    _edit_manifest(fp16_bundle, lambda m: m["files"]["encoder"].pop("bytes"))
+    assert load_bundle(fp16_bundle).has("encoder")  # "bytes" is informative only

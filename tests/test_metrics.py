@@ -29,7 +29,7 @@ from training.metrics.classifier import WEIGHTS, classifier_info, load_classifie
 from training.metrics.coverage import class_histogram, classes_covered, kl_to_uniform
 from training.metrics.frechet import frechet_distance, mean_cov
 from training.metrics.precision_recall import knn_radii, precision_recall
-from training.metrics.reconstruction import psnr
+from training.metrics.reconstruction import psnr, to_unit
 from training.metrics.registry import Metric
 from training.metrics.vectors import energy_distance
 
@@ -151,6 +151,11 @@ def test_coverage_of_uniform_and_single_class():
     assert classes_covered(collapsed) == 1
     half = class_histogram(np.array([0] * 96 + [1] * 4))  # 4 % is under the 5 % bar
     assert classes_covered(half) == 1
+
+
+def test_pixels_to_unit_range_clip_first():
+    np.testing.assert_array_equal(to_unit(np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0])),
+                                  [0.0, 0.0, 0.5, 0.75, 1.0, 1.0])  # fmt: skip
 
 
 def test_psnr_of_known_noise():
