@@ -171,3 +171,58 @@ def tamper(bundle_dir: Path, role: str = GENERATOR) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def write_offset_bundle(
+    out: Path, offset: float, shape: tuple[int, int, int] = (1, 28, 28)
+) -> Path:
+    """An image bundle whose reconstruction error is known: E flattens the image (z = x, so
+    latent_dim = C*H*W) and G adds ``offset`` to every pixel, so G(E(x)) = x + offset."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    c, h, w = shape
+    size = math.prod(shape)
+    z_info = helper.make_tensor_value_info(LATENT_TENSOR, TensorProto.FLOAT, ["batch", size])
+    x_info = helper.make_tensor_value_info(DATA_TENSOR, TensorProto.FLOAT, ["batch", c, h, w])
+    generator = _model(
+        [
+            helper.make_node("Reshape", [LATENT_TENSOR, "shape"], ["image"]),
+            helper.make_node("Add", ["image", "offset"], [DATA_TENSOR]),
+        ],
+        [z_info],
+        [x_info],
+        [
+            numpy_helper.from_array(np.array([-1, c, h, w], np.int64), "shape"),
+            numpy_helper.from_array(np.array(offset, np.float32), "offset"),
+        ],
+        "generator",
+    )
+    encoder = _model(
+        [helper.make_node("Flatten", [DATA_TENSOR], [LATENT_TENSOR], axis=1)],
+        [x_info],
+        [z_info],
+        [],
+        "encoder",
+    )
+    files = {}
+    for role, model, io in (
+        (GENERATOR, generator, (LATENT_TENSOR, DATA_TENSOR)),
+        (ENCODER, encoder, (DATA_TENSOR, LATENT_TENSOR)),
+    ):
+        onnx.save(model, out / FILE_NAMES[role])
+        files[role] = file_entry(out, role, *io)
+    write_manifest(
+        out,
+        {
+            "format_version": FORMAT_VERSION,
+            "name": "offset-test",
+            "kind": "image",
+            "data_shape": list(shape),
+            "latent_dim": size,
+            "latent_prior": "normal",
+            "pixel_range": [-1.0, 1.0],
+            "files": files,
+            "opset": OPSET,
+        },
+    )
+    return out

@@ -11,12 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fmnist_data import require_fmnist
 
 # BentoML keeps models, bentos and temp dirs under BENTOML_HOME: keep the tests out of ~/bentoml.
 _BENTOML_HOME = tempfile.mkdtemp(prefix="aegan-tests-bentoml-")
 atexit.register(shutil.rmtree, _BENTOML_HOME, ignore_errors=True)
 os.environ.setdefault("BENTOML_HOME", _BENTOML_HOME)
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("fmnist") is not None:
+        require_fmnist()
 
 
 @pytest.fixture(scope="session")

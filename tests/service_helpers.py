@@ -42,6 +42,7 @@ def serve(bundle: Path, **env: str) -> Iterator[TestClient]:
 def error_of(response: Any, status: int) -> str:
     """Check an error answer's status and ``{"error": message}`` body; return the message."""
     assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/json", response.headers
     body = response.json()
     assert isinstance(body, dict) and isinstance(body.get("error"), str), body
     return body["error"]

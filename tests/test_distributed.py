@@ -8,15 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from fmnist_data import needs_fmnist
 
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.training_loop import fingerprint
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
-
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+@needs_fmnist
 def test_two_gloo_processes_hold_identical_weights(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from fmnist_data import needs_fmnist, require_fmnist
 
 from aegan_serve.bundle import (
     DATA_TENSOR,
@@ -34,8 +35,6 @@ from training.config import RunConfig, from_preset, validate
 from training.networks import build_networks
 from training.training_loop import train
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
 REPO = Path(__file__).resolve().parent.parent
 BATCHES = (1, 7, 64)
 
@@ -80,8 +79,7 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    if not FMNIST.is_dir():
-        pytest.skip("dataset-fashion-mnist not installed")
+    require_fmnist()
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-aegan"
     train(tiny_config(), run_dir)
     report = {  # as written by `aegan eval RUN --json RUN/eval.json`

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fmnist_data import FMNIST, needs_fmnist
 
 from training.cli import main
 from training.config import ConfigError, RunConfig, from_preset, validate
@@ -27,21 +28,18 @@ from training.metrics import (
 from training.metrics.classifier import WEIGHTS, classifier_info, load_classifier, report
 from training.metrics.coverage import class_histogram, classes_covered, kl_to_uniform
 from training.metrics.frechet import frechet_distance, mean_cov
-from training.metrics.precision_recall import precision_recall
-from training.metrics.reconstruction import psnr
+from training.metrics.precision_recall import knn_radii, precision_recall
+from training.metrics.reconstruction import psnr, to_unit
+from training.metrics.registry import Metric
 from training.metrics.vectors import energy_distance
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
-needs_classifier = pytest.mark.skipif(not WEIGHTS.is_file(), reason="classifier weights not built")
-
 
 # --- Fréchet distance -----------------------------------------------------------------------
 
 
 def test_fd_of_identical_sets_is_zero():
     feats = np.random.default_rng(0).standard_normal((2000, 16)) @ np.diag(np.arange(1, 17))
-    mu, cov = mean_cov(feats)
+    mu, cov = mean_cov(feats.astype(np.float32))
+    assert mu.dtype == cov.dtype == np.float64  # float32 features are summed in float64
     assert frechet_distance(mu, cov, mu, cov) == pytest.approx(0.0, abs=1e-8)
 
 
@@ -100,6 +98,42 @@ def test_precision_recall_of_two_draws_of_one_distribution_are_high():
     assert precision > 0.8 and recall > 0.8
 
 
+def _on_a_line(*xs: float) -> np.ndarray:
+    """Points (x, 0): distances are differences of x, exact in float64."""
+    return np.array([[x, 0.0] for x in xs])
+
+
+def test_knn_radius_reaches_the_kth_nearest_other_point():
+    # 0..9 on a line, k = 3: the ends reach 3 (neighbours 1, 2, 3 away), inner points 2 (1, 1, 2).
+    radii = knn_radii(torch.as_tensor(_on_a_line(*range(10))), k=3)
+    assert radii.tolist() == [9.0] + [4.0] * 8 + [9.0]  # squared distances
+    assert knn_radii(torch.as_tensor(_on_a_line(*range(10))), k=1).tolist() == [1.0] * 10
+
+
+def test_precision_and_recall_of_points_on_a_line():
+    """Real points 0..9; the real manifold is [-3, 12] at the ends (radius 3) and +-2 inside.
+    Of the six other points, 11.5, 12 (on the boundary: balls are closed), -2.5 and 4.5 are
+    inside, 12.5 and -3.5 are not."""
+    line = _on_a_line(*range(10))
+    others = _on_a_line(11.5, 12.0, 12.5, -2.5, -3.5, 4.5)
+    # Seen as samples, 4 of 6 are on the data manifold; the others' manifold (radii >= 7) holds
+    # every real point.
+    assert precision_recall(line, others) == (4 / 6, 1.0)
+    # Seen as the data, 4 of 6 are covered by the line's manifold.
+    assert precision_recall(others, line) == (1.0, 4 / 6)
+
+
+def test_precision_recall_over_several_chunks():
+    """1500 points (two chunks of 1000): radii 3 at the ends, 2 inside; of 1500 samples, the 1000
+    half-way between real points are inside and the 500 far away are not."""
+    line = _on_a_line(*range(1500))
+    assert knn_radii(torch.as_tensor(line)).tolist() == [9.0] + [4.0] * 1498 + [9.0]
+    samples = _on_a_line(*(np.arange(1000) + 0.5), *(np.arange(500) + 10_000.0))
+    precision, recall = precision_recall(line, samples)
+    assert precision == 1000 / 1500
+    assert recall == 1003 / 1500  # samples 0.5..999.5 cover reals 0..1002 (radius 3 at 999.5)
+
+
 def test_precision_recall_need_more_than_k_samples():
     with pytest.raises(ValueError, match="more than 3"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
@@ -119,6 +153,11 @@ def test_coverage_of_uniform_and_single_class():
     assert classes_covered(half) == 1
 
 
+def test_pixels_to_unit_range_clip_first():
+    np.testing.assert_array_equal(to_unit(np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0])),
+                                  [0.0, 0.0, 0.5, 0.75, 1.0, 1.0])  # fmt: skip
+
+
 def test_psnr_of_known_noise():
     rng = np.random.default_rng(6)
     clean = np.full((50, 1, 28, 28), 0.5)
@@ -126,6 +165,26 @@ def test_psnr_of_known_noise():
     noisy = clean + sigma * rng.choice([-1.0, 1.0], size=clean.shape)  # MSE exactly sigma^2
     assert psnr(clean, noisy) == pytest.approx(np.full(50, 20.0), abs=1e-9)  # -20 log10(0.1)
     assert psnr(clean, clean).max() == 100.0  # capped, not infinite
+
+
+def test_reconstruction_errors_are_measured_on_pixels_in_0_1():
+    """A decoder that adds 0.2 to every pixel in [-1, 1] is 0.1 off on [0, 1]: MSE 0.01 and PSNR
+    20 dB (on [-1, 1] it would be 0.04 and 14 dB). Latents keep their own units: 0.2^2."""
+    rng = np.random.default_rng(7)
+    images = rng.uniform(-0.5, 0.5, (64, 1, 28, 28)).astype(np.float32)
+    model = GenerativeModel(
+        generate=lambda z: z.reshape(len(z), 1, 28, 28) + np.float32(0.2),
+        encode=lambda x: x.reshape(len(x), -1),  # so E(G(z)) = z + 0.2
+        latent_dim=784,
+        data_shape=(1, 28, 28),
+    )
+    ctx = EvalContext(model, Reference("fmnist", images, "synthetic"), 64)
+    results = METRICS["reconstruction"].fn(ctx)
+    # float32 sums with 0.2 are off by ~1e-8 per pixel; 1e-5 relative is far below the 4x (6 dB)
+    # of a [-1, 1] scale
+    assert results["recon_mse"] == pytest.approx(0.01, rel=1e-5)
+    assert results["recon_psnr"] == pytest.approx(20.0, abs=1e-4)
+    assert results["latent_mse"] == pytest.approx(0.04, rel=1e-5)
 
 
 def _flat_autoencoder(decode_all_to: np.ndarray | None = None) -> GenerativeModel:
@@ -141,7 +200,6 @@ def _flat_autoencoder(decode_all_to: np.ndarray | None = None) -> GenerativeMode
 
 
 @needs_fmnist
-@needs_classifier
 def test_reconstruction_class_agreement_on_exact_and_constant_decoders():
     from training.evaluate import fmnist_reference
 
@@ -168,6 +226,16 @@ def test_energy_distance_zero_for_identical_and_grows_with_shift():
     near = energy_distance(x, x + 0.5)
     far = energy_distance(x, x + 2.0)
     assert 0 < near < far
+
+
+def test_energy_distance_of_small_sets_by_hand():
+    # x = {0, 1}, y = {3}: E|x - y| = (3 + 2) / 2, E|x - x'| = (0 + 1 + 1 + 0) / 4, E|y - y'| = 0
+    assert energy_distance(np.array([[0.0], [1.0]]), np.array([[3.0]])) == pytest.approx(4.5)
+    # more rows than one chunk (1000): every pair still counted once
+    x, y = np.zeros((2500, 1)), np.ones((1200, 1))
+    assert energy_distance(x, y) == pytest.approx(2.0, rel=1e-12)  # 2 * 1 - 0 - 0
+    y[:600] = 3.0  # E|x - y| = 2, E|y - y'| = 2 * 0.5 * 0.5 * 2 = 1
+    assert energy_distance(x, y) == pytest.approx(3.0, rel=1e-12)
 
 
 def test_energy_distance_matches_one_dimensional_closed_form():
@@ -199,8 +267,25 @@ def test_registry_rejects_unknown_names():
 
 
 def test_registry_refuses_duplicates():
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match="metric 'fd_fmnist' is registered twice"):
         register_metric("fd_fmnist", results={})(lambda ctx: {})
+
+
+def test_register_metric_records_what_it_is_given():
+    def fn(ctx):
+        return {"x": 1.0}
+
+    try:
+        meaning = {"x": "what x means"}
+        decorate = register_metric(
+            "test-x", reference="vector", needs_encoder=True, results=meaning
+        )
+        assert decorate(fn) is fn
+        assert METRICS["test-x"] == Metric("test-x", fn, "vector", True, {"x": "what x means"})
+        assert register_metric("test-y", results={})(fn) is fn
+        assert METRICS["test-y"] == Metric("test-y", fn, None, False, {})
+    finally:
+        METRICS.pop("test-x", None), METRICS.pop("test-y", None)
 
 
 def test_metrics_that_do_not_apply_are_skipped_with_a_note():
@@ -233,7 +318,6 @@ def test_eval_every_is_checked():
 # --- the classifier -------------------------------------------------------------------------
 
 
-@needs_classifier
 def test_shipped_classifier_matches_its_record():
     import hashlib
 
@@ -267,7 +351,6 @@ def aegan_run(tmp_path_factory) -> Path:
 
 
 @needs_fmnist
-@needs_classifier
 def test_eval_on_a_tiny_run_prints_table_and_writes_json(aegan_run, tmp_path):
     out = tmp_path / "eval.json"
     args = ["eval", str(aegan_run), "--json", str(out), "--num-samples", "200"]
@@ -287,7 +370,6 @@ def test_eval_on_a_tiny_run_prints_table_and_writes_json(aegan_run, tmp_path):
 
 
 @needs_fmnist
-@needs_classifier
 def test_eval_is_deterministic_and_metrics_can_be_chosen(aegan_run, tmp_path):
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
     for out in outs:
@@ -300,7 +382,6 @@ def test_eval_is_deterministic_and_metrics_can_be_chosen(aegan_run, tmp_path):
 
 
 @needs_fmnist
-@needs_classifier
 def test_eval_of_a_gan_run_skips_reconstruction(tmp_path):
     run = _tiny_run(tmp_path / "gan", "gan", steps=10)
     out = tmp_path / "eval.json"
@@ -314,7 +395,6 @@ def test_eval_of_a_gan_run_skips_reconstruction(tmp_path):
 
 
 @needs_fmnist
-@needs_classifier
 def test_eval_on_an_image_bundle(tmp_path):
     from bundle_factory import write_bundle
 
@@ -350,7 +430,6 @@ def test_eval_on_a_vector_bundle_with_held_out_data(tmp_path):
 
 
 @needs_fmnist
-@needs_classifier
 @pytest.mark.slow
 def test_training_hook_logs_metrics_without_changing_training(tmp_path):
     from training.evaluate import make_eval_hook

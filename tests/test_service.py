@@ -226,6 +226,28 @@ def test_reconstruct_answers_images_latents_and_errors(client):
     assert mse[2] > 100 * mse[:2].max()  # noise is far from what it can make
 
 
+def test_reconstruct_errors_are_on_pixels_in_0_1(tmp_path):
+    """G(E(x)) = x + 0.2 on [-1, 1] is 0.1 off on [0, 1]: MSE 0.01 and PSNR 20 dB for any image
+    that stays in range (on [-1, 1] it would be 0.04 and 14 dB)."""
+    from bundle_factory import write_offset_bundle
+
+    rng = np.random.default_rng(3)
+    uploads = [
+        image_bytes(Image.fromarray(rng.integers(0, 200, (28, 28), dtype=np.uint8)))
+        for _ in range(2)
+    ]
+    with serve(write_offset_bundle(tmp_path / "offset", 0.2)) as offset_client:
+        response = offset_client.post("/reconstruct", files=files(*uploads))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # float32 pixels: errors of ~1e-7 on 0.1; 1e-5 relative is far below the 4x of a wrong scale
+    np.testing.assert_allclose(body["mse"], [0.01, 0.01], rtol=1e-5)
+    np.testing.assert_allclose(body["psnr"], [20.0, 20.0], atol=1e-4)
+    for upload, image in zip(uploads, body["images"], strict=True):
+        shifted = decode_png(upload).astype(float) + 25.5  # 0.2 of [-1, 1] is 25.5 grey levels
+        assert np.abs(b64png(image) - shifted).max() <= 0.5 + 1e-3  # rounding to a grey level
+
+
 # --- /interpolate --------------------------------------------------------------------------------
 
 
@@ -240,6 +262,22 @@ def test_interpolate_two_seeds_as_gif(client):
     np.testing.assert_array_equal(np.asarray(gif.convert("L")), ends[0])
     gif.seek(5)
     np.testing.assert_array_equal(np.asarray(gif.convert("L")), ends[1])
+
+
+def test_interpolate_seeds_honour_truncation(client):
+    """The end frames are /generate's images of the same seeds at the same truncation."""
+    for truncation in (0.5, 0.0):
+        response = client.post(
+            "/interpolate",
+            json={"seeds": [3, 4], "steps": 3, "format": "png", "truncation": truncation},
+        )
+        assert response.status_code == 200, response.text
+        frames = tiles(decode_png(response.content), 3)
+        for frame, seed in ((frames[0], 3), (frames[-1], 4)):
+            body = client.post("/generate", json={"n": 1, "seed": seed, "truncation": truncation})
+            np.testing.assert_array_equal(frame, b64png(body.json()["images"][0]))
+    # truncation 0 pulls both seeds to the prior's mean: every frame is G(0) = tanh(0), grey 128
+    assert all((frame == 128).all() for frame in frames)
 
 
 def test_interpolate_two_images_ends_are_their_reconstructions(client):
@@ -521,7 +559,13 @@ def test_request_body_over_the_limit_is_413(client):
         "content-length": str(LIMITS.max_request_bytes + 1),
     }
     response = client.post("/encode", content=b"--b--\r\n", headers=headers)
-    assert "AEGAN_MAX_REQUEST_BYTES" in error_of(response, 413)
+    message = (
+        f"request body is larger than {LIMITS.max_request_bytes} bytes (AEGAN_MAX_REQUEST_BYTES)"
+    )
+    assert error_of(response, 413) == message
+    # answered by the guard itself, before the app: a complete JSON response
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["content-length"] == str(len(response.content))
 
 
 def test_work_that_waited_too_long_for_a_thread_is_refused_not_run(image_bundle, monkeypatch):
@@ -557,3 +601,92 @@ def test_work_that_waited_too_long_for_a_thread_is_refused_not_run(image_bundle,
     assert len(decoded) == statuses.count(200)  # the refused ones cost no decoding
     shed = next(r for r in responses if r.status_code == 429)
     assert "for a worker thread" in error_of(shed, 429) and shed.headers["retry-after"] == "1"
+
+
+def test_url_encoded_file_fields_are_refused_wherever_they_are(client):
+    refused = "form field 'images' is a file: send it as multipart/form-data"
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    after_another = client.post("/encode", content=b"steps=3&images=abc", headers=form)
+    assert error_of(after_another, 400) == refused
+    not_utf8 = client.post("/encode", content=b"\xff\xfe=1&images=abc", headers=form)
+    assert error_of(not_utf8, 400) == refused
+
+
+def _streamed(total: int, chunk: bytes):
+    """A body of ``total`` bytes sent in chunks without a Content-Length (chunked encoding)."""
+    for _ in range(total // len(chunk)):
+        yield chunk
+
+
+@pytest.mark.parametrize("route", ["/decode", "/encode"])
+def test_chunked_body_over_the_limit_is_413(client, route):
+    """No Content-Length to refuse early: the guard counts the bytes as they arrive. Without it
+    the 66 MiB body is read and parsed, and answered 400 (not JSON; not images)."""
+    chunk = b" " * (1 << 20)
+    total = LIMITS.max_request_bytes + 2 * len(chunk)
+    if route == "/decode":
+        headers = {"content-type": "application/json"}
+        body = _streamed(total, chunk)
+    else:  # parts of 1 MiB each, all files, none of them an image
+        boundary = b"b0undary"
+        head = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; '
+        head += b'filename="x.bin"\r\n\r\n'
+        part = head + b"x" * (len(chunk) - len(head) - 2) + b"\r\n"
+        headers = {"content-type": f"multipart/form-data; boundary={boundary.decode()}"}
+        body = _streamed(total, part)
+    response = client.post(route, content=body, headers=headers)
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    assert "request body is larger than" in error_of(response, 413)
+
+
+def test_chunked_body_of_exactly_the_limit_is_read(client):
+    """The limit is inclusive: a JSON body of exactly AEGAN_MAX_JSON_BYTES reaches the endpoint
+    (spaces are not JSON: 400, not 413)."""
+    chunk = b" " * (1 << 16)
+    body = _streamed(LIMITS.max_json_bytes, chunk)
+    response = client.post("/decode", content=body, headers={"content-type": "application/json"})
+    assert "Invalid JSON" in error_of(response, 400)
+
+
+def _multipart(*parts: tuple[bytes, bytes | None, bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body from (name, filename or None, data) parts, names as raw bytes."""
+    body = b""
+    for name, filename, data in parts:
+        disposition = b'form-data; name="' + name + b'"'
+        if filename is not None:
+            disposition += b'; filename="' + filename + b'"'
+        body += b"--b0undary\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + data + b"\r\n"
+    return body + b"--b0undary--\r\n", {"content-type": "multipart/form-data; boundary=b0undary"}
+
+
+def test_multipart_part_count_and_text_part_size_limits(client):
+    png = image_bytes(gradient())
+    body, headers = _multipart(*[(b"images", b"x.png", png)] * 1001)
+    message = "multipart body has more than 1000 parts"
+    assert error_of(client.post("/encode", content=body, headers=headers), 400) == message
+    # a text part of exactly 1 MiB passes the guard (its value is then not a number: 400);
+    # one byte more is refused by the guard (413)
+    for size, status in ((1 << 20, 400), ((1 << 20) + 1, 413)):
+        body, headers = _multipart((b"steps", None, b"x" * size), (b"seeds", None, b"[1, 2]"))
+        response = client.post("/interpolate", content=body, headers=headers)
+        assert response.status_code == status, (size, response.text)
+    assert "a form field is larger than 1048576 bytes" in error_of(response, 413)
+
+
+def test_a_part_name_that_is_not_utf8_is_no_server_error(client):
+    body, headers = _multipart(
+        (b"images", b"x.png", image_bytes(gradient())), (b"\xff", None, b"1")
+    )
+    response = client.post("/encode", content=body, headers=headers)
+    assert response.status_code == 200, response.text  # the unknown field is ignored
+
+
+def test_a_json_number_too_long_to_parse_is_400(client):
+    body = b'{"n": ' + b"1" * 5000 + b"}"  # over Python's 4300-digit limit for int()
+    response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert error_of(response, 400).startswith("body: Invalid JSON: number out of range")
+
+
+def test_a_form_number_too_long_to_parse_is_400(client):
+    fields = [("steps", (None, "1" * 5000)), ("seeds", (None, "[1, 2]"))]
+    assert client.post("/interpolate", files=fields).status_code == 400

@@ -125,11 +125,19 @@ def test_other_sizes_are_centre_cropped_and_resized():
     assert x.mean() < -0.9  # the white sides were cropped away
     small = load(image_bytes(Image.new("L", (7, 7), 255)))
     assert np.allclose(small, 1.0)
+    # resized with a Lanczos filter (sharper than Pillow's default bicubic)
+    picture = gradient((90, 60))
+    lanczos = picture.resize((28, 28), Image.Resampling.LANCZOS, box=(15, 0, 75, 60))
+    np.testing.assert_array_equal(load(image_bytes(picture)), expected(lanczos))
 
 
 def test_large_jpegs_decode_at_reduced_size():
     photo = gradient((2000, 1500), "RGB")
-    x = load(image_bytes(photo, "JPEG", quality=90))
+    blob = image_bytes(photo, "JPEG", quality=90)
+    # the decoder scales by 1/2, 1/4 or 1/8 while both sides stay >= the requested size
+    drafted = decode_upload(blob, label="x", max_bytes=1 << 22, max_pixels=10**7, draft_size=28)
+    assert drafted.size == (250, 188)  # 2000 / 8, 1500 / 8 rounded up
+    x = load(blob)
     assert x.shape == GREY
     assert np.abs(x - expected(photo.resize((28, 28), box=(250, 0, 1750, 1500)))).mean() < 0.05
 
@@ -166,9 +174,41 @@ def test_gif_and_grid_codecs():
     frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 1, 28, 28), np.float32)
     gif = Image.open(io.BytesIO(encode_gif(frames, frame_ms=40)))
     assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == (28, 28)
-    assert gif.info["duration"] == 40
+    assert gif.info["duration"] == 40 and gif.info["loop"] == 0  # loops for ever
+    assert Image.open(io.BytesIO(encode_gif(frames))).info["duration"] == 100  # the default
     for i in range(5):
         gif.seek(i)
         assert np.all(np.asarray(gif.convert("L")) == to_uint8(frames[i : i + 1])[0, ..., 0])
     grid = make_grid(frames, nrow=5)
     assert grid.shape == (28 + 4, 5 * 30 + 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("head", "name"),
+    [
+        (b"II*\x00", "TIFF"),
+        (b"MM\x00*", "TIFF"),
+        (b"\x00\x00\x01\x00", "ICO"),
+        (b"8BPS\x00\x01", "PSD"),
+        (b"%PDF-1.7", "PDF"),
+        (b"\x89HDF\r\n\x1a\n", "HDF5"),
+        (b"\x93NUMPY\x01\x00", "NPY"),
+        (b"\x00\x00\x00\x1cftypavif", "avif"),  # ISO media: the brand names it
+        (b"\x00\x00\x00\x18ftypheic", "heic"),
+        (b"\x00\x00\x00\x18ftyp    ", "ISO media"),  # a blank brand
+    ],
+)
+def test_other_formats_are_named_by_their_signature(head, name):
+    message = rf"images\[0\] is a {name} file; accepted image formats: PNG, JPEG, WEBP, GIF, BMP$"
+    with pytest.raises(UnsupportedImage, match=message):
+        load(head + bytes(range(64)))
+
+
+def test_unknown_bytes_are_not_a_readable_image():
+    message = (
+        r"images\[0\] is not a readable image \(corrupt data or an unknown format\); "
+        r"accepted image formats: PNG, JPEG, WEBP, GIF, BMP$"
+    )
+    for blob in (b"\x00\x00\x00\x18ftyq" + bytes(64), b"xxxxxftyp" + bytes(64)):
+        with pytest.raises(RequestError, match=message):
+            load(blob)

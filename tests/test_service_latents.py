@@ -7,10 +7,12 @@ import pytest
 
 from aegan_serve.errors import RequestError
 from aegan_serve.latents import (
+    MAX_SEED,
     check_latents,
     interpolate,
     lerp,
     prior_name,
+    random_seed,
     sample_prior,
     slerp,
 )
@@ -36,6 +38,7 @@ def test_uniform_prior_and_prior_names():
     assert z.min() >= -1 and z.max() <= 1
     assert prior_name("normal(0, I)") == "normal"
     assert prior_name({"type": "Gaussian"}) == "normal"
+    assert prior_name("N(0, I)") == "normal"
     assert prior_name("uniform(-1, 1)") == "uniform"
     with pytest.raises(ValueError, match="unknown latent prior"):
         prior_name("laplace")
@@ -49,6 +52,9 @@ def test_slerp_keeps_ends_and_follows_the_arc():
     angles = np.arctan2(path[:, 1], path[:, 0])
     np.testing.assert_allclose(np.diff(angles), np.pi / 8, atol=1e-9)  # constant angular speed
     assert np.linalg.norm(path[2]) > np.linalg.norm(lerp(a, b, np.array([0.5]))[0])
+    # the other way round (a unit end point last): half way is norm 1.5 at 45 degrees
+    middle = slerp(b, a, np.array([0.5]))[0]
+    np.testing.assert_allclose(middle, [1.5 / np.sqrt(2), 1.5 / np.sqrt(2)], atol=1e-12)
 
 
 def test_slerp_degenerate_cases_fall_back_to_lerp():
@@ -56,6 +62,8 @@ def test_slerp_degenerate_cases_fall_back_to_lerp():
     t = np.linspace(0, 1, 3)
     np.testing.assert_allclose(slerp(a, 2 * a, t), lerp(a, 2 * a, t))  # parallel
     np.testing.assert_allclose(slerp(np.zeros(2), a, t), lerp(np.zeros(2), a, t))  # zero
+    ones = np.ones(3)  # its unit vector's dot with itself rounds to 1 + 2**-52: clipped to 1
+    np.testing.assert_allclose(slerp(ones, 2 * ones, t), lerp(ones, 2 * ones, t))
 
 
 @pytest.mark.parametrize("method", ["slerp", "lerp"])
@@ -77,3 +85,20 @@ def test_check_latents_names_the_bad_value():
         check_latents([[float("inf"), 0.0]], 2, "latents")
     with pytest.raises(RequestError, match=r"within \+-100"):
         check_latents([[1e6, 0.0]], 2, "latents")
+    with pytest.raises(RequestError, match=r"latents\[1\]\[0\] = -100.5: latent values must be"):
+        check_latents([[0.0, 100.0], [-100.5, 0.0]], 2, "latents")
+
+
+def test_check_latents_accepts_the_bounds_and_answers_float32():
+    z = check_latents([[100.0, -100.0], [1, 2]], 2, "latents")  # JSON may give integers
+    assert z.dtype == np.float32 and z.shape == (2, 2)
+    np.testing.assert_array_equal(z, [[100.0, -100.0], [1.0, 2.0]])
+
+
+def test_random_seeds_span_the_whole_seed_range(monkeypatch):
+    import secrets
+
+    bounds = []
+    monkeypatch.setattr(secrets, "randbelow", lambda n: bounds.append(n) or n - 1)
+    assert random_seed() == MAX_SEED == 2**32 - 1
+    assert bounds == [2**32]

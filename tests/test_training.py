@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fmnist_data import FMNIST, needs_fmnist
 from PIL import Image
 
 from training.checkpoint import (
@@ -20,14 +22,24 @@ from training.checkpoint import (
     resolve_checkpoint,
 )
 from training.cli import main
-from training.config import ConfigError, ModelConfig, RunConfig, from_preset, validate
+from training.config import (
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    from_preset,
+    validate,
+)
 from training.data import DataError, load_fashion_mnist, load_image_folder, load_npy
-from training.losses import discriminator_loss, forward, generator_encoder_loss
+from training.losses import (
+    Passes,
+    discriminator_loss,
+    forward,
+    generator_encoder_loss,
+    weighted_total,
+)
 from training.networks import build_networks
-from training.training_loop import train
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+from training.training_loop import ema_beta, schedules, train, update_ema
 
 
 def tiny_config(**train_overrides) -> RunConfig:
@@ -228,6 +240,171 @@ def test_every_loss_term_is_finite_and_distinct():
     assert ge_terms["loss/E/adv_z"].item() != ge_terms["loss/GE/adv_x_recon"].item()
 
 
+# --- exact values of the objective ----------------------------------------------------------
+# Discriminators with known logits: Dx(x) and Dz(z) are the mean of their input, and each pass is
+# a constant tensor, so every term is softplus of a known number. Each pass has its own value, so a
+# term computed from the wrong pass, the wrong network or with the wrong sign gives another number.
+
+
+def _sp(v: float) -> float:
+    return math.log1p(math.exp(v))
+
+
+def _known_passes() -> tuple[dict, torch.Tensor, Passes]:
+    def mean_logit(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).mean(1, keepdim=True)
+
+    def full(value: float, *shape: int) -> torch.Tensor:
+        return torch.full(shape, value, dtype=torch.float64)
+
+    nets = {"Dx": mean_logit, "Dz": mean_logit}
+    x = full(0.75, 4, 1, 2, 2)  # real images: Dx logit 0.75
+    passes = Passes(
+        z=full(1.0, 4, 3),  # prior: Dz logit 1
+        x_fake=full(0.25, 4, 1, 2, 2),  # G(z): Dx logit 0.25
+        z_enc=full(-1.0, 4, 3),  # E(x): Dz logit -1
+        x_rec=full(-0.5, 4, 1, 2, 2),  # G(E(x)): Dx logit -0.5
+        z_rec=full(2.0, 4, 3),  # E(G(z)): Dz logit 2
+    )
+    return nets, x, passes
+
+
+def test_generator_encoder_terms_have_known_values():
+    nets, x, p = _known_passes()
+    terms = {k: v.item() for k, v in generator_encoder_loss(nets, x, p).items()}
+    # G and E want every pass called real: softplus(-logit).
+    assert terms == pytest.approx(
+        {
+            "loss/G/adv_x": _sp(-0.25),
+            "loss/GE/adv_x_recon": _sp(0.5),
+            "loss/E/adv_z": _sp(1.0),  # E(x) has Dz logit -1: E is far from fooling Dz
+            "loss/GE/adv_z_recon": _sp(-2.0),
+            "loss/GE/recon_x": 1.25,  # |-0.5 - 0.75|
+            "loss/GE/recon_z": 1.0,  # (2 - 1)^2
+        },
+        rel=1e-12,
+    )
+
+
+def test_discriminator_terms_have_known_values():
+    nets, x, p = _known_passes()
+    terms = {k: v.item() for k, v in discriminator_loss(nets, x, p).items()}
+    # Dx and Dz call data and prior real (softplus(-logit)) and every generated pass fake.
+    assert terms == pytest.approx(
+        {
+            "loss/Dx/real": _sp(-0.75),
+            "loss/Dx/fake": _sp(0.25),
+            "loss/Dx/recon": _sp(-0.5),
+            "loss/Dz/prior": _sp(-1.0),
+            "loss/Dz/encoded": _sp(-1.0),
+            "loss/Dz/recon": _sp(2.0),
+        },
+        rel=1e-12,
+    )
+
+
+def test_weighted_totals_use_each_weight_once():
+    nets, x, p = _known_passes()
+    cfg = LossConfig(adv_x=3.0, adv_z=5.0, recon_x=7.0, recon_z=11.0)  # primes: no sum aliases
+    ge = generator_encoder_loss(nets, x, p)
+    expected = (
+        3.0 * (_sp(-0.25) + _sp(0.5)) + 5.0 * (_sp(1.0) + _sp(-2.0)) + 7.0 * 1.25 + 11.0 * 1.0
+    )
+    assert weighted_total(ge, cfg).item() == pytest.approx(expected, rel=1e-12)
+    annealed = expected - 7.0 * 1.25 + 2.0 * 1.25  # recon_x weight given by the schedule
+    assert weighted_total(ge, cfg, recon_x_weight=2.0).item() == pytest.approx(annealed, rel=1e-12)
+    d = discriminator_loss(nets, x, p)
+    d_expected = _sp(-0.75) + (_sp(0.25) + _sp(-0.5)) / 2 + _sp(-1.0) + (_sp(-1.0) + _sp(2.0)) / 2
+    assert weighted_total(d, cfg).item() == pytest.approx(d_expected, rel=1e-12)
+    # A GAN has one generator term and one fake kind, each weighted 1 whatever the config says.
+    gan = Passes(z=p.z, x_fake=p.x_fake)
+    cfg.mode = "gan"
+    assert weighted_total(generator_encoder_loss(nets, x, gan), cfg).item() == pytest.approx(
+        _sp(-0.25), rel=1e-12
+    )
+    assert weighted_total(discriminator_loss(nets, x, gan), cfg).item() == pytest.approx(
+        _sp(-0.75) + _sp(0.25), rel=1e-12
+    )
+
+
+def test_instance_noise_reaches_every_image_dx_sees_and_nothing_else():
+    """With noise, each image's Dx logit is the mean of x + std * n; the draws are replayed from
+    the seed in the order the images are shown (real, G(z), G(E(x)))."""
+    nets, x, p = _known_passes()
+    std = 0.1
+
+    def mean_sp(sign: float, value: float, noise: torch.Tensor) -> float:
+        """Batch mean of softplus(sign * logit), logit = value + std * (row mean of noise)."""
+        rows = noise.flatten(1).mean(1).tolist()
+        return sum(_sp(sign * (value + std * r)) for r in rows) / len(rows)
+
+    torch.manual_seed(5)
+    d = {k: v.item() for k, v in discriminator_loss(nets, x, p, noise_std=std).items()}
+    torch.manual_seed(5)
+    n = [torch.randn_like(x) for _ in range(3)]
+    assert d == pytest.approx(
+        {
+            "loss/Dx/real": mean_sp(-1, 0.75, n[0]),
+            "loss/Dx/fake": mean_sp(1, 0.25, n[1]),
+            "loss/Dx/recon": mean_sp(1, -0.5, n[2]),
+            "loss/Dz/prior": _sp(-1.0),  # latents get no noise
+            "loss/Dz/encoded": _sp(-1.0),
+            "loss/Dz/recon": _sp(2.0),
+        },
+        rel=1e-12,
+    )
+    torch.manual_seed(6)
+    ge = {k: v.item() for k, v in generator_encoder_loss(nets, x, p, noise_std=std).items()}
+    torch.manual_seed(6)
+    m = [torch.randn_like(x) for _ in range(2)]
+    assert ge["loss/G/adv_x"] == pytest.approx(mean_sp(-1, 0.25, m[0]), rel=1e-12)
+    assert ge["loss/GE/adv_x_recon"] == pytest.approx(mean_sp(-1, -0.5, m[1]), rel=1e-12)
+    assert ge["loss/GE/recon_x"] == pytest.approx(1.25, rel=1e-12)  # measured on clean images
+
+
+def test_latent_adversarial_gradient_pushes_encodings_towards_the_prior_side():
+    """d/dz softplus(-w.z) = -sigmoid(-w.z) w: at z = 0 each encoding gets -w / 2 (per batch row
+    mean), so gradient descent moves E(x) to where Dz says "prior"."""
+    w = torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+    nets = {"Dx": lambda t: t.flatten(1).mean(1, keepdim=True), "Dz": lambda t: t @ w}
+    z_enc = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.float64)
+    prior = torch.ones(4, 3, dtype=torch.float64)
+    passes = Passes(z=prior, x_fake=x, z_enc=z_enc, x_rec=x, z_rec=prior)
+    generator_encoder_loss(nets, x, passes)["loss/E/adv_z"].backward()
+    expected = (-0.5 * w.T / 4).expand(4, 3)
+    assert torch.allclose(z_enc.grad, expected, rtol=0, atol=1e-15)
+
+
+# --- EMA and schedules ----------------------------------------------------------------------
+
+
+def test_ema_beta_warms_up_then_follows_the_half_life():
+    assert ema_beta(0, 500.0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0): early weights fade fast
+    assert ema_beta(10, 500.0) == pytest.approx(11 / 20)
+    assert ema_beta(100_000, 500.0) == pytest.approx(0.5 ** (1 / 500))  # half-life 500 steps
+    assert ema_beta(100_000, 500.0) ** 500 == pytest.approx(0.5)
+
+
+def test_ema_step_moves_a_fraction_one_minus_beta_towards_the_network():
+    net, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        net.weight.fill_(1.0), net.bias.fill_(-2.0), net.running_mean.fill_(5.0)
+        ema.weight.fill_(0.0), ema.bias.fill_(0.0)
+    update_ema(ema, net, beta=0.9)
+    assert torch.allclose(ema.weight, torch.full((3,), 0.1))  # 0.9 * 0 + 0.1 * 1
+    assert torch.allclose(ema.bias, torch.full((3,), -0.2))
+    assert torch.equal(ema.running_mean, torch.full((3,), 5.0))  # buffers are copied as they are
+
+
+def test_schedules_are_linear_from_the_first_to_the_last_step():
+    loss = LossConfig(recon_x=4.0, recon_x_final=0.25, instance_noise=0.5)
+    assert schedules(0, 11, loss) == pytest.approx((0.5, 4.0))
+    assert schedules(5, 11, loss) == pytest.approx((0.25, 2.5))  # half way: 4 (1 - 0.5 * 0.75)
+    assert schedules(10, 11, loss) == pytest.approx((0.0, 1.0))  # last step: 4 * 0.25
+    assert schedules(0, 1, loss) == pytest.approx((0.5, 4.0))  # a one-step run starts there
+
+
 # --- the loop -------------------------------------------------------------------------------
 
 
@@ -262,11 +439,18 @@ def test_deterministic_on_cpu(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def noisy_config() -> RunConfig:
+    """Instance noise on: the D and G+E steps then draw from torch's global RNG every step."""
+    cfg = tiny_config()
+    cfg.loss.instance_noise = 0.3
+    return cfg
+
+
 @needs_fmnist
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
-    straight = weights(train(tiny_config(), tmp_path / "straight"))
+    straight = weights(train(noisy_config(), tmp_path / "straight"))
     run = tmp_path / "interrupted"
-    train(tiny_config(), run)
+    train(noisy_config(), run)
     (run / "checkpoints" / "step-0000006.pt").unlink()  # as if killed after step 3's checkpoint
     resumed = weights(train(None, run, resume=True))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -347,3 +531,56 @@ def test_cli_conv_on_vectors_names_the_flag(tmp_path):
             "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert isinstance(result.exception, ConfigError) and "--arch" in str(result.exception)
+
+
+# --- EMA and schedules in the loop ------------------------------------------------------------
+
+
+@needs_fmnist
+def test_first_ema_step_of_a_run_keeps_a_tenth_of_the_initial_weights(tmp_path):
+    cfg = tiny_config(steps=1, log_every=1, image_every=0, checkpoint_every=0)
+    state = load_checkpoint(train(cfg, tmp_path))
+    torch.manual_seed(cfg.train.seed)  # the loop builds its networks right after this
+    initial = build_networks(RunConfig.from_dict(state["config"]).model)
+    for net in ("G", "E"):
+        live, ema = state["nets"][net], state["ema"][net]
+        start = initial[net].state_dict()
+        for key, value in ema.items():
+            if key in dict(initial[net].named_parameters()):  # beta at step 0 is 0.1
+                expected = 0.1 * start[key] + 0.9 * live[key]
+                assert torch.allclose(value, expected, rtol=0, atol=1e-6), f"{net}.{key}"
+            else:
+                assert torch.equal(value, live[key]), f"{net}.{key}"  # batch-norm statistics
+        assert any(not torch.equal(live[k], start[k]) for k in start)  # the step moved them
+
+
+@needs_fmnist
+def test_schedules_reach_the_losses(tmp_path, monkeypatch):
+    """recon_x decays linearly to recon_x * recon_x_final and instance noise to zero over the
+    run; what each step hands to the losses is recorded."""
+    import training.training_loop as loop
+
+    recon_weights, d_noise, ge_noise = [], [], []
+
+    def total(terms, cfg, recon_x_weight=None):
+        if "loss/GE/recon_x" in terms:
+            recon_weights.append(recon_x_weight)
+        return weighted_total(terms, cfg, recon_x_weight)
+
+    def d_loss(nets, x, p, noise_std=0.0):
+        d_noise.append(noise_std)
+        return discriminator_loss(nets, x, p, noise_std)
+
+    def ge_loss(nets, x, p, noise_std=0.0):
+        ge_noise.append(noise_std)
+        return generator_encoder_loss(nets, x, p, noise_std)
+
+    monkeypatch.setattr(loop, "weighted_total", total)
+    monkeypatch.setattr(loop, "discriminator_loss", d_loss)
+    monkeypatch.setattr(loop, "generator_encoder_loss", ge_loss)
+    cfg = tiny_config()  # 6 steps: the fraction of the run done is k / 5
+    cfg.loss.recon_x, cfg.loss.recon_x_final, cfg.loss.instance_noise = 4.0, 0.25, 0.5
+    train(cfg, tmp_path)
+    assert recon_weights == pytest.approx([4.0, 3.4, 2.8, 2.2, 1.6, 1.0])  # 4 (1 - 0.75 k / 5)
+    assert d_noise == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    assert ge_noise == d_noise

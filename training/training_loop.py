@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aegan_serve.images import save_grid
 from training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, write_atomic
-from training.config import ConfigError, RunConfig
+from training.config import ConfigError, LossConfig, RunConfig
 from training.data import Dataset, load_dataset
 from training.losses import discriminator_loss, forward, generator_encoder_loss, weighted_total
 from training.networks import build_networks
@@ -84,6 +84,37 @@ def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
         p_ema.lerp_(p, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
         b_ema.copy_(b)  # batch-norm statistics follow the live network
+
+
+def schedules(step: int, steps: int, loss: LossConfig) -> tuple[float, float]:
+    """(instance noise std, image reconstruction weight) at ``step`` of a run of ``steps``: both
+    linear over the run, noise from ``instance_noise`` to 0 and the weight from ``recon_x`` to
+    ``recon_x * recon_x_final`` at the last step."""
+    frac = step / max(1, steps - 1)
+    noise_std = loss.instance_noise * (1.0 - frac)
+    recon_x_weight = loss.recon_x * (1.0 - frac * (1.0 - loss.recon_x_final))
+    return noise_std, recon_x_weight
+
+
+def restore(
+    state: dict[str, Any],
+    nets: dict[str, nn.Module],
+    ema: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    gen: torch.Generator,
+    rank: int,
+) -> int:
+    """Load a checkpoint's weights, EMA, optimiser states and this rank's RNG states (data order
+    and torch's global generator, which draws the instance noise); returns its step."""
+    for k, net in nets.items():
+        net.load_state_dict(state["nets"][k])
+    for k, net in ema.items():
+        net.load_state_dict(state["ema"][k])
+    for k, opt in optimizers.items():
+        opt.load_state_dict(state["optim"][k])
+    gen.set_state(state["rng"]["data"][rank])
+    torch.set_rng_state(state["rng"]["torch"][rank])
+    return int(state["step"])
 
 
 def check_data(cfg: RunConfig, data: Dataset) -> None:
@@ -197,17 +228,8 @@ def train(
     # Data order and noise: per rank, resumable.
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)
     torch.manual_seed(t.seed * 1000 + rank)  # instance noise
-    start = 0
-    if state is not None:
-        for k, net in nets.items():
-            net.load_state_dict(state["nets"][k])
-        for k, net in ema.items():
-            net.load_state_dict(state["ema"][k])
-        opt_d.load_state_dict(state["optim"]["D"])
-        opt_ge.load_state_dict(state["optim"]["GE"])
-        gen.set_state(state["rng"]["data"][rank])
-        torch.set_rng_state(state["rng"]["torch"][rank])
-        start = int(state["step"])
+    optimizers = {"D": opt_d, "GE": opt_ge}
+    start = 0 if state is None else restore(state, nets, ema, optimizers, gen, rank)
 
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -243,7 +265,7 @@ def train(
                     "config": cfg.to_dict(),
                     "nets": {k: _unwrap(v).state_dict() for k, v in nets.items()},
                     "ema": {k: v.state_dict() for k, v in ema.items()},
-                    "optim": {"D": opt_d.state_dict(), "GE": opt_ge.state_dict()},
+                    "optim": {k: opt.state_dict() for k, opt in optimizers.items()},
                     "rng": {"data": rng_data, "torch": rng_torch},
                     "rank_fingerprints": fingerprints,
                 },
@@ -262,9 +284,7 @@ def train(
     final = None
     with progress:
         for step in range(start, t.steps):
-            frac = step / max(1, t.steps - 1)
-            noise_std = cfg.loss.instance_noise * (1.0 - frac)
-            recon_x_weight = cfg.loss.recon_x * (1.0 - frac * (1.0 - cfg.loss.recon_x_final))
+            noise_std, recon_x_weight = schedules(step, t.steps, cfg.loss)
 
             # (1) Fetch a batch of data and prior noise.
             idx = torch.randint(len(samples), (t.batch_size,), generator=gen)

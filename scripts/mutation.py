@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Mutation testing of the core modules with mutmut: how many planted bugs does the suite catch?
+
+    nice -n 19 .venv/bin/python scripts/mutation.py [--max-children 2] [--json docs/mutation.json]
+
+The repository is copied to ``build/mutation/`` (tracked and untracked, not ignored, files) and
+mutmut runs there, so the working tree is never touched. mutmut first runs the selected tests once
+to learn which tests reach which function; each mutant then runs only the tests that reached the
+function it changes. Not in CI; docs/TESTING.md records the last run and how long it took.
+
+``--sample 5`` runs a systematic sample: the mutants whose number ends in 0 or 5 (every fifth
+mutant of every function), for a machine that cannot run them all in the time at hand; the score
+is then over that sample.
+
+The scope is :data:`SCOPE`: whole modules, or the named functions of a module (the rest of it is
+fenced off with mutmut's ``# pragma: no mutate start/end`` in the copy only). A second run reuses
+the results of unchanged functions; ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Module -> the top-level functions/classes mutated in it (None: all of them).
+SCOPE: dict[str, list[str] | None] = {
+    "training/losses.py": None,
+    # The EMA and resume parts of the loop; train() itself is covered by the loop tests.
+    "training/training_loop.py": ["ema_beta", "update_ema", "schedules", "restore"],
+    "training/checkpoint.py": None,
+    "aegan_serve/latents.py": None,
+    "aegan_serve/bundle.py": None,
+    "aegan_serve/images.py": None,
+    "aegan_serve/middleware.py": None,
+    "training/metrics/registry.py": None,
+    "training/metrics/frechet.py": None,
+    "training/metrics/precision_recall.py": None,
+    "training/metrics/coverage.py": None,
+    "training/metrics/reconstruction.py": None,
+    "training/metrics/vectors.py": None,
+    # The parity checks of the export (not the exporter or the fp16 converter).
+    "export/onnx_export.py": [
+        "ParityResult",
+        "probe_inputs",
+        "torch_outputs",
+        "session",
+        "max_abs_error",
+        "check_fp32",
+        "check_fp16",
+        "_require",
+    ],
+}
+
+# The tests mutmut may run. Left out: the torchrun test and the end-to-end server tests (they run
+# the code in subprocesses, which mutmut cannot follow) and the repository checks.
+TESTS = [
+    "tests/test_training.py",
+    "tests/test_checkpoint.py",
+    "tests/test_bundle.py",
+    "tests/test_parity.py",
+    "tests/test_export.py",
+    "tests/test_metrics.py",
+    "tests/test_service.py",
+    "tests/test_service_images.py",
+    "tests/test_service_latents.py",
+    "tests/test_service_runtime.py",
+]
+PYTEST_ARGS = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]
+# Tests that start Python in a subprocess, which cannot load mutmut's instrumented copy.
+PYTEST_ARGS += [
+    "--deselect=tests/test_export.py::test_cli_force_replaces_a_bundle_and_saves_it_in_the_bentoml_store",
+    "--deselect=tests/test_service_runtime.py::test_the_service_imports_no_torch",
+]
+ALSO_COPY = ["models", "bentofile.yaml", "README.md", "constraints.txt", "requirements-serve.txt"]
+
+
+def repository_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout
+    return [name for name in out.decode().split("\0") if name and (REPO / name).is_file()]
+
+
+def fence_off(source: str, keep: list[str]) -> str:
+    """Wrap every top-level function or class not in ``keep`` in no-mutate pragmas."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    fenced = []
+    for node in tree.body:
+        named = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        if named and node.name not in keep:
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            fenced.append((first, node.end_lineno))
+    for first, last in reversed(fenced):
+        lines.insert(last, "# pragma: no mutate end\n")
+        lines.insert(first - 1, "# pragma: no mutate start\n")
+    missing = set(keep) - {n.name for n in tree.body if hasattr(n, "name")}
+    if missing:
+        raise SystemExit(f"SCOPE names functions that do not exist: {sorted(missing)}")
+    return "".join(lines)
+
+
+def stage(workdir: Path, fresh: bool) -> None:
+    """Copy the repository into ``workdir`` (keeping mutmut's results unless ``fresh``)."""
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in repository_files():
+        target = workdir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    for module, keep in SCOPE.items():
+        if keep is not None:
+            path = workdir / module
+            path.write_text(fence_off(path.read_text(), keep))
+    config = {
+        "source_paths": ["aegan_serve", "training", "export"],
+        "only_mutate": list(SCOPE),
+        "pytest_add_cli_args": PYTEST_ARGS,
+        "pytest_add_cli_args_test_selection": TESTS,
+        "also_copy": ALSO_COPY,
+        "process_isolation": "forkserver",  # torch is not fork-safe after it has started threads
+    }
+    with open(workdir / "pyproject.toml", "a") as f:
+        f.write("\n[tool.mutmut]\n")
+        for key, value in config.items():
+            f.write(f"{key} = {json.dumps(value)}\n")
+
+
+# --sample N: the last digits of the mutant numbers that are run (every N-th mutant).
+SAMPLE_DIGITS = {1: "0123456789", 2: "02468", 5: "05", 10: "0"}
+
+
+def results(workdir: Path, mutmut: Path, digits: str) -> dict[str, object]:
+    out = subprocess.run(
+        [str(mutmut), "results", "--all", "true"],
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    by_module: dict[str, Counter[str]] = {}
+    status: dict[str, str] = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*([\w.]+__mutmut_\d+): (.+)$", line)
+        if m and m.group(1)[-1] in digits:
+            name, state = m.group(1), m.group(2).strip()
+            status[name] = state
+            module = re.split(r"\.x[_\u01c1]", name)[0]  # x_function or xǁClassǁmethod
+            by_module.setdefault(module, Counter())[state] += 1
+    counts = Counter(status.values())
+    # A mutant that makes the tests fail (killed) or hang (timeout) is caught; one that survives or
+    # that no test reaches is missed. Mutants not run yet ("not checked") are left out.
+    caught = counts.get("killed", 0) + counts.get("timeout", 0)
+    considered = sum(n for state, n in counts.items() if state not in ("skipped", "not checked"))
+    return {
+        "score_percent": round(100.0 * caught / max(1, considered), 1),
+        "caught": caught,
+        "mutants_run": considered,
+        "mutants_not_run": counts.get("not checked", 0),
+        "by_status": dict(sorted(counts.items())),
+        "by_module": {k: dict(sorted(v.items())) for k, v in sorted(by_module.items())},
+        "not_killed": sorted(name for name, state in status.items() if state != "killed"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "build" / "mutation")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument(
+        "--sample", type=int, choices=sorted(SAMPLE_DIGITS), default=1, help="every N-th mutant"
+    )
+    parser.add_argument("--json", type=Path, help="write the summary here")
+    parser.add_argument(
+        "--report", action="store_true", help="only summarise the results already in --workdir"
+    )
+    parser.add_argument("mutants", nargs="*", help="only these mutants (mutmut's names or globs)")
+    args = parser.parse_args()
+
+    mutmut = Path(sys.executable).with_name("mutmut")
+    digits = SAMPLE_DIGITS[args.sample]
+    if args.report:
+        return summarise(args, mutmut, digits, seconds=None)
+    stage(args.workdir, args.fresh)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # the tests must import the mutated copy, nothing else
+    started = time.monotonic()
+    names = args.mutants or ([f"*__mutmut_*[{digits}]"] if args.sample > 1 else [])
+    cmd = [str(mutmut), "run", "--max-children", str(args.max_children), *names]
+    run = subprocess.run(cmd, cwd=args.workdir, env=env)
+    if run.returncode != 0:
+        print(f"mutmut run failed ({run.returncode})", file=sys.stderr)
+        return run.returncode
+    return summarise(args, mutmut, digits, seconds=round(time.monotonic() - started))
+
+
+def summarise(args: argparse.Namespace, mutmut: Path, digits: str, seconds: int | None) -> int:
+    summary = {
+        "command": " ".join(["nice -n 19 .venv/bin/python scripts/mutation.py", *sys.argv[1:]]),
+        "sample": f"mutants numbered *[{digits}]" if args.sample > 1 else "all mutants",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "seconds": seconds,
+        **results(args.workdir, mutmut, digits),
+    }
+    text = json.dumps(summary, indent=2) + "\n"
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
