@@ -83,6 +83,16 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, keep: int) -> Path:
     return path
 
 
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of writes a crash cut short (``.tmp-*`` in the run directory and
+    its checkpoints); only the run's one writer may call this. Returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = [*run_dir.glob(".tmp-*"), *(run_dir / CHECKPOINT_DIR).glob(".tmp-*")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and sanity-check one checkpoint file (``weights_only=True``: no code is executed)."""
     path = Path(path)

@@ -25,13 +25,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from aegan_serve.images import save_grid
-from training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, write_atomic
+from training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    remove_temp_files,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 from training.config import ConfigError, RunConfig
 from training.data import Dataset, load_dataset
 from training.losses import discriminator_loss, forward, generator_encoder_loss, weighted_total
 from training.networks import build_networks
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"  # The resolved config of a run, written before its first step.
 
 # Called on rank 0 after each metrics record: (step, record, ema networks) -> extra fields.
 EvalHook = Callable[[int, dict[str, Any], dict[str, nn.Module]], dict[str, Any]]
@@ -126,6 +136,13 @@ def write_grids(
         net.train()
 
 
+def _read_config(path: Path) -> RunConfig:
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: the run's config cannot be read ({exc})") from exc
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records written after the checkpoint we resume from, and a last record cut
     off by a crash in the middle of its write; the history is replaced atomically."""
@@ -160,7 +177,12 @@ def train(
     run_dir = Path(run_dir)
     rank, world, device = setup_distributed()
     state = None
-    if resume:
+    if resume and not list_checkpoints(run_dir) and (run_dir / CONFIG_FILE).is_file():
+        # Stopped before its first checkpoint: the run starts again from step 0, as it began.
+        cfg = _read_config(run_dir / CONFIG_FILE)
+        if rank == 0:
+            log.info("resuming %s from step 0: it holds no checkpoint yet", run_dir)
+    elif resume:
         ckpt_path = resolve_checkpoint(run_dir)
         state = load_checkpoint(ckpt_path, map_location="cpu")
         cfg = RunConfig.from_dict(state["config"])
@@ -222,7 +244,10 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        removed = remove_temp_files(run_dir)
+        if removed:
+            log.info("removed %d temporary file(s) of cut-off writes", len(removed))
+        write_atomic(run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         _truncate_metrics(metrics_path, start)
 
     def snapshot(step: int) -> Path:
