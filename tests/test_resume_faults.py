@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from training.checkpoint import load_checkpoint
+from training.cli import main
 from training.config import RunConfig, from_preset, validate
 from training.training_loop import train
 
@@ -89,8 +91,12 @@ def test_resume_of_a_run_killed_inside_its_first_checkpoint_write(tmp_path, imag
         path.unlink()
     history = run / "metrics.jsonl"
     history.write_text("".join(history.read_text().splitlines(keepends=True)[:1]))
-    resumed = final_state(train(None, run, resume=True))
-    assert_same(straight, resumed)
+    dry = CliRunner().invoke(main, ["train", "--resume", str(run), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.output) == json.loads((run / "config.json").read_text())
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(run)])  # as `aegan train`
+    assert resumed.exit_code == 0, resumed.output
+    assert_same(straight, final_state(run / "checkpoints" / "step-0000006.pt"))
     assert logged_steps(run) == [2, 4, 6]
     assert not list(run.glob("checkpoints/.tmp-*"))
 

@@ -26,11 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aegan_serve.images import save_grid
 from training.checkpoint import (
+    CONFIG_FILE,
     CheckpointError,
-    list_checkpoints,
-    load_checkpoint,
     remove_temp_files,
     resolve_checkpoint,
+    resume_point,
     save_checkpoint,
     write_atomic,
 )
@@ -40,8 +40,6 @@ from training.losses import discriminator_loss, forward, generator_encoder_loss,
 from training.networks import build_networks
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"  # The resolved config of a run, written before its first step.
 
 # Called on rank 0 after each metrics record: (step, record, ema networks) -> extra fields.
 EvalHook = Callable[[int, dict[str, Any], dict[str, nn.Module]], dict[str, Any]]
@@ -136,13 +134,6 @@ def write_grids(
         net.train()
 
 
-def _read_config(path: Path) -> RunConfig:
-    try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: the run's config cannot be read ({exc})") from exc
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records written after the checkpoint we resume from, and a last record cut
     off by a crash in the middle of its write; the history is replaced atomically."""
@@ -177,23 +168,20 @@ def train(
     run_dir = Path(run_dir)
     rank, world, device = setup_distributed()
     state = None
-    if resume and not list_checkpoints(run_dir) and (run_dir / CONFIG_FILE).is_file():
-        # Stopped before its first checkpoint: the run starts again from step 0, as it began.
-        cfg = _read_config(run_dir / CONFIG_FILE)
-        if rank == 0:
-            log.info("resuming %s from step 0: it holds no checkpoint yet", run_dir)
-    elif resume:
-        ckpt_path = resolve_checkpoint(run_dir)
-        state = load_checkpoint(ckpt_path, map_location="cpu")
-        cfg = RunConfig.from_dict(state["config"])
-        if len(state["rng"]["data"]) != world:
+    if resume:
+        state, raw_config = resume_point(run_dir)
+        try:
+            cfg = RunConfig.from_dict(raw_config)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{run_dir}: the run's config cannot be read ({exc})") from exc
+        if state is not None and len(state["rng"]["data"]) != world:
             raise ConfigError(
                 "--resume",
                 f"checkpoint was written by {len(state['rng']['data'])} process(es), "
                 f"this run has {world}",
             )
         if rank == 0:
-            log.info("resuming %s from %s (step %d)", run_dir, ckpt_path.name, state["step"])
+            log.info("resuming %s from step %d", run_dir, state["step"] if state else 0)
     if cfg is None:
         raise ValueError("train() needs a config unless it resumes")
     if steps is not None:
