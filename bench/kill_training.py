@@ -37,8 +37,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
-STEPS = 24  # Steps of the tiny run.
-CHECKPOINT_EVERY = 4  # Steps between checkpoints (6 checkpoints, the newest 3 kept).
+STEPS = 16  # Steps of the tiny run.
+CHECKPOINT_EVERY = 4  # Steps between checkpoints (4 checkpoints, the newest 3 kept).
 WRITE_PAUSE_S = 30.0  # How long a `write` trial's child sleeps half-way through a checkpoint.
 RUN_TIMEOUT_S = 300.0  # One child process may not take longer than this.
 MAX_ATTEMPTS = 8  # Runs per trial before it counts as failed.
@@ -133,6 +133,7 @@ class Trial:
     equal: bool = False
     differences: list[str] = field(default_factory=list)
     leftover_temp_files: int = 0
+    missed_kills: int = 0  # runs that ended before the kill moment drawn for them: drawn again
     seconds: float = 0.0
 
 
@@ -227,8 +228,10 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
 
 
 def run_trial(
-    number: int, rng: random.Random, data: Path, work: Path, reference: Path, train_s: float
+    number: int, rng: random.Random, data: Path, work: Path, reference: Path, window: list[float]
 ) -> Trial:
+    """One trial; ``window[0]``: the training seconds kill moments are drawn from, shortened
+    whenever a run ends before its kill (the machine's load changes)."""
     trial = Trial(trial=number)
     run = work / f"trial-{number:02d}"
     marker = work / f"trial-{number:02d}.marker"
@@ -242,7 +245,13 @@ def run_trial(
         resume = (run / "config.json").exists()
         argv = ["train", "--resume", str(run)] if resume else train_args(data, run)
         pause_at = rng.randint(1, STEPS // CHECKPOINT_EVERY)
-        attempt, _ = run_child(argv, marker, kill, rng.uniform(0.0, train_s), pause_at)
+        attempt, seconds = run_child(argv, marker, kill, rng.uniform(0.0, window[0]), pause_at)
+        if kill != "none" and not attempt.killed and attempt.returncode == 0 and not resume:
+            trial.missed_kills += 1  # finished before its kill: start over, in a shorter window
+            window[0] = min(window[0], seconds)
+            if trial.missed_kills < 4:
+                shutil.rmtree(run, ignore_errors=True)
+                continue
         trial.attempts.append(attempt)
         trial.resumes += resume
         if attempt.error:
@@ -283,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reference run failed: {attempt.error}", file=sys.stderr)
             return 2
         print(f"reference run: {STEPS} steps, {train_s:.1f} s after start-up", flush=True)
-        trials = []
+        trials, window = [], [train_s]
         for number in range(args.trials):
-            trial = run_trial(number, rng, data, work, reference, train_s)
+            trial = run_trial(number, rng, data, work, reference, window)
             trials.append(trial)
             print(_row(trial), flush=True)
     total_s = time.monotonic() - began
@@ -296,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             a.killed and a.kill == "write" for t in trials for a in t.attempts
         ),
         "resumes": sum(t.resumes for t in trials),
+        "missed_kills": sum(t.missed_kills for t in trials),
         "completed": sum(t.completed for t in trials),
         "equal": sum(t.equal for t in trials),
         "leftover_temp_files": sum(t.leftover_temp_files for t in trials),
