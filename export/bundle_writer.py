@@ -10,10 +10,13 @@ behind.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -309,21 +312,59 @@ def _check_destination(out: Path, force: bool) -> None:
 
 
 def _move_into_place(work: Path, out: Path) -> None:
-    """Rename the finished bundle to ``out``; an old ``out`` is moved aside first and removed last,
-    and restored if the final rename fails."""
+    """Rename the finished bundle to ``out``. An old ``out`` is swapped with it in one atomic step
+    where the system can (Linux): ``out`` holds a whole bundle, old or new, at every moment.
+    Elsewhere the old one is moved aside first, restored if the final rename fails, removed last."""
     if not out.exists():
         os.rename(work, out)
         _fsync_dir(out.parent)
+        return
+    if _exchange(work, out):  # now ``out`` is the new bundle and ``work`` the old one
+        _fsync_dir(out.parent)
+        shutil.rmtree(work, ignore_errors=True)
         return
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(out, old)
     try:
         os.rename(work, out)
-    except BaseException:
-        os.rename(old, out)
+    except BaseException as exc:
+        try:
+            os.rename(old, out)
+        except OSError as undo:
+            raise ExportError(
+                f"--out {out}: the new bundle could not be moved into place ({exc}) nor the "
+                f"previous one restored ({undo}); the previous bundle is in {old}"
+            ) from exc
         raise
     _fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``). False where the
+    C library, kernel or file system cannot; any other failure raises ``OSError``."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # C library older than glibc 2.28, or not glibc
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def _fsync_dir(folder: Path) -> None:

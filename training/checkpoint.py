@@ -7,6 +7,7 @@ and the resolved config. A run keeps the newest ``keep`` of them in ``RUN_DIR/ch
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "aegan-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"  # The resolved config of a run, written before its first step.
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
 
 
@@ -83,6 +85,16 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, keep: int) -> Path:
     return path
 
 
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of writes a crash cut short (``.tmp-*`` in the run directory and
+    its checkpoints); only the run's one writer may call this. Returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = [*run_dir.glob(".tmp-*"), *(run_dir / CHECKPOINT_DIR).glob(".tmp-*")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and sanity-check one checkpoint file (``weights_only=True``: no code is executed)."""
     path = Path(path)
@@ -116,3 +128,21 @@ def resolve_checkpoint(source: Path) -> Path:
         except CheckpointError as exc:
             log.warning("skipping unloadable checkpoint: %s", exc)
     raise CheckpointError(f"{source}: run directory holds no loadable checkpoint")
+
+
+def resume_point(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(state of the run's newest loadable checkpoint, the run's config as a dict). A run stopped
+    before its first checkpoint has no state (None): it starts again from step 0 with the config
+    it saved in ``config.json``, as it began."""
+    run_dir = Path(run_dir)
+    config = run_dir / CONFIG_FILE
+    if run_dir.is_dir() and not list_checkpoints(run_dir) and config.is_file():
+        try:
+            raw = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{config}: the run's config cannot be read ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{config}: the run's config is not a JSON object")
+        return None, raw
+    state = load_checkpoint(resolve_checkpoint(run_dir))
+    return state, state["config"]

@@ -124,10 +124,10 @@ def train(
 
     if resume is not None:
         if dry_run:
-            from training.checkpoint import load_checkpoint, resolve_checkpoint
+            from training.checkpoint import resume_point
 
-            state = load_checkpoint(resolve_checkpoint(resume))
-            click.echo(json.dumps(state["config"], indent=2))
+            _, raw_config = resume_point(resume)
+            click.echo(json.dumps(raw_config, indent=2))
             return
         run_training(None, resume, resume=True, steps=steps, eval_hook=eval_hook_for_run(resume))
         return

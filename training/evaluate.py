@@ -331,8 +331,8 @@ def make_eval_hook(cfg: RunConfig) -> Any:
 
 
 def eval_hook_for_run(run_dir: Path) -> Any:
-    """The hook of a run being resumed, from its newest checkpoint's config."""
-    from training.checkpoint import load_checkpoint, resolve_checkpoint
+    """The hook of a run being resumed, from the config it resumes with."""
+    from training.checkpoint import resume_point
 
-    state = load_checkpoint(resolve_checkpoint(run_dir))
-    return make_eval_hook(RunConfig.from_dict(state["config"]))
+    _, raw_config = resume_point(run_dir)
+    return make_eval_hook(RunConfig.from_dict(raw_config))

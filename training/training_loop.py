@@ -25,7 +25,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from aegan_serve.images import save_grid
-from training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, write_atomic
+from training.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    remove_temp_files,
+    resolve_checkpoint,
+    resume_point,
+    save_checkpoint,
+    write_atomic,
+)
 from training.config import ConfigError, LossConfig, RunConfig
 from training.data import Dataset, load_dataset
 from training.losses import discriminator_loss, forward, generator_encoder_loss, weighted_total
@@ -192,17 +200,19 @@ def train(
     rank, world, device = setup_distributed()
     state = None
     if resume:
-        ckpt_path = resolve_checkpoint(run_dir)
-        state = load_checkpoint(ckpt_path, map_location="cpu")
-        cfg = RunConfig.from_dict(state["config"])
-        if len(state["rng"]["data"]) != world:
+        state, raw_config = resume_point(run_dir)
+        try:
+            cfg = RunConfig.from_dict(raw_config)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{run_dir}: the run's config cannot be read ({exc})") from exc
+        if state is not None and len(state["rng"]["data"]) != world:
             raise ConfigError(
                 "--resume",
                 f"checkpoint was written by {len(state['rng']['data'])} process(es), "
                 f"this run has {world}",
             )
         if rank == 0:
-            log.info("resuming %s from %s (step %d)", run_dir, ckpt_path.name, state["step"])
+            log.info("resuming %s from step %d", run_dir, state["step"] if state else 0)
     if cfg is None:
         raise ValueError("train() needs a config unless it resumes")
     if steps is not None:
@@ -244,7 +254,10 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        removed = remove_temp_files(run_dir)
+        if removed:
+            log.info("removed %d temporary file(s) of cut-off writes", len(removed))
+        write_atomic(run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         _truncate_metrics(metrics_path, start)
 
     def snapshot(step: int) -> Path:
