@@ -12,8 +12,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -50,12 +51,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one, whole."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def _replace(path: Path, write: Callable[[BinaryIO], object], suffix: str = "") -> None:
+    """Replace ``path`` with what ``write`` writes to a file, so that a crash leaves the old file
+    or the new one, whole: a temporary file beside it, fsync, rename, fsync of the folder."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,23 +65,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``, atomically (see :func:`_replace`)."""
+    _replace(path, lambda f: f.write(data))
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: Path, keep: int) -> Path:
     """Write ``state`` for its step atomically (temp file, fsync, rename) and prune old ones."""
     path = checkpoint_path(run_dir, int(state["step"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _replace(path, lambda f: torch.save({"format": FORMAT, **state}, f), suffix=".pt")
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
