@@ -79,9 +79,11 @@ def main() -> None:
         "seconds": round(seconds, 1),
         "exit_code": run.returncode,
         "rss_after_mib": rss,
-        "summary": output[output.rfind("SUMMARY") :][-3000:]
-        if "SUMMARY" in output
-        else output[-3000:],
+        "summary": output[output.rfind("SUMMARY") :][-3000:],
+        # what schemathesis reports as errors (not failed checks: e.g. a request it could not send)
+        "errors": output[output.find("ERRORS") : output.rfind("SUMMARY")][-6000:]
+        if "ERRORS" in output
+        else "",
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(report["summary"])
