@@ -5,7 +5,7 @@ run`` over every operation of ``/docs.json`` (all test phases: examples, coverag
 edges, fuzzing) with the checks the suite's bounded run uses, and records how many requests were
 generated, how many were answered 5xx and which checks failed.
 
-    .venv/bin/python bench/fuzz.py                      # about 10 000 requests
+    .venv/bin/python bench/fuzz.py                      # about 14 000 requests, 25 minutes
     .venv/bin/python bench/fuzz.py --max-examples 100   # a quick look
 
 Writes docs/bench-fuzz.json and prints the summary.
@@ -35,7 +35,7 @@ CHECKS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-examples", type=int, default=300, help="per operation and phase")
+    parser.add_argument("--max-examples", type=int, default=2000, help="per operation and phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=bench.REPO / "docs" / "bench-fuzz.json")
     args = parser.parse_args()
