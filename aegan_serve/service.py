@@ -70,8 +70,8 @@ class Upload(PurePosixPath):
     """One uploaded file, held in memory: its name is the client's file name, ``data`` its bytes.
 
     BentoML's ``Path`` fields first write every upload to a new file in the request's temporary
-    directory; for the small images this service takes, creating those files cost more CPU than
-    decoding the images (docs/BENCHMARKS.md). Starlette still spools a part over 1 MiB to disk.
+    directory, a file system round trip per image for uploads this small. Starlette still spools
+    a part over 1 MiB to disk.
     """
 
     data: bytes

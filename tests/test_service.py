@@ -29,6 +29,20 @@ def generated_pngs(client, n: int, seed: int) -> list[bytes]:
     return [base64.b64decode(image) for image in body["images"]]
 
 
+def at_once(client, route: str, uploads, count: int) -> list:
+    """``count`` identical upload requests sent together from as many threads; their answers."""
+    responses = []
+    threads = [
+        threading.Thread(target=lambda: responses.append(client.post(route, files=uploads)))
+        for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return responses
+
+
 def tiles(strip: np.ndarray, count: int, size: int = 28) -> list[np.ndarray]:
     step = size + PAD
     return [strip[PAD : PAD + size, PAD + i * step : PAD + i * step + size] for i in range(count)]
@@ -177,17 +191,7 @@ def test_a_full_encoder_queue_sheds_load_with_429_and_retry_after(image_bundle, 
     limits = {"AEGAN_MAX_IMAGES": "2", "AEGAN_MAX_QUEUE": "2", "AEGAN_BATCH_SIZE": "1"}
     with serve(image_bundle, **limits) as client:
         upload = generated_pngs(client, 1, 3)[0]
-        responses = []
-        threads = [
-            threading.Thread(
-                target=lambda: responses.append(client.post("/encode", files=files(upload)))
-            )
-            for _ in range(8)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        responses = at_once(client, "/encode", files(upload), 8)
         assert client.get("/readyz").status_code == 200
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses  # 1 running + 2 queued
@@ -585,17 +589,7 @@ def test_work_that_waited_too_long_for_a_thread_is_refused_not_run(image_bundle,
     limits = {"AEGAN_BATCH_LATENCY_MS": "100", "AEGAN_WORKERS": "2"}  # one pool thread
     with serve(image_bundle, **limits) as client:
         upload = image_bytes(gradient())
-        responses = []
-        threads = [
-            threading.Thread(
-                target=lambda: responses.append(client.post("/reconstruct", files=files(upload)))
-            )
-            for _ in range(6)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        responses = at_once(client, "/reconstruct", files(upload), 6)
     statuses = sorted(r.status_code for r in responses)
     assert set(statuses) == {200, 429} and statuses.count(200) < 6, statuses
     assert len(decoded) == statuses.count(200)  # the refused ones cost no decoding
