@@ -19,7 +19,7 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "QUOTA PERIOD" or "max PERIOD
 NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 
 
-class ConfigError(ValueError):
+class SettingsError(ValueError):
     """An environment variable holds a value the server cannot use."""
 
 
@@ -30,9 +30,9 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) 
     try:
         value = int(raw.replace("_", ""))
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
     if value < minimum:
-        raise ConfigError(f"{name}={value} must be at least {minimum}")
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
     return value
 
 
@@ -57,12 +57,12 @@ class Limits:
             for f in fields(cls)
         }
         if values["max_inflight_bytes"] < values["max_request_bytes"]:
-            raise ConfigError(
+            raise SettingsError(
                 "AEGAN_MAX_INFLIGHT_BYTES must be at least AEGAN_MAX_REQUEST_BYTES "
                 f"({values['max_request_bytes']}): one request must always fit"
             )
         if values["max_steps"] < 2:
-            raise ConfigError("AEGAN_MAX_STEPS must be at least 2 (the two end points)")
+            raise SettingsError("AEGAN_MAX_STEPS must be at least 2 (the two end points)")
         return cls(**values)
 
     def env_name(self, field: str) -> str:
@@ -91,16 +91,16 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         device = environ.get("AEGAN_DEVICE", "auto").strip().lower() or "auto"
         if device not in DEVICES:
-            raise ConfigError(f"AEGAN_DEVICE={device!r} must be one of {', '.join(DEVICES)}")
+            raise SettingsError(f"AEGAN_DEVICE={device!r} must be one of {', '.join(DEVICES)}")
         fp16 = environ.get("AEGAN_FP16", "1").strip()
         if fp16 not in ("0", "1"):
-            raise ConfigError(f"AEGAN_FP16={fp16!r} must be 0 or 1")
+            raise SettingsError(f"AEGAN_FP16={fp16!r} must be 0 or 1")
         gpu = device != "cpu" and gpu_visible()
         workers = _int(environ, "AEGAN_WORKERS", 1 if gpu else available_cpus())
         limits = Limits.from_env(environ)
         max_queue = _int(environ, "AEGAN_MAX_QUEUE", 1024)
         if max_queue < limits.max_images:
-            raise ConfigError(
+            raise SettingsError(
                 f"AEGAN_MAX_QUEUE={max_queue} must be at least AEGAN_MAX_IMAGES={limits.max_images}"
                 " (one request's images always fit in the queue)"
             )

@@ -1,20 +1,29 @@
-"""Client errors. BentoML answers each with its HTTP status and ``{"error": message}``.
+"""Client errors: each carries the HTTP status it is answered with.
 
 Helpers raise these directly so that every bad input becomes a 4xx with a message that says what
-was wrong; anything else escaping an endpoint is a server bug (5xx).
+was wrong; anything else escaping an endpoint is a server bug (5xx). This module imports no web
+framework, so the pixel code that raises them is shared with training: the service turns them into
+BentoML's answers at the endpoint (``aegan_serve.service.answers_client_errors``) and the request
+guard answers them itself.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
 
-from bentoml.exceptions import BentoMLException
 
-
-class RequestError(BentoMLException):
-    """400: the request is malformed (corrupt image, wrong latent length, NaN, ...)."""
+class ClientError(Exception):
+    """A request the server refuses; ``error_code`` is the status of the answer."""
 
     error_code = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RequestError(ClientError):
+    """400: the request is malformed (corrupt image, wrong latent length, NaN, ...)."""
 
 
 class LimitExceeded(RequestError):
@@ -35,7 +44,7 @@ class WrongModelKind(RequestError):
     error_code = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
-class Overloaded(BentoMLException):
+class Overloaded(ClientError):
     """429: the server is busy (a queue is full or waited too long); retry after ``Retry-After``.
 
     429 rather than 503 because BentoML hides the message of 5xx answers, and its own concurrency

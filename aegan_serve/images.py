@@ -1,4 +1,5 @@
-"""Image codecs shared by the service and the training loop (numpy + Pillow, no torch).
+"""Pixels and image codecs shared by the service, training and evaluation (numpy + Pillow only:
+no BentoML, no torch).
 
 Model pixels are float32 in [-1, 1], laid out (N, C, H, W) with C = 1 (grey) or 3 (RGB).
 """
@@ -15,6 +16,27 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import LimitExceeded, RequestError, UnsupportedImage
+
+PSNR_CAP_DB = 100.0  # reported for an exact reconstruction (MSE 0) instead of infinity
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """Pixels in [-1, 1] -> [0, 1] (clipped)."""
+    return (np.clip(images, -1.0, 1.0) + 1.0) / 2.0
+
+
+def per_sample_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean squared error of each sample (first axis), in float64."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return (diff * diff).reshape(len(diff), -1).mean(axis=1)
+
+
+def psnr(reference: np.ndarray, estimate: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Per-sample PSNR in dB, ``10 log10(range^2 / MSE)``, capped at :data:`PSNR_CAP_DB`."""
+    mse = per_sample_mse(reference, estimate)
+    with np.errstate(divide="ignore"):
+        value = 10.0 * np.log10(data_range**2 / mse)
+    return np.minimum(value, PSNR_CAP_DB)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -32,7 +32,8 @@ from urllib.parse import unquote_plus
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, QuerystringParser, parse_options_header
 
-from .errors import LimitExceeded, Overloaded, RequestError
+from .answers import bentoml_error
+from .errors import ClientError, LimitExceeded, Overloaded, RequestError
 
 MAX_TEXT_PART_BYTES = 1 << 20  # Starlette's limit for a multipart part that is not a file
 MAX_PARTS = 1000  # Starlette's limit on files (and on fields) per multipart body
@@ -241,8 +242,15 @@ class RequestGuard:
         received = 0
 
         async def checked_receive() -> dict[str, Any]:
+            # Raised here, inside BentoML's reading of the body, BentoML answers with the error's
+            # status.
+            try:
+                return await check_message(await receive())
+            except ClientError as exc:
+                raise bentoml_error(exc) from None
+
+        async def check_message(message: dict[str, Any]) -> dict[str, Any]:
             nonlocal received, reserved
-            message = await receive()
             if message["type"] == "http.request":
                 body = message.get("body", b"")
                 received += len(body)
@@ -253,7 +261,7 @@ class RequestGuard:
                     reserved = received
                     if self.inflight_bytes > self.max_inflight_bytes:
                         raise Overloaded(self._busy())
-                if check is not None:  # raising here makes BentoML answer with the error's status
+                if check is not None:
                     check.feed(body, last=not message.get("more_body", False))
             return message
 

@@ -9,6 +9,7 @@ graphs are used when it has them (their inputs and outputs are float32 as well).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +69,32 @@ class Graph:
         return binding.copy_outputs_to_cpu()[0]
 
 
+def cuda_unavailable_reason() -> str | None:
+    """None when ONNX Runtime has a CUDA provider and the driver reports a CUDA device; else why
+    not. Asks the driver directly (no session is created, so nothing is logged as an error)."""
+    if CUDA not in ort.get_available_providers():
+        return f"this onnxruntime build has no {CUDA} (providers: {ort.get_available_providers()})"
+    for lib in ("libcuda.so.1", "nvcuda.dll", "libcuda.dylib"):
+        try:
+            cuda = ctypes.CDLL(lib)
+            break
+        except OSError:
+            continue
+    else:
+        return "no NVIDIA driver on this machine"
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return "the NVIDIA driver reports an error (no usable GPU)"
+    if count.value < 1:
+        return "no CUDA device"
+    return None
+
+
 def _cuda_session(path: Path, threads: int, device_id: int, quiet: bool) -> ort.InferenceSession:
     """A session on CUDA, or ``DeviceError`` saying why CUDA could not be used."""
-    if CUDA not in ort.get_available_providers():
-        raise DeviceError(
-            f"this onnxruntime build has no {CUDA} (providers: {ort.get_available_providers()})"
-        )
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise DeviceError(reason)
     if quiet:  # auto mode: the fallback is expected and logged below, not an error
         ort.set_default_logger_severity(4)
     try:

@@ -28,11 +28,23 @@ from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from . import __version__
+from .answers import answers_client_errors
 from .batching import Batcher
 from .bundle import load_bundle, resolve_bundle_dir
-from .config import ConfigError, Settings, available_cpus, gpu_visible
+from .config import Settings, SettingsError, available_cpus, gpu_visible
 from .errors import Overloaded, RequestError, WrongModelKind
-from .images import encode_gif, encode_png, load_uploads, make_grid, png_base64, to_uint8
+from .images import (
+    PSNR_CAP_DB,
+    encode_gif,
+    encode_png,
+    load_uploads,
+    make_grid,
+    per_sample_mse,
+    png_base64,
+    psnr,
+    to_uint8,
+    to_unit,
+)
 from .latents import (
     LATENT_ABS_MAX,
     MAX_SEED,
@@ -58,8 +70,7 @@ LIMITS = SETTINGS.limits
 # non-zero exit status, instead of workers failing and being restarted forever behind an open port.
 STARTUP_BUNDLE = load_bundle(resolve_bundle_dir(SETTINGS.model))
 if SETTINGS.device == "cuda" and not gpu_visible():
-    raise ConfigError("AEGAN_DEVICE=cuda but no NVIDIA GPU is visible (no /dev/nvidiactl)")
-PSNR_CAP_DB = 100.0  # reported for a perfect reconstruction instead of infinity
+    raise SettingsError("AEGAN_DEVICE=cuda but no NVIDIA GPU is visible (no /dev/nvidiactl)")
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
 IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate")  # 422 on a vector model
 IN_USE = {"latent_dim": STARTUP_BUNDLE.latent_dim}  # the bundle of this worker
@@ -181,6 +192,7 @@ class AEGAN:
     # otherwise encode a PIL image on the event loop, or write the bytes to a temporary file.
 
     @bentoml.api
+    @answers_client_errors
     async def sample(
         self, n: Count = 16, seed: Seed | None = None, truncation: Truncation = 1.0
     ) -> Image.Image:
@@ -192,6 +204,7 @@ class AEGAN:
         return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})  # type: ignore[return-value]
 
     @bentoml.api
+    @answers_client_errors
     async def generate(
         self, n: Count = 16, seed: Seed | None = None, truncation: Truncation = 1.0
     ) -> Generated:
@@ -202,6 +215,7 @@ class AEGAN:
         return Generated(seed=seed, latents=latents.tolist(), **decoded)
 
     @bentoml.api
+    @answers_client_errors
     async def encode(self, images: Uploads) -> Encoded:
         """One latent per uploaded image, in upload order. Concurrent requests are encoded together
         (cross-request batching, see ``AEGAN_BATCH_SIZE``)."""
@@ -210,12 +224,14 @@ class AEGAN:
         return Encoded(latents=z.tolist())
 
     @bentoml.api
+    @answers_client_errors
     async def decode(self, latents: Latents) -> Decoded:
         """Latent vectors -> images as base64 PNG (image models) or vectors (vector models)."""
         z = check_latents(latents, self.bundle.latent_dim, "latents")
         return Decoded(**await self._compute(len(z), lambda: self._decode(z)))
 
     @bentoml.api
+    @answers_client_errors
     async def reconstruct(self, images: Uploads) -> Reconstructed:
         """G(E(x)) for each uploaded image x, with its latent and the per-image error against the
         preprocessed upload."""
@@ -225,6 +241,7 @@ class AEGAN:
         return await self._compute(len(x), lambda: self._reconstructed(x, z))
 
     @bentoml.api
+    @answers_client_errors
     async def interpolate(
         self,
         # An empty list, not None, when absent: BentoML 1.4 cannot take optional file lists.
@@ -262,6 +279,7 @@ class AEGAN:
         return Response(data, media_type=f"image/{format}")  # type: ignore[return-value]
 
     @bentoml.api
+    @answers_client_errors
     def info(self) -> dict[str, Any]:
         """The model (name, shapes, prior, metrics measured at export), the execution provider in
         use, the request limits and the encoder batches run so far by this worker."""
@@ -365,13 +383,13 @@ class AEGAN:
         )
 
     def _reconstructed(self, x: np.ndarray, z: np.ndarray) -> Reconstructed:
-        x_hat = np.clip(self.model.generate(z), -1.0, 1.0)
-        mse = (((x_hat - x) / 2.0) ** 2).reshape(len(x), -1).mean(axis=1)  # pixels in [0, 1]
+        x_hat = self.model.generate(z)
+        unit, unit_hat = to_unit(x), to_unit(x_hat)  # errors of pixels in [0, 1]
         return Reconstructed(
             latents=z.tolist(),
             images=[png_base64(tile) for tile in to_uint8(x_hat)],
-            mse=mse.tolist(),
-            psnr=[min(PSNR_CAP_DB, -10.0 * math.log10(max(e, 1e-30))) for e in mse.tolist()],
+            mse=per_sample_mse(unit, unit_hat).tolist(),
+            psnr=psnr(unit, unit_hat).tolist(),
         )
 
     def _animation(

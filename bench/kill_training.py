@@ -80,7 +80,7 @@ def child(marker: Path, pause_at_write: int, argv: list[str]) -> None:
     import training.checkpoint
     import training.evaluate  # noqa: F401  (imported by the command: keep it out of the timing)
     import training.training_loop  # noqa: F401
-    from training.cli import run
+    from aegan_cli import run
 
     if pause_at_write > 0:
         real_save = torch.save

@@ -148,7 +148,7 @@ def eval_command(run: Run, threads: int) -> list[str]:
 
 def _python(cmd: list[str]) -> list[str]:
     """``aegan ...`` through this interpreter, so the script needs no activated environment."""
-    return [sys.executable, "-m", "training.cli", *cmd[1:]]
+    return [sys.executable, "-m", "aegan_cli", *cmd[1:]]
 
 
 def execute(run: Run, threads: int) -> None:

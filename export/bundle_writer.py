@@ -57,7 +57,7 @@ from export.onnx_export import (
     to_fp16,
     torch_outputs,
 )
-from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from training.checkpoint import CheckpointError, fsync_dir, load_checkpoint, resolve_checkpoint
 from training.config import RunConfig
 from training.data import DataError
 from training.networks import build_networks
@@ -161,7 +161,7 @@ def export_bundle(
         write_manifest(work, manifest)
         _add_directions(work, cfg)
         load_bundle(work)  # read back and hash-check exactly as the service will
-        _fsync_dir(work)
+        fsync_dir(work, files=True)
         _move_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -317,10 +317,10 @@ def _move_into_place(work: Path, out: Path) -> None:
     Elsewhere the old one is moved aside first, restored if the final rename fails, removed last."""
     if not out.exists():
         os.rename(work, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return
     if _exchange(work, out):  # now ``out`` is the new bundle and ``work`` the old one
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         shutil.rmtree(work, ignore_errors=True)
         return
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -336,7 +336,7 @@ def _move_into_place(work: Path, out: Path) -> None:
                 f"previous one restored ({undo}); the previous bundle is in {old}"
             ) from exc
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -367,23 +367,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a directory's files and entries to disk (POSIX; a no-op where directories can't be
-    opened)."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- BentoML model store --------------------------------------------------------------------
 
 
@@ -407,7 +390,7 @@ def store_in_bentoml(bundle_dir: Path, name: str) -> str:
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
     labels = {"kind": bundle.kind, "bundle_format": str(manifest["format_version"])}
-    metadata = _plain(
+    metadata = _bentoml_metadata(
         {
             "bundle_name": bundle.name,
             "kind": bundle.kind,
@@ -431,10 +414,10 @@ def store_in_bentoml(bundle_dir: Path, name: str) -> str:
     return str(model.tag)
 
 
-def _plain(value: Any) -> Any:
+def _bentoml_metadata(value: Any) -> Any:
     """Metadata BentoML accepts: JSON-like values without None."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+        return {str(k): _bentoml_metadata(v) for k, v in value.items() if v is not None}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value if v is not None]
+        return [_bentoml_metadata(v) for v in value if v is not None]
     return value

@@ -14,7 +14,6 @@ the PyTorch network it came from. A graph that disagrees beyond its tolerance ra
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import warnings
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from aegan_serve.runtime import cuda_unavailable_reason
 
 OPSET = 18  # ONNX opset of every graph; ONNX Runtime >= 1.14 runs it.
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -185,26 +186,6 @@ def torch_outputs(net: nn.Module, inputs: list[np.ndarray]) -> list[np.ndarray]:
     net.eval()
     with torch.no_grad():
         return [net(torch.from_numpy(x)).numpy() for x in inputs]
-
-
-def cuda_unavailable_reason() -> str | None:
-    """None when ONNX Runtime has a CUDA provider and the machine a CUDA device; else why not."""
-    if CUDA not in ort.get_available_providers():
-        return f"this onnxruntime build ({ort.get_device()}) has no CUDA execution provider"
-    for lib in ("libcuda.so.1", "nvcuda.dll", "libcuda.dylib"):
-        try:
-            cuda = ctypes.CDLL(lib)
-            break
-        except OSError:
-            continue
-    else:
-        return "no NVIDIA driver on this machine"
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return "the NVIDIA driver reports an error (no usable GPU)"
-    if count.value < 1:
-        return "no CUDA device"
-    return None
 
 
 def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from aegan_cli import main
 from aegan_serve.bundle import (
     DIRECTIONS_NAME,
     BundleError,
@@ -20,7 +21,6 @@ from aegan_serve.bundle import (
     write_manifest,
 )
 from export.directions import add_directions, pca, split_half_cosine
-from training.cli import main
 
 
 def random_images(n: int, shape: tuple[int, ...] = (1, 28, 28), seed: int = 0) -> np.ndarray:

@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 from fmnist_data import needs_fmnist, require_fmnist
 
+from aegan_cli import main
 from aegan_serve.bundle import (
     DATA_TENSOR,
     DIRECTIONS_NAME,
@@ -28,9 +29,10 @@ from aegan_serve.bundle import (
     BundleError,
     load_bundle,
 )
-from export import ExportError, ParityError, export_bundle, onnx_export
+from export import onnx_export
+from export.bundle_writer import export_bundle
+from export.onnx_export import ExportError, ParityError
 from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from training.cli import main
 from training.config import RunConfig, from_preset, validate
 from training.networks import build_networks
 from training.training_loop import train
@@ -337,7 +339,7 @@ def test_cli_force_replaces_a_bundle_and_saves_it_in_the_bentoml_store(
     # A fresh process: BentoML fixes its home directory the first time it is used.
     script = f"""
 import json, sys, bentoml
-from training.cli import main
+from aegan_cli import main
 from aegan_serve.bundle import load_bundle
 main({args!r}, standalone_mode=False)
 model = bentoml.models.get("tiny-aegan")

@@ -15,7 +15,8 @@ import onnx
 import pytest
 
 from aegan_serve.bundle import load_bundle
-from export import bundle_writer, export_bundle
+from export import bundle_writer
+from export.bundle_writer import export_bundle
 from training.config import from_preset, validate
 from training.training_loop import train
 

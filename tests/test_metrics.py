@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 from fmnist_data import FMNIST, needs_fmnist
 
-from training.cli import main
+from aegan_cli import main
+from aegan_serve.images import psnr, to_unit
 from training.config import ConfigError, RunConfig, from_preset, validate
 from training.metrics import (
     METRICS,
@@ -29,7 +30,6 @@ from training.metrics.classifier import WEIGHTS, classifier_info, load_classifie
 from training.metrics.coverage import class_histogram, classes_covered, kl_to_uniform
 from training.metrics.frechet import frechet_distance, mean_cov
 from training.metrics.precision_recall import knn_radii, precision_recall
-from training.metrics.reconstruction import psnr, to_unit
 from training.metrics.registry import Metric
 from training.metrics.vectors import energy_distance
 

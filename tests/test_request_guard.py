@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from bentoml.exceptions import BentoMLException
 
-from aegan_serve.errors import Overloaded
 from aegan_serve.middleware import RequestGuard
 
 KIB = 1024
@@ -96,8 +96,9 @@ def test_streamed_bodies_count_as_they_arrive():
         held = asyncio.ensure_future(middleware(*first[:3]))
         await asyncio.sleep(0.01)
         chunked = request(None, [b"x" * (64 * KIB)] * 4)  # no Content-Length: 256 KiB streamed
-        with pytest.raises(Overloaded, match="AEGAN_MAX_INFLIGHT_BYTES"):
+        with pytest.raises(BentoMLException, match="AEGAN_MAX_INFLIGHT_BYTES") as refused:
             await middleware(*chunked[:3])
+        assert refused.value.error_code == 429  # BentoML answers it with this status
         assert middleware.inflight_bytes == 900 * KIB  # the refused stream gave its bytes back
         app.release.set()
         await held

@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from aegan_cli import main
 from training.checkpoint import load_checkpoint
-from training.cli import main
 from training.config import RunConfig, from_preset, validate
 from training.training_loop import train
 

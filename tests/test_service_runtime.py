@@ -17,7 +17,7 @@ from service_helpers import serve
 
 from aegan_serve import config
 from aegan_serve.bundle import MANIFEST_NAME, BundleError, load_bundle, resolve_bundle_dir
-from aegan_serve.config import ConfigError, Limits, Settings, available_cpus
+from aegan_serve.config import Limits, Settings, SettingsError, available_cpus
 from aegan_serve.runtime import CPU, CUDA, DeviceError, ModelRuntime
 
 
@@ -151,7 +151,7 @@ def test_available_cpus_honours_a_cgroup_cpu_quota(monkeypatch, tmp_path, cpu_ma
     ],
 )
 def test_bad_settings_name_the_variable(env, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Settings.from_env(env)
 
 

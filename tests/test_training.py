@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from fmnist_data import FMNIST, needs_fmnist
 from PIL import Image
 
+from aegan_cli import main
 from training.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
 )
-from training.cli import main
 from training.config import (
     ConfigError,
     LossConfig,

@@ -43,8 +43,18 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_dir(folder: Path, *, files: bool = False) -> None:
+    """Flush a directory's entries (and, with ``files``, the files in it) to disk. POSIX; a no-op
+    where a directory cannot be opened."""
+    if files:
+        for path in folder.iterdir():
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
     finally:
@@ -61,7 +71,7 @@ def _replace(path: Path, write: Callable[[BinaryIO], object], suffix: str = "") 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

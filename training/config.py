@@ -8,12 +8,19 @@ beside the checkpoints and inside each of them, so export and resume need no fla
 from __future__ import annotations
 
 import copy
+import json
 import os
+import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "AEGAN_FASHION_MNIST_DIR"
+
+Arch = Literal["conv", "mlp"]
+Mode = Literal["aegan", "gan"]
+OnBadFile = Literal["fail", "skip"]
+CONV_IMAGE_SIZES = (28, 32, 64)  # square sides the conv networks are built for
 
 
 @dataclass
@@ -26,15 +33,15 @@ class DataConfig:
         28  # Side in pixels that image folders are resized to (28, 32 or 64 for conv).
     )
     channels: int = 1  # Channels of image-folder data: 1 (grey) or 3 (RGB).
-    on_bad_file: str = "fail"  # Image folders: 'fail' on an unreadable image, or 'skip' and report.
+    on_bad_file: OnBadFile = (
+        "fail"  # Image folders: 'fail' on an unreadable image, or 'skip' and report.
+    )
     limit: int | None = None  # Use only the first N samples (quick runs and tests); None: all.
 
 
 @dataclass
 class ModelConfig:
-    arch: str = (
-        "conv"  # Network family: 'conv' (DCGAN-like, images) or 'mlp' (vectors, flat images).
-    )
+    arch: Arch = "conv"  # Network family: 'conv' (DCGAN-like, images) or 'mlp' (vectors, flat).
     latent_dim: int = 32  # Dimension of z; prior N(0, I).
     width: int = 32  # conv: channels of the widest-resolution layer; mlp: ignored.
     hidden: int = 256  # mlp: units per hidden layer; conv: units of the latent discriminator.
@@ -44,7 +51,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    mode: str = "aegan"  # 'aegan' (G, E, Dx, Dz, reconstruction terms) or 'gan' (G and Dx only).
+    mode: Mode = "aegan"  # 'aegan' (G, E, Dx, Dz, reconstruction terms) or 'gan' (G and Dx only).
     # Image defaults tuned on Fashion-MNIST at 10 000 steps against the GAN (docs/RESULTS.md).
     adv_x: float = 3.0  # Weight of the image adversarial terms for G(z) and G(E(x)) (aegan only).
     adv_z: float = 3.0  # Weight of the latent adversarial terms for E(x) and E(G(z)).
@@ -97,20 +104,83 @@ class RunConfig:
         return _from_dict(cls, raw, "config")
 
 
-def _from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+def _from_dict(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise TypeError(f"{where}: expected an object, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    hints = get_type_hints(cls)
     values = {}
     for name, value in raw.items():
-        default = known[name].default_factory if callable(known[name].default_factory) else None
-        sample = default() if default is not None else None
-        if sample is not None and is_dataclass(sample):
-            values[name] = _from_dict(type(sample), value, f"{where}.{name}")
+        if is_dataclass(hints[name]):
+            values[name] = _from_dict(hints[name], value, f"{where}.{name}")
         else:
-            values[name] = value
+            values[name] = check_type(value, hints[name], f"{where}.{name}")
     return cls(**values)
+
+
+def check_type(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` if it has the field type ``annotation`` (an integer is taken for a float), else a
+    TypeError naming ``where`` and the expected type."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+    elif origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return check_type(value, option, where)
+            except TypeError:
+                pass
+    elif origin is list:
+        if isinstance(value, list):
+            return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    elif annotation is type(None):
+        if value is None:
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    raise TypeError(f"{where}: expected {describe_type(annotation)}, got {value!r}")
+
+
+def describe_type(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in args)
+    if origin is list:
+        return f"a list of {describe_type(args[0])}"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return "null" if annotation is type(None) else names.get(annotation, str(annotation))
+
+
+def apply_assignment(cfg: RunConfig, assignment: str) -> None:
+    """``--set SECTION.FIELD=VALUE``: VALUE is read as JSON (a bare word as a string) and must have
+    the field's type; otherwise a :class:`ConfigError` names the flag and the expected type."""
+    key, sep, raw = assignment.partition("=")
+    section, dot, name = key.partition(".")
+    target = getattr(cfg, section, None)
+    if not sep or not dot or not is_dataclass(target) or name not in target.__dataclass_fields__:
+        raise ConfigError("--set", f"{assignment!r} is not SECTION.FIELD=VALUE of a known field")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    annotation = get_type_hints(type(target))[name]
+    try:
+        value = check_type(value, annotation, key)
+    except TypeError as exc:
+        try:  # a string field takes the text as it is ("--set data.source=2024")
+            value = check_type(raw, annotation, key)
+        except TypeError:
+            raise ConfigError("--set", str(exc)) from None
+    setattr(target, name, value)
 
 
 # Named presets: overrides applied to the defaults above. Presets are data.
@@ -179,19 +249,32 @@ def fashion_mnist_dir(data: DataConfig) -> str:
     return data.fashion_mnist_dir or os.environ.get(FASHION_MNIST_ENV) or DEFAULT_FASHION_MNIST_DIR
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """All cross-field sanity checks, in one place. Raises :class:`ConfigError` naming the flag."""
+@dataclass(frozen=True)
+class DataFacts:
+    """What the loaded data is, for the checks that need it."""
+
+    kind: Literal["image", "vector"]
+    shape: tuple[int, ...]  # (C, H, W) or (D,)
+    count: int
+    source: str
+
+
+def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
+    """All sanity checks, in one place: the flags' values (types and enumerations are checked when
+    they are set) and, once the data is loaded, whether it suits them. Raises :class:`ConfigError`
+    naming the flag to fix."""
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
-    if m.arch not in ("conv", "mlp"):
-        raise ConfigError("--arch", f"must be 'conv' or 'mlp', not {m.arch!r}")
-    if lo.mode not in ("aegan", "gan"):
-        raise ConfigError("--mode", f"must be 'aegan' or 'gan', not {lo.mode!r}")
-    if d.on_bad_file not in ("fail", "skip"):
-        raise ConfigError("--on-bad-file", f"must be 'fail' or 'skip', not {d.on_bad_file!r}")
+    for flag, value, kind in (
+        ("--arch", m.arch, Arch),
+        ("--mode", lo.mode, Mode),
+        ("--on-bad-file", d.on_bad_file, OnBadFile),
+    ):
+        if value not in get_args(kind):
+            raise ConfigError(flag, f"must be {describe_type(kind)}, not {value!r}")
     if d.channels not in (1, 3):
         raise ConfigError("--channels", f"must be 1 or 3, not {d.channels}")
-    if m.arch == "conv" and d.image_size not in (28, 32, 64):
-        raise ConfigError("--image-size", f"conv networks take 28, 32 or 64 px, not {d.image_size}")
+    if m.arch == "conv" and d.image_size not in CONV_IMAGE_SIZES:
+        raise ConfigError("--image-size", f"conv networks take {_sizes()} px, not {d.image_size}")
     if d.source == "fashion-mnist" and (d.image_size, d.channels) != (28, 1):
         raise ConfigError("--image-size", "Fashion-MNIST is 28x28 grey: use --image-size 28")
     if d.limit is not None and d.limit < 1:
@@ -226,4 +309,27 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("train.eval_samples", "must be at least 10")
     if t.threads is not None and t.threads < 1:
         raise ConfigError("--threads", "must be at least 1")
+    if data is not None:
+        _validate_data(cfg, data)
     return cfg
+
+
+def _validate_data(cfg: RunConfig, data: DataFacts) -> None:
+    if cfg.model.arch == "conv" and data.kind != "image":
+        raise ConfigError("--arch", f"conv networks need images; {data.source} holds vectors")
+    if data.kind == "image" and cfg.model.arch == "conv":
+        _, h, w = data.shape
+        if h != w or h not in CONV_IMAGE_SIZES:
+            raise ConfigError(
+                "--arch", f"conv networks take square {_sizes()} px images, not {h}x{w}"
+            )
+    if cfg.model.data_shape and tuple(cfg.model.data_shape) != data.shape:
+        raise ConfigError(
+            "--data", f"data shape {data.shape} differs from the run's {cfg.model.data_shape}"
+        )
+    if data.count < cfg.train.batch_size:
+        raise ConfigError("--batch-size", f"{data.source} has only {data.count} samples")
+
+
+def _sizes() -> str:
+    return ", ".join(map(str, CONV_IMAGE_SIZES[:-1])) + f" or {CONV_IMAGE_SIZES[-1]}"

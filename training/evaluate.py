@@ -8,14 +8,12 @@ the autoencoder (MSE, PSNR). Vector data is compared with held-out vectors (ener
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from training.config import DataConfig, RunConfig, fashion_mnist_dir
@@ -24,11 +22,8 @@ from training.metrics import (
     EvalContext,
     GenerativeModel,
     Reference,
-    UnknownMetricError,
-    check_metric_names,
     compute_metrics,
     default_metric_names,
-    metric_names,
     result_meanings,
 )
 from training.metrics.registry import FMNIST_SHAPE
@@ -37,6 +32,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NUM_SAMPLES = 10_000
 EVAL_PREFIX = "eval/"  # metrics.jsonl fields written by the training-time hook
+
+
+class EvalError(ValueError):
+    """The model, bundle, held-out data or classifier of an evaluation cannot be used."""
 
 
 # --- models: torch networks or ONNX graphs, behind one numpy interface ------------------------
@@ -84,27 +83,15 @@ def load_run_model(source: Path) -> tuple[GenerativeModel, dict[str, Any]]:
 def load_bundle_model(
     path: Path, threads: int | None = None
 ) -> tuple[GenerativeModel, dict[str, Any]]:
-    """The generator and encoder graphs of a bundle, run by ONNX Runtime on the CPU."""
-    import onnxruntime as ort
-
-    from aegan_serve.bundle import ENCODER, GENERATOR, load_bundle
+    """The generator and encoder graphs of a bundle, run on the CPU by the service's runtime."""
+    from aegan_serve.bundle import load_bundle
+    from aegan_serve.config import available_cpus
+    from aegan_serve.runtime import ModelRuntime
 
     bundle = load_bundle(path)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-
-    def session(role: str) -> Any:
-        sess = ort.InferenceSession(
-            str(bundle.file(role)), options, providers=["CPUExecutionProvider"]
-        )
-        inp, out = bundle.tensor_names(role)
-        return lambda batch: sess.run([out], {inp: np.ascontiguousarray(batch, np.float32)})[0]
-
+    runtime = ModelRuntime(bundle, device="cpu", threads=threads or available_cpus())
     manifest = bundle.manifest  # written by export: "training_config" and "step" of the checkpoint
-    model = GenerativeModel(
-        session(GENERATOR), session(ENCODER), bundle.latent_dim, bundle.data_shape
-    )
+    model = GenerativeModel(runtime.generate, runtime.encode, bundle.latent_dim, bundle.data_shape)
     config = manifest.get("training_config")
     step = manifest.get("step")
     info = {"bundle": str(bundle.path), "name": bundle.name, "step": step}
@@ -136,7 +123,7 @@ def vector_reference(path: str) -> Reference:
 
     data = load_npy(path)
     if data.kind != "vector":
-        raise click.UsageError(f"--data: {path} holds images, not N x D vectors")
+        raise EvalError(f"--data: {path} holds images, not N x D vectors")
     return Reference("vector", data.samples.numpy(), path)
 
 
@@ -182,7 +169,7 @@ def evaluate(
     names = metrics or default_metric_names(reference.kind if reference else None)
     results = compute_metrics(ctx, names)
     return {
-        "metrics": {k: _plain(v) for k, v in results.items()},
+        "metrics": {k: _json_number(v) for k, v in results.items()},
         "details": ctx.details,
         "notes": ctx.notes,
         "num_samples": num_samples,
@@ -191,7 +178,7 @@ def evaluate(
     }
 
 
-def _plain(value: float) -> float | int:
+def _json_number(value: float) -> float | int:
     """numpy scalars -> JSON numbers; counts stay integers."""
     return int(value) if isinstance(value, int | np.integer) else float(value)
 
@@ -222,82 +209,39 @@ def print_report(report: dict[str, Any], title: str) -> None:
         console.print(f"note: {note}")
 
 
-def _parse_metrics(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> list[str] | None:
-    if value is None:
-        return None
-    try:
-        return check_metric_names(value.split(","))
-    except UnknownMetricError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
-
-
-@click.command("eval")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write the results to this JSON file.",
-)
-@click.option(
-    "--metrics",
-    callback=_parse_metrics,
-    default=None,
-    metavar="A,B",
-    help=f"Comma-separated metric names (default: all that apply): {', '.join(metric_names())}.",
-)
-@click.option(
-    "--num-samples",
-    type=click.IntRange(min=10),
-    default=DEFAULT_NUM_SAMPLES,
-    show_default=True,
-    help="Generated samples (and held-out samples compared).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent draw.")
-@click.option("--data", default=None, help="Held-out data: an .npy of vectors for vector models.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
-def eval_command(
+def run_evaluation(
     source: Path,
-    json_path: Path | None,
-    metrics: list[str] | None,
-    num_samples: int,
-    seed: int,
-    data: str | None,
-    threads: int | None,
-) -> None:
-    """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
-    precision, recall, class coverage, reconstruction; energy distance for vector data."""
+    metrics: list[str] | None = None,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seed: int = 0,
+    data: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """``aegan eval``: measure a run (EMA weights of its newest checkpoint) or an ONNX bundle.
+    Raises :class:`EvalError` for a model, bundle or classifier that cannot be used."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     from aegan_serve.bundle import BundleError
     from training.metrics.classifier import ClassifierError
 
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     try:
-        model, info = load_model(source, threads)
+        model, info = load_model(Path(source), threads)
         notes: list[str] = []
         reference = pick_reference(model.data_shape, info.pop("config"), data, notes)
         report = evaluate(model, reference, metrics, num_samples, seed, notes)
     except (BundleError, ClassifierError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise EvalError(str(exc)) from exc
     uses_classifier = any(METRICS[k].reference == "fmnist" for k in report["details"]["seconds"])
-    report = {
+    return {
         "source": str(source),
         **info,
         **report,
         "classifier": classifier_record() if uses_classifier else None,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    print_report(report, f"{source} (step {info.get('step')}, {num_samples} samples)")
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        click.echo(f"wrote {json_path}")
 
 
 # --- during training ------------------------------------------------------------------------

@@ -15,12 +15,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -34,8 +35,8 @@ from training.checkpoint import (
     save_checkpoint,
     write_atomic,
 )
-from training.config import ConfigError, LossConfig, RunConfig
-from training.data import Dataset, load_dataset
+from training.config import ConfigError, DataFacts, LossConfig, RunConfig, validate
+from training.data import load_dataset
 from training.losses import discriminator_loss, forward, generator_encoder_loss, weighted_total
 from training.networks import build_networks
 
@@ -104,44 +105,18 @@ def schedules(step: int, steps: int, loss: LossConfig) -> tuple[float, float]:
     return noise_std, recon_x_weight
 
 
-def restore(
-    state: dict[str, Any],
-    nets: dict[str, nn.Module],
-    ema: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
-    gen: torch.Generator,
-    rank: int,
-) -> int:
+def restore(state: dict[str, Any], model: Networks, gen: torch.Generator, rank: int) -> int:
     """Load a checkpoint's weights, EMA, optimiser states and this rank's RNG states (data order
     and torch's global generator, which draws the instance noise); returns its step."""
-    for k, net in nets.items():
+    for k, net in model.nets.items():
         net.load_state_dict(state["nets"][k])
-    for k, net in ema.items():
+    for k, net in model.ema.items():
         net.load_state_dict(state["ema"][k])
-    for k, opt in optimizers.items():
+    for k, opt in model.optimizers.items():
         opt.load_state_dict(state["optim"][k])
     gen.set_state(state["rng"]["data"][rank])
     torch.set_rng_state(state["rng"]["torch"][rank])
     return int(state["step"])
-
-
-def check_data(cfg: RunConfig, data: Dataset) -> None:
-    """The data decides the model's data shape; the family must suit it."""
-    if cfg.model.arch == "conv" and data.kind != "image":
-        raise ConfigError("--arch", f"conv networks need images; {data.source} holds vectors")
-    if data.kind == "image" and cfg.model.arch == "conv":
-        c, h, w = data.shape
-        if h != w or h not in (28, 32, 64):
-            raise ConfigError(
-                "--arch", f"conv networks take square 28/32/64 px images, not {h}x{w}"
-            )
-    if cfg.model.data_shape and tuple(cfg.model.data_shape) != data.shape:
-        raise ConfigError(
-            "--data", f"data shape {data.shape} differs from the run's {cfg.model.data_shape}"
-        )
-    cfg.model.data_shape = list(data.shape)
-    if len(data) < cfg.train.batch_size:
-        raise ConfigError("--batch-size", f"{data.source} has only {len(data)} samples")
 
 
 def write_grids(
@@ -185,6 +160,84 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # --- the loop -------------------------------------------------------------------------------
 
 
+@dataclass
+class Networks:
+    """The networks being trained (DDP-wrapped under torchrun), their EMA and optimisers."""
+
+    nets: dict[str, nn.Module]  # G, Dx and, for aegan, E and Dz
+    ema: dict[str, nn.Module]  # exponential moving averages of G (and E): what is exported
+    optimizers: dict[str, torch.optim.Optimizer]  # "D" (Dx, Dz) and "GE" (G, E)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, device: torch.device) -> Networks:
+        """Identical on every rank: built from the run's seed."""
+        torch.manual_seed(cfg.train.seed)
+        nets = {k: v.to(device) for k, v in build_networks(cfg.model, cfg.loss.mode).items()}
+        ema = {k: copy.deepcopy(nets[k]).requires_grad_(False) for k in ("G", "E") if k in nets}
+        betas = (cfg.optim.beta1, cfg.optim.beta2)
+
+        def adam(names: tuple[str, ...], lr: float) -> torch.optim.Optimizer:
+            params = [p for k in names if k in nets for p in nets[k].parameters()]
+            return torch.optim.Adam(params, lr=lr, betas=betas)
+
+        optimizers = {
+            "D": adam(("Dx", "Dz"), cfg.optim.lr_d),
+            "GE": adam(("G", "E"), cfg.optim.lr_g),
+        }
+        return cls(nets, ema, optimizers)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "nets": {k: _unwrap(v).state_dict() for k, v in self.nets.items()},
+            "ema": {k: v.state_dict() for k, v in self.ema.items()},
+            "optim": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+        }
+
+
+class MetricsLog:
+    """Loss terms summed on the device (no sync per step), averaged into one ``metrics.jsonl``
+    record every ``log_every`` steps, with throughput and, on rank 0, the evaluation hook's
+    fields."""
+
+    def __init__(
+        self, path: Path, cfg: RunConfig, world: int, writer: bool, eval_hook: EvalHook | None
+    ) -> None:
+        self.path, self.cfg, self.world, self.writer = path, cfg, world, writer
+        self.eval_hook = eval_hook
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.run_start = self.interval_start = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
+        self.steps += 1
+
+    def due(self, done: int) -> bool:
+        return done % self.cfg.train.log_every == 0 or done == self.cfg.train.steps
+
+    def write(self, done: int, ema: dict[str, nn.Module]) -> dict[str, Any]:
+        """The record of the steps since the last one; appended to the file on rank 0."""
+        elapsed = time.perf_counter() - self.interval_start
+        losses = {k: float(v) / self.steps for k, v in self.sums.items()}
+        if not all(map(_finite, losses.values())):
+            raise FloatingPointError(f"non-finite loss at step {done}: {losses}")
+        t = self.cfg.train
+        record = {
+            "step": done,
+            "time_s": round(time.perf_counter() - self.run_start, 3),
+            "images_per_s": round(t.batch_size * self.world * self.steps / elapsed, 1),
+            **losses,
+        }
+        if self.writer:
+            if self.eval_hook is not None:
+                record.update(self.eval_hook(done, record, ema))
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.sums, self.steps, self.interval_start = {}, 0, time.perf_counter()
+        return record
+
+
 def train(
     cfg: RunConfig | None,
     run_dir: Path,
@@ -198,104 +251,40 @@ def train(
     path on rank 0, None on other ranks."""
     run_dir = Path(run_dir)
     rank, world, device = setup_distributed()
-    state = None
-    if resume:
-        state, raw_config = resume_point(run_dir)
-        try:
-            cfg = RunConfig.from_dict(raw_config)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{run_dir}: the run's config cannot be read ({exc})") from exc
-        if state is not None and len(state["rng"]["data"]) != world:
-            raise ConfigError(
-                "--resume",
-                f"checkpoint was written by {len(state['rng']['data'])} process(es), "
-                f"this run has {world}",
-            )
-        if rank == 0:
-            log.info("resuming %s from step %d", run_dir, state["step"] if state else 0)
-    if cfg is None:
-        raise ValueError("train() needs a config unless it resumes")
-    if steps is not None:
-        cfg.train.steps = steps
+    cfg, state = _run_config(cfg, run_dir, resume, steps, world)
+    if state is not None and rank == 0:
+        log.info("resuming %s from step %d", run_dir, state["step"])
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
 
     data = load_dataset(cfg.data)
-    check_data(cfg, data)
-    mode = cfg.loss.mode
-
-    # Networks, their EMA and optimisers: identical on every rank (same seed).
-    torch.manual_seed(t.seed)
-    nets = {k: v.to(device) for k, v in build_networks(cfg.model, mode).items()}
-    ema = {k: copy.deepcopy(nets[k]).requires_grad_(False) for k in ("G", "E") if k in nets}
-    d_params = [p for k in ("Dx", "Dz") if k in nets for p in nets[k].parameters()]
-    ge_params = [p for k in ("G", "E") if k in nets for p in nets[k].parameters()]
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_d = torch.optim.Adam(d_params, lr=cfg.optim.lr_d, betas=betas)
-    opt_ge = torch.optim.Adam(ge_params, lr=cfg.optim.lr_g, betas=betas)
+    validate(cfg, DataFacts(data.kind, data.shape, len(data), data.source))
+    cfg.model.data_shape = list(data.shape)
+    model = Networks.build(cfg, device)
 
     # Data order and noise: per rank, resumable.
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)
     torch.manual_seed(t.seed * 1000 + rank)  # instance noise
-    optimizers = {"D": opt_d, "GE": opt_ge}
-    start = 0 if state is None else restore(state, nets, ema, optimizers, gen, rank)
-
+    start = 0 if state is None else restore(state, model, gen, rank)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        nets = {k: DistributedDataParallel(v, device_ids=ids) for k, v in nets.items()}
+        model.nets = {k: DistributedDataParallel(v, device_ids=ids) for k, v in model.nets.items()}
+    nets, ema, opt_d, opt_ge = model.nets, model.ema, *model.optimizers.values()
 
-    fixed = torch.Generator().manual_seed(t.seed)
-    fixed_z = torch.randn(t.grid_size, cfg.model.latent_dim, generator=fixed).to(device)
+    fixed_z = torch.randn(
+        t.grid_size, cfg.model.latent_dim, generator=torch.Generator().manual_seed(t.seed)
+    ).to(device)
     fixed_x = data.samples[:32].to(device)
     samples = data.samples  # kept on the CPU; batches move to the device
 
     writer = rank == 0
-    metrics_path = run_dir / "metrics.jsonl"
     if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_temp_files(run_dir)
-        if removed:
-            log.info("removed %d temporary file(s) of cut-off writes", len(removed))
-        write_atomic(run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-        _truncate_metrics(metrics_path, start)
-
-    def snapshot(step: int) -> Path:
-        rng_data, rng_torch = [gen.get_state()], [torch.get_rng_state()]
-        fingerprints = [fingerprint(nets, ema)]
-        if world > 1:  # every rank's RNG goes into the one checkpoint rank 0 writes
-            rng_data, rng_torch, fingerprints = [None] * world, [None] * world, [None] * world
-            dist.all_gather_object(rng_data, gen.get_state())
-            dist.all_gather_object(rng_torch, torch.get_rng_state())
-            dist.all_gather_object(fingerprints, fingerprint(nets, ema))
-            if len(set(fingerprints)) != 1:
-                raise RuntimeError(f"ranks hold different weights at step {step}: {fingerprints}")
-        path = None
-        if writer:
-            path = save_checkpoint(
-                {
-                    "step": step,
-                    "config": cfg.to_dict(),
-                    "nets": {k: _unwrap(v).state_dict() for k, v in nets.items()},
-                    "ema": {k: v.state_dict() for k, v in ema.items()},
-                    "optim": {k: opt.state_dict() for k, opt in optimizers.items()},
-                    "rng": {"data": rng_data, "torch": rng_torch},
-                    "rank_fingerprints": fingerprints,
-                },
-                run_dir,
-                t.keep_checkpoints,
-            )
-        if world > 1:
-            dist.barrier()
-        return path
-
-    progress = _progress(writer and t.progress)
-    task = progress.add_task("train", total=t.steps, completed=start, stats="")
-    sums: dict[str, torch.Tensor] = {}
-    interval_start, interval_steps = time.perf_counter(), 0
-    run_start = time.perf_counter()
+        prepare_run_dir(run_dir, cfg, start)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", cfg, world, writer, eval_hook)
     final = None
-    with progress:
+    with progress_bar(writer and t.progress) as progress:
+        task = progress.add_task("train", total=t.steps, completed=start, stats="")
         for step in range(start, t.steps):
             noise_std, recon_x_weight = schedules(step, t.steps, cfg.loss)
 
@@ -329,40 +318,88 @@ def train(
 
             # (5) Log, grids, checkpoints.
             done = step + 1
-            for k, v in {**d_terms, **ge_terms}.items():  # summed on the device: no sync per step
-                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
-            interval_steps += 1
-            if done % t.log_every == 0 or done == t.steps:
-                elapsed = time.perf_counter() - interval_start
-                record = {k: float(v) / interval_steps for k, v in sums.items()}
-                if not all(map(_finite, record.values())):
-                    raise FloatingPointError(f"non-finite loss at step {done}: {record}")
-                record = {
-                    "step": done,
-                    "time_s": round(time.perf_counter() - run_start, 3),
-                    "images_per_s": round(t.batch_size * world * interval_steps / elapsed, 1),
-                    **record,
-                }
-                if writer:
-                    if eval_hook is not None:
-                        record.update(eval_hook(done, record, ema))
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    stats = " ".join(
-                        f"{k.removeprefix('loss/')}={record[k]:.3f}"
-                        for k in ("loss/Dx/real", "loss/G/adv_x", "loss/GE/recon_x")
-                        if k in record
-                    )
-                    progress.update(task, stats=f"{stats} {record['images_per_s']:.0f} img/s")
-                sums, interval_start, interval_steps = {}, time.perf_counter(), 0
+            metrics.add({**d_terms, **ge_terms})
+            if metrics.due(done):
+                record = metrics.write(done, ema)
+                progress.update(task, stats=progress_stats(record))
             if writer and data.kind == "image" and _due(done, t.image_every, t.steps):
                 write_grids(ema, fixed_z, fixed_x, run_dir / "samples", done)
             if _due(done, t.checkpoint_every, t.steps):
-                final = snapshot(done)
+                final = snapshot(model, gen, cfg, done, run_dir, rank, world)
             progress.update(task, completed=done)
     if world > 1:
         dist.barrier()
     return final if final is not None else (resolve_checkpoint(run_dir) if writer else None)
+
+
+def _run_config(
+    cfg: RunConfig | None, run_dir: Path, resume: bool, steps: int | None, world: int
+) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The config to train with and, when resuming, the checkpoint state to continue from."""
+    state = None
+    if resume:
+        state, raw_config = resume_point(run_dir)
+        try:
+            cfg = RunConfig.from_dict(raw_config)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{run_dir}: the run's config cannot be read ({exc})") from exc
+        if state is not None and len(state["rng"]["data"]) != world:
+            raise ConfigError(
+                "--resume",
+                f"checkpoint was written by {len(state['rng']['data'])} process(es), "
+                f"this run has {world}",
+            )
+    if cfg is None:
+        raise ValueError("train() needs a config unless it resumes")
+    if steps is not None:
+        cfg.train.steps = steps
+    return cfg, state
+
+
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, start: int) -> None:
+    """Rank 0, before the first step: the folder, no leftovers of cut-off writes, the resolved
+    config, and a metrics history that ends at the step the run continues from."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_temp_files(run_dir)
+    if removed:
+        log.info("removed %d temporary file(s) of cut-off writes", len(removed))
+    write_atomic(run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    _truncate_metrics(run_dir / "metrics.jsonl", start)
+
+
+def snapshot(
+    model: Networks,
+    gen: torch.Generator,
+    cfg: RunConfig,
+    step: int,
+    run_dir: Path,
+    rank: int,
+    world: int,
+) -> Path | None:
+    """A checkpoint written by rank 0 holding every rank's RNG states; all ranks must hold the
+    same weights (compared by fingerprint). Returns its path on rank 0."""
+    rng_data, rng_torch = [gen.get_state()], [torch.get_rng_state()]
+    fingerprints = [fingerprint(model.nets, model.ema)]
+    if world > 1:
+        rng_data, rng_torch, fingerprints = [None] * world, [None] * world, [None] * world
+        dist.all_gather_object(rng_data, gen.get_state())
+        dist.all_gather_object(rng_torch, torch.get_rng_state())
+        dist.all_gather_object(fingerprints, fingerprint(model.nets, model.ema))
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(f"ranks hold different weights at step {step}: {fingerprints}")
+    path = None
+    if rank == 0:
+        state = {
+            "step": step,
+            "config": cfg.to_dict(),
+            **model.state(),
+            "rng": {"data": rng_data, "torch": rng_torch},
+            "rank_fingerprints": fingerprints,
+        }
+        path = save_checkpoint(state, run_dir, cfg.train.keep_checkpoints)
+    if world > 1:
+        dist.barrier()
+    return path
 
 
 def _due(done: int, every: int, total: int) -> bool:
@@ -373,30 +410,22 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
-def _progress(enabled: bool) -> Any:
-    """A rich progress bar with the live figures, or a silent stand-in."""
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
+def progress_bar(enabled: bool) -> Progress:
+    """A rich progress bar with the live figures (``disable``: nothing is drawn)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"),
+        disable=not enabled,
     )
 
 
-class _NoProgress(nullcontext):
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        pass
+def progress_stats(record: dict[str, Any]) -> str:
+    stats = " ".join(
+        f"{k.removeprefix('loss/')}={record[k]:.3f}"
+        for k in ("loss/Dx/real", "loss/G/adv_x", "loss/GE/recon_x")
+        if k in record
+    )
+    return f"{stats} {record['images_per_s']:.0f} img/s"

@@ -8,7 +8,7 @@ the class used by the coverage metric.
 
 Retrain (deterministic on the CPU; about ten minutes on one shared core)::
 
-    python -m training.metrics.classifier --epochs 7 --threads 1 --seed 0
+    aegan classifier --epochs 7 --threads 1 --seed 0
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,8 +84,7 @@ def load_classifier(path: str | None = None) -> FMNISTClassifier:
     weights = Path(path) if path else WEIGHTS
     if not weights.is_file():
         raise ClassifierError(
-            f"{weights}: classifier weights not found; rebuild them with "
-            "`python -m training.metrics.classifier`"
+            f"{weights}: classifier weights not found; rebuild them with `aegan classifier`"
         )
     state = torch.load(weights, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -210,53 +208,31 @@ def train_classifier(
     return net.eval(), stats
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=WEIGHTS,
-    show_default=True,
-    help="Weights file; the record goes beside it as .json.",
-)
-@click.option("--fashion-mnist-dir", default=None, help="Directory of the Fashion-MNIST IDX files.")
-@click.option("--epochs", type=int, default=7, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
-@click.option(
-    "--report",
-    "report_only",
-    is_flag=True,
-    help="Do not train: print parameters, test accuracy and per-class recall of --out.",
-)
-def main(
-    out: Path,
+def train_and_record(
+    out: Path | None,
     fashion_mnist_dir: str | None,
     epochs: int,
     batch_size: int,
     lr: float,
     seed: int,
     threads: int,
-    report_only: bool,
-) -> None:
-    """Train the Fashion-MNIST feature classifier and record its test accuracy."""
+    log: Any = print,
+) -> dict[str, Any]:
+    """``aegan classifier``: train deterministically, save the weights at ``out`` (default: the
+    shipped file) and the record beside them as .json; returns the record."""
     from training.config import DataConfig
     from training.config import fashion_mnist_dir as resolve_dir
 
+    out = out or WEIGHTS
     torch.set_num_threads(threads)
-    if report_only:
-        data_dir = resolve_dir(DataConfig(fashion_mnist_dir=fashion_mnist_dir))
-        click.echo(json.dumps(report(data_dir, str(out)), indent=2))
-        return
     torch.use_deterministic_algorithms(True)
     data_dir = resolve_dir(DataConfig(fashion_mnist_dir=fashion_mnist_dir))
-    net, stats = train_classifier(data_dir, epochs, batch_size, lr, seed, log=click.echo)
+    net, stats = train_classifier(data_dir, epochs, batch_size, lr, seed, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     arch = {"width": 32, "feature_dim": FEATURE_DIM}
     torch.save({"format": FORMAT, "arch": arch, "weights": net.state_dict()}, out)
     command = (
-        f"python -m training.metrics.classifier --epochs {epochs} --batch-size {batch_size} "
+        f"aegan classifier --epochs {epochs} --batch-size {batch_size} "
         f"--lr {lr:g} --seed {seed} --threads {threads}"
     )
     record = {
@@ -271,8 +247,4 @@ def main(
         "machine": f"{platform.machine()} CPU, {threads} thread(s)",
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    click.echo(json.dumps(record, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return record

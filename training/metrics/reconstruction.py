@@ -19,27 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from aegan_serve.images import per_sample_mse, psnr, to_unit
 from training.metrics.registry import EvalContext, batched, register_metric
-
-_PSNR_CAP = 100.0  # dB, for exact reconstructions (MSE 0)
-
-
-def per_sample_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return (diff * diff).reshape(len(diff), -1).mean(axis=1)
-
-
-def psnr(reference: np.ndarray, estimate: np.ndarray, data_range: float = 1.0) -> np.ndarray:
-    """Per-sample PSNR in dB (capped at 100 dB for identical samples)."""
-    mse = per_sample_mse(reference, estimate)
-    with np.errstate(divide="ignore"):
-        value = 10.0 * np.log10(data_range**2 / mse)
-    return np.minimum(value, _PSNR_CAP)
-
-
-def to_unit(images: np.ndarray) -> np.ndarray:
-    """Pixels in [-1, 1] -> [0, 1]."""
-    return (np.clip(images, -1.0, 1.0) + 1.0) / 2.0
 
 
 @register_metric(

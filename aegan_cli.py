@@ -1,0 +1,528 @@
+"""The ``aegan`` command: train, export, directions, eval, encode and classifier, in one module.
+
+This module sits on top of the three packages and imports each stage inside its command, so
+``aegan --help`` loads neither torch nor BentoML, and an install without the ``train`` extra gets a
+message naming the extra instead of a traceback. Flags are turned into a typed
+:class:`~training.config.RunConfig` here, at the edge; :func:`~training.config.validate` checks it
+once and names the flag to fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from training.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    ConfigError,
+    RunConfig,
+    apply_assignment,
+    from_preset,
+    validate,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Modules a command may need that a serving-only install (``pip install aegan-serve``) lacks, and
+# the extra that brings each.
+EXTRAS = {
+    "torch": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "matplotlib": "train",
+    "pyarrow": "batch",
+    "ray": "ray",
+}
+
+
+def needs_extras(command: F) -> F:
+    """Turn the import error of a missing optional dependency into a message naming its extra."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            top = (exc.name or "").partition(".")[0]
+            if top not in EXTRAS:
+                raise
+            extra = EXTRAS[top]
+            name = click.get_current_context().info_name
+            raise click.ClickException(
+                f"`aegan {name}` needs {top}, which is not installed; install the {extra!r} "
+                f"extra: pip install 'aegan-serve[{extra}]'"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler()])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train, export, evaluate and run autoencoding GANs (AEGAN)."""
+
+
+# --- aegan train ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
+    help=f"Named starting config (default {DEFAULT_PRESET}).",
+)
+@click.option(
+    "--data", "source", default=None, help="'fashion-mnist', a folder of images, or an .npy file."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["aegan", "gan"]),
+    default=None,
+    help="aegan (G, E, Dx, Dz) or the plain-GAN baseline.",
+)
+@click.option("--arch", type=click.Choice(["conv", "mlp"]), default=None, help="Network family.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps.")
+@click.option("--batch-size", type=int, default=None, help="Samples per step per process.")
+@click.option("--seed", type=int, default=None, help="Seed of initialisation, data order, noise.")
+@click.option("--latent-dim", type=int, default=None, help="Dimension of z.")
+@click.option("--width", type=int, default=None, help="conv: base channel width.")
+@click.option("--image-size", type=int, default=None, help="Image folders: side in pixels.")
+@click.option("--channels", type=int, default=None, help="Image folders: 1 (grey) or 3 (RGB).")
+@click.option(
+    "--on-bad-file",
+    type=click.Choice(["fail", "skip"]),
+    default=None,
+    help="Image folders: fail on an unreadable image, or skip it and report.",
+)
+@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
+@click.option("--fashion-mnist-dir", default=None, help="Directory of the Fashion-MNIST IDX files.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="SECTION.FIELD=VALUE",
+    help="Set any config field, e.g. --set loss.recon_x=2 (repeatable; checked against the "
+    "field's type).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run directory (default runs/PRESET-MODE-seedN).",
+)
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Continue RUN_DIR from its newest loadable checkpoint (--steps may extend it).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@needs_extras
+def train(
+    preset: str | None,
+    source: str | None,
+    mode: str | None,
+    arch: str | None,
+    steps: int | None,
+    batch_size: int | None,
+    seed: int | None,
+    latent_dim: int | None,
+    width: int | None,
+    image_size: int | None,
+    channels: int | None,
+    on_bad_file: str | None,
+    limit: int | None,
+    fashion_mnist_dir: str | None,
+    threads: int | None,
+    assignments: tuple[str, ...],
+    out: Path | None,
+    resume: Path | None,
+    no_progress: bool,
+    dry_run: bool,
+) -> None:
+    """Train an AEGAN (or the GAN baseline); writes grids, metrics.jsonl and checkpoints."""
+    if resume is not None:
+        from training.checkpoint import resume_point
+
+        if dry_run:
+            _, raw_config = resume_point(resume)
+            click.echo(json.dumps(raw_config, indent=2))
+            return
+        _setup_logging()
+        from training.evaluate import eval_hook_for_run
+        from training.training_loop import train as run_training
+
+        run_training(None, resume, resume=True, steps=steps, eval_hook=eval_hook_for_run(resume))
+        return
+    try:
+        cfg = _train_config(
+            preset,
+            {
+                ("data", "source"): source,
+                ("data", "image_size"): image_size,
+                ("data", "channels"): channels,
+                ("data", "on_bad_file"): on_bad_file,
+                ("data", "limit"): limit,
+                ("data", "fashion_mnist_dir"): fashion_mnist_dir,
+                ("model", "arch"): arch,
+                ("model", "latent_dim"): latent_dim,
+                ("model", "width"): width,
+                ("loss", "mode"): mode,
+                ("train", "steps"): steps,
+                ("train", "batch_size"): batch_size,
+                ("train", "seed"): seed,
+                ("train", "threads"): threads,
+                ("train", "progress"): False if no_progress else None,
+            },
+            assignments,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    out = out or Path("runs") / f"{cfg.preset}-{cfg.loss.mode}-seed{cfg.train.seed}"
+    if dry_run:
+        click.echo(json.dumps({"run_dir": str(out), **cfg.to_dict()}, indent=2))
+        return
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise click.UsageError(f"--out: {out} already holds checkpoints; use --resume {out}")
+    _setup_logging()
+    from training.evaluate import make_eval_hook
+    from training.training_loop import train as run_training
+
+    path = run_training(cfg, out, eval_hook=make_eval_hook(cfg))
+    if path is not None:
+        click.echo(f"final checkpoint: {path}")
+
+
+def _train_config(
+    preset: str | None, flags: dict[tuple[str, str], Any], assignments: tuple[str, ...]
+) -> RunConfig:
+    """Preset, then the named flags, then ``--set`` assignments; validated once."""
+    cfg = from_preset(preset or DEFAULT_PRESET)
+    for (section, name), value in flags.items():
+        if value is not None:
+            setattr(getattr(cfg, section), name, value)
+    for assignment in assignments:
+        apply_assignment(cfg, assignment)
+    return validate(cfg)
+
+
+# --- aegan export, aegan directions ---------------------------------------------------------
+
+
+@main.command("export")
+@click.argument("source", metavar="RUN_DIR_OR_CHECKPOINT", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle directory to create (built beside it, moved into place when verified).",
+)
+@click.option("--name", default=None, help="Model name in the manifest (default: the run's name).")
+@click.option("--no-fp16", is_flag=True, help="Skip the float16 graphs for GPU serving.")
+@click.option(
+    "--metrics-json",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="JSON object of evaluation metrics to record (merged over RUN_DIR/eval.json).",
+)
+@click.option(
+    "--bentoml-name",
+    default=None,
+    help="Also save the bundle in the BentoML model store under this name.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@needs_extras
+def export_command(
+    source: Path,
+    out: Path,
+    name: str | None,
+    no_fp16: bool,
+    metrics_json: Path | None,
+    bentoml_name: str | None,
+    force: bool,
+) -> None:
+    """Export a run's EMA generator and encoder to a verified ONNX bundle.
+
+    RUN_DIR_OR_CHECKPOINT is a run directory (its newest loadable checkpoint is used) or one
+    checkpoint file. The networks are rebuilt from the checkpoint's own config; each graph is
+    checked against PyTorch with ONNX Runtime before the bundle is written.
+    """
+    from aegan_serve.bundle import BundleError, load_bundle
+    from export.bundle_writer import export_bundle, read_metrics_file
+    from export.onnx_export import ExportError
+    from training.checkpoint import CheckpointError
+
+    try:
+        metrics = read_metrics_file(metrics_json) if metrics_json is not None else None
+        bundle_dir = export_bundle(
+            source,
+            out,
+            name=name,
+            fp16=not no_fp16,
+            metrics=metrics,
+            bentoml_name=bentoml_name,
+            force=force,
+        )
+        bundle = load_bundle(bundle_dir)
+    except (CheckpointError, ExportError, BundleError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    m = bundle.manifest
+    shape = "x".join(str(d) for d in bundle.data_shape)
+    click.echo(
+        f"bundle {bundle_dir}: {m['name']!r}, {bundle.kind} {shape}, latent {bundle.latent_dim}, "
+        f"step {m['step']}, opset {m['opset']}"
+    )
+    for role, entry in m["files"].items():
+        record = m["parity"][role]
+        measured = ", ".join(
+            f"{provider.removesuffix('ExecutionProvider')} {error:.2g}"
+            for provider, error in record["max_abs_error"].items()
+        )
+        skipped = "".join(
+            f"; {provider.removesuffix('ExecutionProvider')} skipped: {reason}"
+            for provider, reason in record.get("skipped", {}).items()
+        )
+        click.echo(
+            f"  {entry['path']:<20} max abs error {measured or 'not measured'} "
+            f"(tolerance {record['tolerance']:.2g}){skipped}"
+        )
+    if bentoml_name is not None:
+        import bentoml
+
+        click.echo(f"BentoML model: {bentoml.models.get(bentoml_name).tag}")
+
+
+@main.command("directions")
+@click.argument("bundle_dir", metavar="BUNDLE_DIR", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    default=None,
+    help="Training data: fashion-mnist, an image folder or a .npy file (default: the data named "
+    "in the bundle's training_config).",
+)
+@click.option(
+    "--fashion-mnist-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Directory of the Fashion-MNIST IDX .gz files (default: $AEGAN_FASHION_MNIST_DIR or "
+    "Debian's).",
+)
+@click.option("--limit", type=click.IntRange(min=2), default=None, help="Use the first N samples.")
+@needs_extras
+def directions_command(
+    bundle_dir: Path, data: str | None, fashion_mnist_dir: Path | None, limit: int | None
+) -> None:
+    """Add latent directions to an existing bundle (``aegan export`` adds them itself).
+
+    Runs the bundle's own ONNX encoder over the training data and stores the principal components
+    of the latents, with their variances, in BUNDLE_DIR/directions.json; the manifest records its
+    SHA-256 and keeps everything else. The explorer page (/ui) edits latents along them.
+    """
+    from dataclasses import replace
+
+    from aegan_serve.bundle import BundleError, load_bundle
+    from export.directions import add_directions, bundle_data_config, training_samples
+    from training.config import DataConfig
+    from training.data import DataError
+
+    try:
+        bundle = load_bundle(bundle_dir)
+        cfg = bundle_data_config(bundle) if data is None else DataConfig(source=data)
+        if fashion_mnist_dir is not None:
+            cfg = replace(cfg, fashion_mnist_dir=str(fashion_mnist_dir))
+        if limit is not None:
+            cfg = replace(cfg, limit=limit)
+        samples, described = training_samples(cfg)
+        bundle = add_directions(bundle_dir, samples, described)
+    except (BundleError, DataError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    d = bundle.directions
+    assert d is not None
+    share = d.variances / max(d.total_variance, 1e-30)
+    first = ", ".join(f"{100 * v:.1f}" for v in share[:5])
+    agreement = ", ".join(f"{c:.2f}" for c in bundle.manifest["directions"]["split_half_cosine"])
+    click.echo(
+        f"{bundle_dir}: {len(d.variances)} directions from {d.samples} latents of {d.data}\n"
+        f"  variance explained by the first {min(5, len(share))}: {first} % (first 8 together: "
+        f"{100 * share[:8].sum():.1f} %; {100 / len(d.mean):.1f} % each if the latents were "
+        "isotropic)\n"
+        f"  split-half |cos| of the leading components: {agreement}"
+    )
+
+
+# --- aegan eval -----------------------------------------------------------------------------
+
+
+def _parse_metrics(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> list[str] | None:
+    if value is None:
+        return None
+    from training.metrics import UnknownMetricError, check_metric_names
+
+    try:
+        return check_metric_names(value.split(","))
+    except UnknownMetricError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+
+@main.command("eval")
+@click.argument("source", type=click.Path(exists=True, path_type=Path), required=False)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the results to this JSON file.",
+)
+@click.option(
+    "--metrics",
+    callback=_parse_metrics,
+    default=None,
+    metavar="A,B",
+    help="Comma-separated metric names (default: all that apply; --list names them).",
+)
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=10),
+    default=10_000,
+    show_default=True,
+    help="Generated samples (and held-out samples compared).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent draw.")
+@click.option("--data", default=None, help="Held-out data: an .npy of vectors for vector models.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--list", "list_metrics", is_flag=True, help="List the metrics and exit.")
+@needs_extras
+def eval_command(
+    source: Path | None,
+    json_path: Path | None,
+    metrics: list[str] | None,
+    num_samples: int,
+    seed: int,
+    data: str | None,
+    threads: int | None,
+    list_metrics: bool,
+) -> None:
+    """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
+    precision, recall, class coverage, reconstruction; energy distance for vector data."""
+    from training.evaluate import EvalError, print_report, run_evaluation
+
+    if list_metrics:
+        from training.metrics import result_meanings
+
+        for key, meaning in result_meanings().items():
+            click.echo(f"{key}: {meaning}")
+        return
+    if source is None:
+        raise click.UsageError("Missing argument 'SOURCE' (a run directory, checkpoint or bundle).")
+    try:
+        report = run_evaluation(source, metrics, num_samples, seed, data, threads)
+    except EvalError as exc:
+        raise click.ClickException(str(exc)) from exc
+    print_report(report, f"{source} (step {report.get('step')}, {num_samples} samples)")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+
+
+# --- aegan classifier -----------------------------------------------------------------------
+
+
+@main.command("classifier")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Weights file; the record goes beside it as .json (default: the shipped weights).",
+)
+@click.option("--fashion-mnist-dir", default=None, help="Directory of the Fashion-MNIST IDX files.")
+@click.option("--epochs", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads."
+)
+@click.option(
+    "--report",
+    "report_only",
+    is_flag=True,
+    help="Do not train: print parameters, test accuracy and per-class recall of --out.",
+)
+@needs_extras
+def classifier_command(
+    out: Path | None,
+    fashion_mnist_dir: str | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    threads: int,
+    report_only: bool,
+) -> None:
+    """Train the Fashion-MNIST feature classifier of the image metrics and record its accuracy."""
+    import torch
+
+    from training.config import DataConfig
+    from training.config import fashion_mnist_dir as resolve_dir
+    from training.metrics import classifier
+
+    if report_only:
+        torch.set_num_threads(threads)
+        data_dir = resolve_dir(DataConfig(fashion_mnist_dir=fashion_mnist_dir))
+        record = classifier.report(data_dir, str(out) if out else None)
+    else:
+        record = classifier.train_and_record(
+            out, fashion_mnist_dir, epochs, batch_size, lr, seed, threads, log=click.echo
+        )
+    click.echo(json.dumps(record, indent=2))
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def run() -> None:
+    """Entry point: problems with the user's files or settings become one line and exit 2."""
+    try:
+        main(standalone_mode=True)
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe the user's data, checkpoints or settings, not a bug. Only those of
+    modules already imported: an error class of a module never imported cannot have been raised."""
+    kinds: list[type[BaseException]] = [ConfigError]
+    for module, name in (
+        ("training.data", "DataError"),
+        ("training.checkpoint", "CheckpointError"),
+    ):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return tuple(kinds)
+
+
+if __name__ == "__main__":
+    run()

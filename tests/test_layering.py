@@ -1,0 +1,229 @@
+"""The packages keep one dependency direction (docs/ARCHITECTURE.md):
+
+    aegan_cli  ->  export  ->  training  ->  aegan_serve (framework-free modules only)
+
+and the layers load only what they need: training never loads BentoML or ONNX Runtime, the ``aegan``
+command loads no torch until a command needs it, and an install without the ``train`` extra is told
+which extra a command needs.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("aegan_serve", "training", "export", "aegan_cli")
+# Which project packages each package may import (at any depth: module level or inside functions).
+ALLOWED = {
+    "aegan_serve": set(),
+    "training": {"aegan_serve"},
+    "export": {"training", "aegan_serve"},
+    "aegan_cli": {"aegan_serve", "training", "export"},
+}
+# aegan_serve modules that training and export may import: no web framework imported at module
+# level (bundle.py imports BentoML inside the one function that reads its model store), and none
+# of them imports an aegan_serve module that is not on this list.
+FRAMEWORK_FREE = {"errors", "images", "latents", "bundle", "config", "runtime", "batching"}
+WEB_FRAMEWORKS = ("bentoml", "starlette", "pydantic", "python_multipart", "uvicorn")
+
+
+def _imports(path: Path, root: Path = ROOT) -> list[tuple[str, bool]]:
+    """(absolute module name, imported at module level) for every import in a file."""
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    package = path.relative_to(root).with_suffix("").parts[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                base = list(package[: len(package) - node.level + 1])
+                name = ".".join([*base, node.module] if node.module else base)
+            else:
+                name = node.module or ""
+            if name in PACKAGES:  # "from aegan_serve import images": the module is the name
+                found += [(f"{name}.{alias.name}", id(node) in top_level) for alias in node.names]
+            else:
+                found.append((name, id(node) in top_level))
+    return found
+
+
+def layering_violations(root: Path) -> list[str]:
+    """Imports against the one direction, for the tree at ``root``."""
+    files = [root / "aegan_cli.py"] if (root / "aegan_cli.py").exists() else []
+    for package in PACKAGES[:3]:
+        files += sorted((root / package).rglob("*.py"))
+    wrong = []
+    for path in files:
+        rel = path.relative_to(root)
+        own = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        for name, top in _imports(path, root):
+            target, _, rest = name.partition(".")
+            module = rest.partition(".")[0]
+            if target in PACKAGES and target != own and target not in ALLOWED[own]:
+                wrong.append(f"{rel} imports {name}")
+            elif target == "aegan_serve" and own in ("training", "export"):
+                if module not in FRAMEWORK_FREE:
+                    wrong.append(f"{rel} imports {name}, which is not framework-free")
+            elif own == "aegan_serve" and rel.stem in FRAMEWORK_FREE:
+                if target in WEB_FRAMEWORKS and top:
+                    wrong.append(f"{rel} imports {name} at module level")
+                if target == "aegan_serve" and module not in FRAMEWORK_FREE | {""}:
+                    wrong.append(f"{rel} imports {name}, which is not framework-free")
+    return wrong
+
+
+def test_packages_import_in_one_direction():
+    wrong = layering_violations(ROOT)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checker_sees_wrong_imports(tmp_path):
+    """The scan itself, on a small tree with one import of each wrong kind."""
+    files = {
+        "aegan_serve/images.py": "import bentoml\nfrom .service import AEGAN\n",
+        "aegan_serve/latents.py": "def f():\n    import bentoml\n",  # lazily: allowed
+        "training/data.py": "def f():\n    from aegan_serve.service import AEGAN\n",
+        "training/losses.py": "from export.bundle_writer import export_bundle\n",
+        "export/cli.py": "from aegan_serve import images, service\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert layering_violations(tmp_path) == [
+        "aegan_serve/images.py imports bentoml at module level",
+        "aegan_serve/images.py imports aegan_serve.service, which is not framework-free",
+        "training/data.py imports aegan_serve.service, which is not framework-free",
+        "training/losses.py imports export.bundle_writer",
+        "export/cli.py imports aegan_serve.service, which is not framework-free",
+    ]
+
+
+def _loaded_after(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """Top-level modules loaded by a fresh interpreter after running ``code``."""
+    names = "sorted({m.partition('.')[0] for m in sys.modules})"
+    script = f"{code}\nimport json, sys\nprint(json.dumps({names}))"
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    ).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_training_loads_neither_bentoml_nor_onnxruntime():
+    loaded = _loaded_after("import training.training_loop, training.data, training.evaluate")
+    assert "torch" in loaded  # the probe works: training does load torch
+    assert not loaded & {"bentoml", "onnxruntime", "starlette", "pydantic"}
+
+
+def test_aegan_help_loads_no_torch_and_no_service():
+    loaded = _loaded_after(
+        "import sys\nfrom aegan_cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "for command in ('train', 'export', 'eval', 'directions', 'classifier'):\n"
+        "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n"
+    )
+    assert "click" in loaded
+    assert not loaded & {"torch", "bentoml", "onnxruntime", "numpy", "onnx"}
+
+
+# A stand-in for an install without the train extra: torch, onnx and onnxscript cannot be imported.
+WITHOUT_TRAIN_EXTRA = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class NotInstalled(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.partition(".")[0] in ("torch", "onnx", "onnxscript"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, NotInstalled())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--preset", "tiny", "--steps", "1"],
+        ["export", "runs/none", "--out", "bundle"],
+        ["classifier", "--report"],
+    ],
+)
+def test_commands_name_the_extra_they_need(args, tmp_path):
+    code = (
+        WITHOUT_TRAIN_EXTRA
+        + f"\nfrom aegan_cli import run\nsys.argv = ['aegan', *{args!r}]\nrun()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "install the 'train' extra: pip install 'aegan-serve[train]'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_set_is_checked_against_the_field_type(tmp_path):
+    """--set train.steps=abc used to end in a raw TypeError; 1.5 and true were taken."""
+    for value, expected in (("abc", "an integer"), ("1.5", "an integer"), ("true", "an integer")):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "aegan_cli",
+                "train",
+                "--preset",
+                "tiny",
+                "--dry-run",
+                "--set",
+                f"train.steps={value}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stdout
+        assert f"--set: train.steps: expected {expected}" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_serving_requirements_are_pyproject_pinned():
+    """requirements-serve.txt (the container's and the Bento's list) is generated from pyproject's
+    dependencies: same packages, same markers, each pin inside pyproject's range."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    declared = {
+        (r.name, str(r.marker)): r
+        for r in map(
+            Requirement,
+            tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"],
+        )
+    }
+    lines = (ROOT / "requirements-serve.txt").read_text().splitlines()
+    pinned = {
+        (r.name, str(r.marker)): r
+        for r in (Requirement(line) for line in lines if line and not line.startswith("#"))
+    }
+    assert pinned.keys() == declared.keys()
+    for key, req in pinned.items():
+        for spec in req.specifier:
+            if spec.operator == "==":
+                assert declared[key].specifier.contains(spec.version), (req, declared[key])
