@@ -60,7 +60,7 @@ async def run(server: bench.Server, body: bytes, args: argparse.Namespace) -> di
                 ) as r:
                     await r.read()
                     statuses[str(r.status)] += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 statuses[type(exc).__name__] += 1
             latencies.append(time.perf_counter() - started)
 
@@ -72,7 +72,7 @@ async def run(server: bench.Server, body: bytes, args: argparse.Namespace) -> di
                 try:
                     async with session.get(server.base + "/readyz", timeout=probe) as r:
                         ready["failed"] += r.status != 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     ready["failed"] += 1
                 ready["slowest_s"] = max(ready["slowest_s"], time.perf_counter() - started)
                 peak["total"] = max(peak["total"], sum(server.rss_mib().values()))

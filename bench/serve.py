@@ -181,7 +181,7 @@ async def run_load(base: str, scenario: Scenario, concurrency: int, seconds: flo
                     ) as response:
                         answer = await response.read()
                         status = str(response.status)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     answer, status = b"", type(exc).__name__
                 load.latencies_ms.append((time.perf_counter() - started) * 1000)
                 load.requests += 1

@@ -142,7 +142,7 @@ async def soak(base: str, server: bench.Server, args: argparse.Namespace, pngs: 
                     ) as answer:
                         await answer.read()
                         status = str(answer.status)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     hung += 1
                     status = "timeout"
                 except aiohttp.ClientError as exc:
@@ -161,7 +161,7 @@ async def soak(base: str, server: bench.Server, args: argparse.Namespace, pngs: 
                         async with session.get(base + path, timeout=probe) as answer:
                             if answer.status != 200:
                                 health["failed"] += 1
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                    except (TimeoutError, aiohttp.ClientError):
                         health["failed"] += 1
                 health["slowest_s"] = max(health["slowest_s"], time.perf_counter() - t0)
                 memory.append({"t": round(time.perf_counter() - started, 1), **server.rss_mib()})

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,7 @@ def export_bundle(
             "training_config": state["config"],
             "step": int(state["step"]),
             "source_checkpoint": checkpoint.name,
-            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if kind == "image":
             manifest.update(pixel_range=PIXEL_RANGE, normalisation=NORMALISATION)

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,7 +216,7 @@ def summarise(args: argparse.Namespace, mutmut: Path, digits: str, seconds: int 
     summary = {
         "command": " ".join(["nice -n 19 .venv/bin/python scripts/mutation.py", *sys.argv[1:]]),
         "sample": f"mutants numbered *[{digits}]" if args.sample > 1 else "all mutants",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}",
         "seconds": seconds,

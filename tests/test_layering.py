@@ -208,6 +208,7 @@ def test_serving_requirements_are_pyproject_pinned():
     """requirements-serve.txt (the container's and the Bento's list) is generated from pyproject's
     dependencies: same packages, same markers, each pin inside pyproject's range."""
     import tomllib
+
     from packaging.requirements import Requirement
 
     declared = {
