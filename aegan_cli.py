@@ -444,6 +444,156 @@ def eval_command(
         click.echo(f"wrote {json_path}")
 
 
+# --- aegan encode ---------------------------------------------------------------------------
+
+
+@main.command("encode")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model",
+    default=None,
+    help="Bundle directory, or bentoml:NAME[:VERSION] (default: the shipped model).",
+)
+@click.option(
+    "--out",
+    "dest",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory of Parquet parts to write (a name ending in .parquet is a directory too).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes, or Ray actors (default: one per available CPU; one on a GPU; with "
+    "--ray-address, the cluster's CPUs).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Images per encoder run.",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Inputs per Parquet part (the unit of restart).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime execution provider, as AEGAN_DEVICE for the service.",
+)
+@click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Data, on a Ray started here.")
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="Run on Ray Data on this cluster (ray://HOST:10001, HOST:6379, or auto); implies --ray.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@needs_extras
+def encode_command(
+    source: Path,
+    model: str | None,
+    dest: Path,
+    workers: int | None,
+    batch_size: int,
+    chunk_size: int,
+    device: str,
+    use_ray: bool,
+    ray_address: str | None,
+    no_progress: bool,
+) -> None:
+    """Encode a collection into latents with the service's preprocessing and ONNX encoder.
+
+    SOURCE is a folder of images (recursive: PNG, JPEG, WebP, GIF, BMP), a text file listing one
+    image path per line, or an .npy array. DEST gets one Parquet part per --chunk-size inputs,
+    with the columns id, latent and error (an input that cannot be read is a row with its error,
+    never the end of the job), and _job.json. Run the same command again to finish an interrupted
+    job: parts already written are skipped.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from aegan_serve.batch_encode import (
+        JobError,
+        default_workers,
+        plan_job,
+        run_job,
+        run_job_on_ray,
+    )
+    from aegan_serve.bundle import BundleError
+    from aegan_serve.config import DEFAULT_MODEL_DIR
+
+    if use_ray or ray_address is not None:
+        import ray.data  # noqa: F401  (before any work: the 'ray' extra may be missing)
+    try:
+        plan = plan_job(source, model or DEFAULT_MODEL_DIR, dest, chunk_size)
+    except (JobError, BundleError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    done = len(plan.inputs) - plan.pending_inputs
+    if done:
+        click.echo(
+            f"{dest}: {plan.parts - len(plan.missing)} of {plan.parts} parts already written "
+            f"({done} inputs), skipped"
+        )
+    columns = (
+        TextColumn("encoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    console = Console(stderr=True)
+    with Progress(
+        *columns, console=console, disable=no_progress or not console.is_terminal, transient=True
+    ) as bar:
+        task = bar.add_task("encode", total=plan.pending_inputs)
+
+        def advance(count: int) -> None:
+            bar.advance(task, count)
+
+        if use_ray or ray_address is not None:
+            summary = run_job_on_ray(
+                plan,
+                address=ray_address,
+                workers=workers,
+                batch_size=batch_size,
+                device=device,
+                progress=advance,
+            )
+        else:
+            summary = run_job(
+                plan,
+                workers=workers or default_workers(device),
+                batch_size=batch_size,
+                device=device,
+                progress=advance,
+            )
+    for name, message in summary.error_examples:
+        click.echo(f"  error: {message}" if name in message else f"  error: {name}: {message}")
+    if summary.errors > len(summary.error_examples):
+        click.echo(f"  ... and {summary.errors - len(summary.error_examples)} more (column error)")
+    click.echo(
+        f"{dest}: {summary.inputs} inputs, {summary.encoded} encoded, {summary.errors} errors, "
+        f"{summary.skipped} skipped (done before), {summary.seconds:.1f} s, "
+        f"{summary.images_per_s:.0f} images/s"
+    )
+
+
 # --- aegan classifier -----------------------------------------------------------------------
 
 

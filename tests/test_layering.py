@@ -31,7 +31,16 @@ ALLOWED = {
 # aegan_serve modules that training and export may import: no web framework imported at module
 # level (bundle.py imports BentoML inside the one function that reads its model store), and none
 # of them imports an aegan_serve module that is not on this list.
-FRAMEWORK_FREE = {"errors", "images", "latents", "bundle", "config", "runtime", "batching"}
+FRAMEWORK_FREE = {
+    "errors",
+    "images",
+    "latents",
+    "bundle",
+    "config",
+    "runtime",
+    "batching",
+    "batch_encode",
+}
 WEB_FRAMEWORKS = ("bentoml", "starlette", "pydantic", "python_multipart", "uvicorn")
 
 
@@ -133,7 +142,7 @@ def test_aegan_help_loads_no_torch_and_no_service():
     loaded = _loaded_after(
         "import sys\nfrom aegan_cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "for command in ('train', 'export', 'eval', 'directions', 'classifier'):\n"
+        "for command in ('train', 'export', 'eval', 'directions', 'classifier', 'encode'):\n"
         "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n"
     )
     assert "click" in loaded

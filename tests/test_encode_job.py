@@ -1,0 +1,351 @@
+"""``aegan encode``: a folder of real Fashion-MNIST test images with broken files among them,
+encoded locally and on Ray Data, gives the latents and the errors of the service's ``/encode``."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fmnist_data import FMNIST, needs_fmnist, require_fmnist
+from PIL import Image
+from service_helpers import files, png_header, serve
+
+from aegan_cli import main
+from aegan_serve.batch_encode import JOB_FILE, plan_job, run_job
+from aegan_serve.bundle import load_bundle
+from aegan_serve.config import DEFAULT_MODEL_DIR
+from aegan_serve.runtime import ModelRuntime
+
+pq = pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
+
+pytestmark = needs_fmnist
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = 300
+CHUNK = 64  # 5 parts of the 300 images and the broken files
+TOLERANCE = 1e-5
+BROKEN = {  # file -> words its error must contain
+    "broken/truncated.png": "truncated",
+    "broken/notes.png": "not a readable image",
+    "broken/empty.png": "is empty",
+    "broken/deep/bomb.png": "pixels",
+}
+
+
+def fmnist_test_images(count: int) -> tuple[np.ndarray, np.ndarray]:
+    def idx(name: str, offset: int) -> np.ndarray:
+        return np.frombuffer(gzip.decompress((FMNIST / name).read_bytes()), np.uint8, offset=offset)
+
+    images = idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:count]
+    return images, idx("t10k-labels-idx1-ubyte.gz", 8)[:count]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 Fashion-MNIST test images as PNG in nested folders (every tenth an RGB JPEG at twice
+    the size, so conversion and resizing are exercised too), plus four broken files."""
+    require_fmnist()
+    root = tmp_path_factory.mktemp("collection")
+    images, labels = fmnist_test_images(IMAGES)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / f"class-{label}" / f"batch-{i // 100}"
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(image)
+        if i % 10 == 0:
+            picture.convert("RGB").resize((56, 56)).save(folder / f"{i:04d}.jpg", quality=90)
+        else:
+            picture.save(folder / f"{i:04d}.png")
+    (root / "broken" / "deep").mkdir(parents=True)
+    good = next(root.rglob("0001.png")).read_bytes()
+    (root / "broken" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "broken" / "notes.png").write_text("not an image at all\n")
+    (root / "broken" / "empty.png").write_bytes(b"")
+    (root / "broken" / "deep" / "bomb.png").write_bytes(png_header(100_000, 100_000))
+    (root / "README.txt").write_text("a folder source reads image files only\n")
+    return root
+
+
+def encode(*args: str | Path) -> str:
+    """Run ``aegan encode`` in this process; its output."""
+    result = CliRunner().invoke(main, ["encode", *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def read(dest: Path) -> dict:
+    """id -> (latent or None, error or None) of a job's output (all parts as one table)."""
+    table = pq.read_table(dest).to_pydict()
+    return {
+        i: (None if z is None else np.asarray(z, np.float32), e)
+        for i, z, e in zip(table["id"], table["latent"], table["error"], strict=True)
+    }
+
+
+@pytest.fixture(scope="module")
+def local_job(collection: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    dest = tmp_path_factory.mktemp("jobs") / "local"
+    output = encode(collection, "--out", dest, "--chunk-size", CHUNK, "--batch-size", 32)
+    return dest, output
+
+
+@pytest.fixture(scope="module")
+def service_answers(collection: Path) -> dict[str, tuple[list[float] | None, str | None]]:
+    """What the service's /encode answers for each file: its latent, or its error message (for a
+    request holding that file alone, whose name in the message is ``images[0]``)."""
+    paths = sorted(p for p in collection.rglob("*") if p.suffix in (".png", ".jpg"))
+    answers: dict[str, tuple[list[float] | None, str | None]] = {}
+    with serve(DEFAULT_MODEL_DIR, AEGAN_WORKERS="1") as client:
+        good = [p for p in paths if p.relative_to(collection).as_posix() not in BROKEN]
+        for start in range(0, len(good), 64):
+            batch = good[start : start + 64]
+            response = client.post("/encode", files=files(*(p.read_bytes() for p in batch)))
+            assert response.status_code == 200, response.text
+            for path, z in zip(batch, response.json()["latents"], strict=True):
+                answers[path.relative_to(collection).as_posix()] = (z, None)
+        for name in BROKEN:
+            response = client.post("/encode", files=files((collection / name).read_bytes()))
+            assert 400 <= response.status_code < 500, response.text
+            answers[name] = (None, response.json()["error"])
+    return answers
+
+
+def test_latents_and_errors_are_the_services(local_job, service_answers):
+    dest, output = local_job
+    rows = read(dest)
+    assert sorted(rows) == sorted(service_answers)  # README.txt is not an input
+    assert len(rows) == IMAGES + len(BROKEN)
+    worst = 0.0
+    for name, (latent, error) in rows.items():
+        expected_latent, expected_error = service_answers[name]
+        if expected_error is None:
+            assert error is None, (name, error)
+            worst = max(worst, float(np.abs(latent - np.asarray(expected_latent)).max()))
+        else:
+            assert latent is None
+            assert error.replace(name, "images[0]") == expected_error  # the same message
+            assert BROKEN[name] in error
+    assert worst <= TOLERANCE
+    assert sorted(p.name for p in dest.iterdir()) == [JOB_FILE] + [
+        f"part-{i:05d}.parquet" for i in range(5)
+    ]
+    summary = output.strip().splitlines()[-1]
+    assert f"{IMAGES + len(BROKEN)} inputs, {IMAGES} encoded, {len(BROKEN)} errors" in summary
+    assert re.search(r"\d images/s$", summary), summary
+    for name in BROKEN:
+        assert f"error: {name}" in output
+
+
+def test_the_comparison_sees_a_one_grey_level_difference(local_job, collection):
+    """The 1e-5 agreement above means something: pixels read one grey level brighter (1/255 of
+    the range) move the latents far more than that."""
+    rows = read(local_job[0])
+    names = [n for n in sorted(rows) if n.endswith(".png") and n not in BROKEN][:32]
+    pixels = np.stack([np.asarray(Image.open(collection / n))[None] for n in names])
+    model = ModelRuntime(load_bundle(DEFAULT_MODEL_DIR), "cpu", 1)
+    brighter = model.encode(pixels.astype(np.float32) / 127.5 - 1.0 + 1 / 127.5)
+    ours = np.stack([rows[n][0] for n in names])
+    assert np.abs(brighter - ours).max() > 1000 * TOLERANCE
+
+
+def test_a_restart_rewrites_only_the_missing_part(local_job, collection, tmp_path):
+    dest = tmp_path / "restart"
+    shutil.copytree(local_job[0], dest)
+    before = {p.name: p.stat().st_mtime_ns for p in dest.glob("part-*.parquet")}
+    (dest / "part-00002.parquet").unlink()
+    output = encode(collection, "--out", dest, "--chunk-size", CHUNK, "--batch-size", 32)
+    after = {p.name: p.stat().st_mtime_ns for p in dest.glob("part-*.parquet")}
+    assert after.keys() == before.keys()
+    assert {n for n in after if after[n] != before[n]} == {"part-00002.parquet"}
+    assert "4 of 5 parts already written (240 inputs), skipped" in output
+    assert "304 inputs, 64 encoded, 0 errors, 240 skipped" in output  # broken/ sorts first
+    expected = read(local_job[0])
+    for name, (latent, error) in read(dest).items():
+        assert error == expected[name][1]
+        if latent is not None:
+            np.testing.assert_array_equal(latent, expected[name][0])
+
+
+def test_a_restart_with_other_settings_is_refused(local_job, collection, tmp_path):
+    dest = tmp_path / "other"
+    shutil.copytree(local_job[0], dest)
+    (dest / "part-00000.parquet").unlink()
+    before = sorted(p.name for p in dest.iterdir())
+    runner = CliRunner()
+    for args, named in (
+        (["--chunk-size", "50"], "chunk size (--chunk-size): 64 there, 50 now"),
+        (["--chunk-size", str(CHUNK), "--model", str(tmp_path / "none")], "neither a bundle"),
+    ):
+        result = runner.invoke(main, ["encode", str(collection), "--out", str(dest), *args])
+        assert result.exit_code == 1, result.output
+        assert named in result.output
+    sub = collection / "broken"
+    result = runner.invoke(main, ["encode", str(sub), "--out", str(dest), "--chunk-size", "64"])
+    assert result.exit_code == 1
+    assert "holds the output of another job (source:" in result.output
+    assert sorted(p.name for p in dest.iterdir()) == before  # nothing written
+
+
+def test_dest_must_be_a_new_or_empty_directory(collection, tmp_path):
+    runner = CliRunner()
+    (tmp_path / "file.parquet").write_bytes(b"PAR1")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine\n")
+    for dest, message in (
+        ("file.parquet", "is a file; --out names a directory of Parquet parts"),
+        ("used", "is not empty and holds no _job.json"),
+    ):
+        result = runner.invoke(main, ["encode", str(collection), "--out", str(tmp_path / dest)])
+        assert result.exit_code == 1
+        assert message in result.output
+    assert (tmp_path / "used" / "keep.txt").read_text() == "mine\n"
+
+
+def test_a_dest_named_parquet_is_one_table(collection, local_job, tmp_path):
+    """A list of paths as SOURCE, one worker (in-process), DEST ending in .parquet."""
+    expected = read(local_job[0])
+    png, jpg = (next(n for n in sorted(expected) if n.endswith(s)) for s in ("1.png", "0.jpg"))
+    listed = [png, "broken/empty.png", jpg]
+    relative = {name: os.path.relpath(collection / name, tmp_path) for name in listed}
+    (tmp_path / "list.txt").write_text(
+        "# paths relative to this file\n\n" + "".join(f"{p}\n" for p in relative.values())
+    )
+    dest = tmp_path / "latents.parquet"
+    encode(tmp_path / "list.txt", "--out", dest, "--workers", 1)
+    rows = read(dest)
+    assert sorted(rows) == sorted(relative.values())
+    for name, as_listed in relative.items():
+        latent, error = rows[as_listed]
+        if expected[name][1] is not None:
+            assert error == expected[name][1].replace(name, as_listed)
+        else:
+            np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)
+
+
+def test_threads_give_the_same_latents(collection, local_job, tmp_path):
+    plan = plan_job(collection, DEFAULT_MODEL_DIR, tmp_path / "threads", 1000)
+    summary = run_job(plan, workers=2, batch_size=100, device="cpu", pool="threads")
+    assert (summary.encoded, summary.errors, summary.parts) == (IMAGES, len(BROKEN), 1)
+    expected = read(local_job[0])
+    for name, (latent, error) in read(tmp_path / "threads").items():
+        assert error == expected[name][1]
+        if latent is not None:
+            np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)
+
+
+def test_an_npy_array_encodes_like_its_images(collection, local_job, tmp_path):
+    """Rows of an .npy are ids 0..N-1; uint8 pixels give the latents of the same images as PNG
+    files, floats in [0, 1] too, and a row holding NaN is an error row."""
+    images, labels = fmnist_test_images(IMAGES)
+    expected = read(local_job[0])
+    names = {i: f"class-{labels[i]}/batch-{i // 100}/{i:04d}.png" for i in range(IMAGES) if i % 10}
+    as_float = images[:, None].astype(np.float32) / 255
+    as_float[7, 0, 3, 3] = np.nan
+    for array, name in ((images[:, None], "uint8.npy"), (as_float, "float.npy")):
+        np.save(tmp_path / name, array)
+        dest = tmp_path / f"{name}-out"
+        encode(tmp_path / name, "--out", dest, "--chunk-size", 128)
+        table = pq.read_table(dest)
+        assert table.schema.field("id").type == "int64"
+        rows = read(dest)
+        assert sorted(rows) == list(range(IMAGES))
+        for i, path in names.items():
+            latent, error = rows[i]
+            if name == "float.npy" and i == 7:
+                assert latent is None and error == "row 7 holds NaN or infinite values"
+                continue
+            assert error is None
+            np.testing.assert_allclose(latent, expected[path][0], atol=TOLERANCE, rtol=0)
+    np.save(tmp_path / "wrong.npy", images[:4])  # N x 28 x 28: no channel axis
+    result = CliRunner().invoke(
+        main, ["encode", str(tmp_path / "wrong.npy"), "--out", str(tmp_path / "w")]
+    )
+    assert result.exit_code == 1
+    assert "array of shape (4, 28, 28)" in result.output and "(1, 28, 28)" in result.output
+
+
+@pytest.mark.slow
+def test_ray_gives_the_same_table_and_skips_written_parts(collection, local_job, tmp_path):
+    """``aegan encode --ray`` on a Ray instance started on this machine (two actors), in a DEST
+    that already holds the local job's last part: it writes the four others, and the table is
+    the local one."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the 'ray' extra is not installed (scripts/setup.sh installs it)")
+    dest = tmp_path / "ray"
+    dest.mkdir()
+    for name in (JOB_FILE, "part-00004.parquet"):
+        shutil.copy2(local_job[0] / name, dest / name)
+    kept = (dest / "part-00004.parquet").stat().st_mtime_ns
+    args = ["--out", str(dest), "--chunk-size", str(CHUNK), "--batch-size", "32", "--workers", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "aegan_cli", "encode", str(collection), *args, "--ray"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"304 inputs, 252 encoded, {len(BROKEN)} errors, 48 skipped" in result.stdout
+    assert (dest / "part-00004.parquet").stat().st_mtime_ns == kept
+    expected, rows = read(local_job[0]), read(dest)
+    assert rows.keys() == expected.keys()
+    for name, (latent, error) in rows.items():
+        assert error == expected[name][1]
+        if latent is not None:
+            np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)
+
+
+# Stand-ins for installs without the 'batch' or the 'ray' extra.
+WITHOUT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class NotInstalled(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.partition(".")[0] == {missing!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+    sys.meta_path.insert(0, NotInstalled())
+    from aegan_cli import run
+    sys.argv = ["aegan", "encode", {source!r}, "--out", {dest!r}, *{extra!r}]
+    run()
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("missing", "extra", "flags"), [("pyarrow", "batch", []), ("ray", "ray", ["--ray"])]
+)
+def test_encode_names_the_extra_it_needs(collection, tmp_path, missing, extra, flags):
+    dest = tmp_path / "out"
+    code = WITHOUT.format(missing=missing, source=str(collection), dest=str(dest), extra=flags)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"install the {extra!r} extra: pip install 'aegan-serve[{extra}]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not dest.exists()  # refused before anything was written
+
+
+def test_job_record_names_model_and_chunking(local_job):
+    record = json.loads((local_job[0] / JOB_FILE).read_text())
+    manifest = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
+    assert record["model"] == {
+        "name": manifest["name"],
+        "encoder_sha256": manifest["files"]["encoder"]["sha256"],
+    }
+    assert (record["chunk_size"], record["inputs"], record["source_kind"]) == (CHUNK, 304, "folder")
