@@ -465,8 +465,8 @@ def eval_command(
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Worker processes, or Ray actors (default: one per available CPU; one on a GPU; with "
-    "--ray-address, the cluster's CPUs).",
+    help="Worker threads or processes, or Ray actors (default: one per available CPU; one on a "
+    "GPU; with --ray-address, the cluster's CPUs).",
 )
 @click.option(
     "--batch-size",
@@ -489,6 +489,14 @@ def eval_command(
     show_default=True,
     help="ONNX Runtime execution provider, as AEGAN_DEVICE for the service.",
 )
+@click.option(
+    "--pool",
+    type=click.Choice(["threads", "processes"]),
+    default="threads",
+    show_default=True,
+    help="Local workers: threads sharing one ONNX Runtime session (faster on 2 cores, see "
+    "docs/BENCHMARKS.md), or processes with a session each.",
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Data, on a Ray started here.")
 @click.option(
     "--ray-address",
@@ -506,6 +514,7 @@ def encode_command(
     batch_size: int,
     chunk_size: int,
     device: str,
+    pool: str,
     use_ray: bool,
     ray_address: str | None,
     no_progress: bool,
@@ -581,6 +590,7 @@ def encode_command(
                 workers=workers or default_workers(device),
                 batch_size=batch_size,
                 device=device,
+                pool=pool,  # type: ignore[arg-type]
                 progress=advance,
             )
     for name, message in summary.error_examples:

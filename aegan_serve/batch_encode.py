@@ -465,29 +465,30 @@ def run_job(
     batch_size: int,
     device: str,
     limits: Limits | None = None,
-    pool: Pool = "processes",
+    pool: Pool,
     progress: Callable[[int], None] = lambda done: None,
 ) -> JobSummary:
     """Encode the missing chunks on this machine and write their parts.
 
-    ``pool="processes"``: ``workers`` processes (spawned), each with its own ONNX Runtime session
-    and CPUs / workers intra-op threads, so decoding (Python and Pillow) runs in parallel too.
-    ``pool="threads"``: one session with CPUs intra-op threads shared by ``workers`` threads.
-    Processes are the default: on the project's 2-core machine they encoded 5 000 Fashion-MNIST
-    PNGs at a higher rate than threads (docs/BENCHMARKS.md, ``.venv/bin/python
-    bench/encode_collection.py``): the threads wait for the GIL in the Python parts of decoding.
+    ``pool="threads"``: ``workers`` threads read and convert images (Pillow's codecs release the
+    GIL) and share one ONNX Runtime session with an intra-op thread per CPU.
+    ``pool="processes"``: ``workers`` spawned processes, each with its own session and CPUs /
+    workers intra-op threads, so the Python parts of decoding run in parallel too, at the cost
+    of starting and importing in every process and of passing results between them.
+    Threads are the default (``aegan encode --pool``): on the project's 2-core machine they
+    encoded 5 000 Fashion-MNIST PNGs about three times faster than two processes
+    (docs/BENCHMARKS.md, ``.venv/bin/python bench/encode_collection.py``).
     ``progress`` is called with the number of inputs finished after every batch.
     """
     limits = limits or Limits()
     summary = _start_summary(plan)
     started = time.perf_counter()
     if plan.missing:
-        threads = max(1, available_cpus() // workers)
         chunks = _Chunks(plan, summary)
         reader = plan.reader(limits)
         executor: Executor
         if workers == 1 or pool == "threads":
-            model = ModelRuntime(plan.bundle, device, available_cpus() if workers > 1 else threads)
+            model = ModelRuntime(plan.bundle, device, available_cpus())
             executor = ThreadPoolExecutor(workers, thread_name_prefix="aegan-encode")
 
             def task(items: Sequence[Item]) -> tuple[np.ndarray, list[str | None]]:
@@ -498,7 +499,12 @@ def run_job(
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(str(plan.bundle.path), device, threads, reader),
+                initargs=(
+                    str(plan.bundle.path),
+                    device,
+                    max(1, available_cpus() // workers),
+                    reader,
+                ),
             )
             task = _encode_in_worker
         with executor:

@@ -29,4 +29,4 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[train,dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[train,dev,batch,ray]"

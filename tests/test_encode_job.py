@@ -231,12 +231,12 @@ def test_a_dest_named_parquet_is_one_table(collection, local_job, tmp_path):
             np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)
 
 
-def test_threads_give_the_same_latents(collection, local_job, tmp_path):
-    plan = plan_job(collection, DEFAULT_MODEL_DIR, tmp_path / "threads", 1000)
-    summary = run_job(plan, workers=2, batch_size=100, device="cpu", pool="threads")
+def test_processes_give_the_same_latents(collection, local_job, tmp_path):
+    plan = plan_job(collection, DEFAULT_MODEL_DIR, tmp_path / "processes", 1000)
+    summary = run_job(plan, workers=2, batch_size=100, device="cpu", pool="processes")
     assert (summary.encoded, summary.errors, summary.parts) == (IMAGES, len(BROKEN), 1)
     expected = read(local_job[0])
-    for name, (latent, error) in read(tmp_path / "threads").items():
+    for name, (latent, error) in read(tmp_path / "processes").items():
         assert error == expected[name][1]
         if latent is not None:
             np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)

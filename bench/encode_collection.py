@@ -1,0 +1,327 @@
+"""Batch-encoding benchmark: ``aegan encode`` locally, ``aegan encode --ray`` on a Ray instance
+started on this machine, and the service's HTTP ``/encode`` with concurrent clients, on the same
+folder of Fashion-MNIST test images, in one run.
+
+    .venv/bin/python bench/encode_collection.py                  # about 4 minutes on 2 cores
+    .venv/bin/python bench/encode_collection.py --images 800 --repeats 1 --out /tmp/e.json --no-docs
+
+Each repeat runs every way once, in turn, into a fresh output directory. ``aegan encode`` is run
+as a user runs it (``python -m aegan_cli encode``, a new process): its images/s is the one it
+prints (from listing the folder to the last part written, worker or Ray start-up included), and
+the whole command's time is recorded too. ``/encode`` is measured against a server already up
+(``bentoml serve``, the defaults: one worker per CPU), with clients uploading the files in requests
+of ``--http-batch`` images; the answers are checked against the local job's latents. The local
+job's process pool is also compared, in this process, with threads sharing one ONNX Runtime
+session (``aegan_serve.batch_encode.run_job(pool=...)``).
+
+Writes docs/bench-encode.json and the batch-encoding section of docs/BENCHMARKS.md (between its
+``encode-bench`` markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from PIL import Image
+from serve import multipart, service, start  # bench/serve.py: bentoml serve, its readiness
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from aegan_serve.batch_encode import plan_job, run_job  # noqa: E402
+from aegan_serve.config import DEFAULT_MODEL_DIR, available_cpus  # noqa: E402
+
+FMNIST_TEST = "t10k-images-idx3-ubyte.gz"
+SUMMARY = re.compile(r"(\d+) encoded, (\d+) errors, .* ([\d.]+) s, (\d+) images/s")
+MARKERS = ("<!-- encode-bench:start -->", "<!-- encode-bench:end -->")
+
+
+def write_collection(root: Path, count: int) -> list[Path]:
+    """``count`` Fashion-MNIST test images as PNG files, 100 per folder."""
+    folder = os.environ.get("AEGAN_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist"
+    raw = gzip.decompress((Path(folder) / FMNIST_TEST).read_bytes())
+    images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
+    if count > len(images):
+        raise SystemExit(f"--images: the test split has {len(images)} images")
+    paths = []
+    for i in range(count):
+        path = root / f"{i // 100:03d}" / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(path)
+        paths.append(path)
+    return paths
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def cli_run(source: Path, dest: Path, extra: list[str]) -> dict[str, Any]:
+    """``aegan encode`` in a new process; its own summary and the command's wall time."""
+    command = [sys.executable, "-m", "aegan_cli", "encode", str(source), "--out", str(dest)]
+    load_before, started = load(), time.perf_counter()
+    result = subprocess.run(
+        [*command, "--device", "cpu", "--no-progress", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"aegan encode {' '.join(extra)} failed:\n{result.stderr}")
+    found = SUMMARY.search(result.stdout)
+    assert found, result.stdout
+    encoded, errors, seconds, _ = found.groups()
+    return {
+        "encoded": int(encoded),
+        "errors": int(errors),
+        "job_s": float(seconds),
+        "img_per_s": (int(encoded) + int(errors)) / float(seconds),
+        "command_s": wall,
+        "command_img_per_s": (int(encoded) + int(errors)) / wall,
+        "load_before": load_before,
+        "load_after": load(),
+    }
+
+
+def pool_run(
+    source: Path, dest: Path, pool: str, workers: int, batch: int, chunk: int
+) -> dict[str, Any]:
+    load_before = load()
+    plan = plan_job(source, DEFAULT_MODEL_DIR, dest, chunk)
+    summary = run_job(plan, workers=workers, batch_size=batch, device="cpu", pool=pool)  # type: ignore[arg-type]
+    return {
+        "encoded": summary.encoded,
+        "errors": summary.errors,
+        "job_s": summary.seconds,
+        "img_per_s": summary.images_per_s,
+        "load_before": load_before,
+        "load_after": load(),
+    }
+
+
+def latents_of(dest: Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(dest).to_pydict()
+    return {i: np.asarray(z, np.float32) for i, z in zip(table["id"], table["latent"], strict=True)}
+
+
+async def http_run(
+    base: str, root: Path, paths: list[Path], clients: int, batch: int, expected: dict
+) -> dict[str, Any]:
+    """``clients`` clients take the next ``batch`` files, read and upload them, until all are
+    encoded; every answer is checked against the local job's latents."""
+    batches = [paths[i : i + batch] for i in range(0, len(paths), batch)]
+    queue = iter(batches)
+    wrong, statuses = 0, {}
+    boundary = "aeganbenchboundary"
+    timeout = aiohttp.ClientTimeout(total=300)
+    load_before = load()
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def client() -> None:
+            nonlocal wrong
+            for files in queue:
+                body = multipart([p.read_bytes() for p in files])
+                async with session.post(
+                    base + "/encode",
+                    data=body,
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                ) as response:
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+                    if response.status != 200:
+                        raise RuntimeError(f"/encode answered {response.status}")
+                    latents = (await response.json())["latents"]
+                for path, z in zip(files, latents, strict=True):
+                    key = path.relative_to(root).as_posix()
+                    if np.abs(np.asarray(z, np.float32) - expected[key]).max() > 1e-5:
+                        wrong += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        seconds = time.perf_counter() - started
+    return {
+        "encoded": len(paths),
+        "seconds": seconds,
+        "img_per_s": len(paths) / seconds,
+        "wrong": wrong,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "load_before": load_before,
+        "load_after": load(),
+    }
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def write_docs(report: dict[str, Any], path: Path) -> None:
+    m, r = report["machine"], report["results"]
+    local, ray_run = r["aegan encode"], r.get("aegan encode --ray")
+    http = r["http /encode"]
+    lines = [
+        MARKERS[0],
+        "## Batch encoding (bench/encode_collection.py)",
+        "",
+        "```bash",
+        f".venv/bin/python bench/encode_collection.py --images {report['images']} "
+        f"--repeats {report['repeats']}",
+        "```",
+        "",
+        f"{report['images']} Fashion-MNIST test images as PNG files in {report['images'] // 100}"
+        f" folders, model `{m['model']}`, on {m['cpus']} CPUs ({m['processor']}), Python "
+        f"{m['python']}, no GPU; started {report['started']}. The machine's 2 cores were shared "
+        f"with other jobs: load average {report['load_average_at_start']:.1f} at the start and "
+        f"{report['load_average_at_end']:.1f} at the end (each run's is in "
+        "docs/bench-encode.json), so absolute figures move with "
+        "that load; the ways were run in turn in each repeat, and the figures are medians over "
+        f"{report['repeats']} repeats. `aegan encode` ran with {report['workers']} workers, "
+        f"batches of {report['batch_size']} and parts of {report['chunk_size']} images; its "
+        "images/s is the one it prints (listing, worker or Ray start-up and the Parquet writes "
+        'included); "whole command" adds the interpreter\'s start and imports. `/encode`: '
+        f"`bentoml serve` with its defaults (one worker per CPU) already up, {report['clients']} "
+        f"concurrent clients uploading {report['http_batch']} files per request; its answers "
+        "were compared with the local job's latents (`wrong`: off by more than 1e-5).",
+        "",
+        "| way | images/s | whole command, images/s | ratio to local |",
+        "|---|---|---|---|",
+        f"| `aegan encode` ({report['workers']} threads, one session) | "
+        f"{median(local, 'img_per_s'):.0f} | "
+        f"{median(local, 'command_img_per_s'):.0f} | 1.00 |",
+    ]
+    if ray_run:
+        lines.append(
+            f"| `aegan encode --ray` (Ray started by the command, {report['workers']} actors) | "
+            f"{median(ray_run, 'img_per_s'):.0f} | {median(ray_run, 'command_img_per_s'):.0f} | "
+            f"{median(ray_run, 'img_per_s') / median(local, 'img_per_s'):.2f} |"
+        )
+    lines += [
+        f"| HTTP `/encode`, {report['clients']} clients (server start-up not counted; wrong "
+        f"answers: {sum(h['wrong'] for h in http)}) | {median(http, 'img_per_s'):.0f} | | "
+        f"{median(http, 'img_per_s') / median(local, 'img_per_s'):.2f} |",
+        "",
+        "Local pools called in one process (`run_job`, the same folder and settings): "
+        f"{report['workers']} worker processes, one ONNX Runtime thread each: "
+        f"{median(r['processes'], 'img_per_s'):.0f} images/s; {report['workers']} threads "
+        f"sharing one session with {m['cpus']} threads: {median(r['threads'], 'img_per_s'):.0f} "
+        "images/s.",
+        "",
+        MARKERS[1],
+    ]
+    text = path.read_text()
+    section = "\n".join(lines)
+    if MARKERS[0] in text:
+        head, rest = text.split(MARKERS[0], 1)
+        text = head + section + rest.split(MARKERS[1], 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=available_cpus())
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
+    parser.add_argument("--http-batch", type=int, default=64, help="files per /encode request")
+    parser.add_argument("--no-ray", action="store_true", help="skip aegan encode --ray")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench-encode.json")
+    parser.add_argument("--no-docs", action="store_true", help="leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="aegan-bench-encode-"))
+    try:
+        source = work / "images"
+        paths = write_collection(source, args.images)
+        flags = ["--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+        flags += ["--chunk-size", str(args.chunk_size)]
+        report: dict[str, Any] = {
+            "machine": {
+                "cpus": available_cpus(),
+                "processor": platform.processor() or platform.machine(),
+                "python": platform.python_version(),
+                "model": str(DEFAULT_MODEL_DIR.relative_to(REPO)),
+            },
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "load_average_at_start": load(),
+            "images": args.images,
+            "repeats": args.repeats,
+            "workers": args.workers,
+            "batch_size": args.batch_size,
+            "chunk_size": args.chunk_size,
+            "clients": args.clients,
+            "http_batch": args.http_batch,
+        }
+        print(f"{args.images} images in {source}; load average {load():.2f}", flush=True)
+        results: dict[str, list[dict[str, Any]]] = {}
+
+        def record(name: str, figures: dict[str, Any]) -> None:
+            results.setdefault(name, []).append(figures)
+            print(
+                f"  {name:<22} {figures['img_per_s']:7.0f} images/s  (load average "
+                f"{figures['load_before']:.2f} -> {figures['load_after']:.2f})",
+                flush=True,
+            )
+
+        command, env, port = service({})
+        with start("service", command, env, port) as server:
+            for repeat in range(args.repeats):
+                print(f"repeat {repeat + 1} of {args.repeats}", flush=True)
+                local_dest = work / f"local-{repeat}"
+                record("aegan encode", cli_run(source, local_dest, flags))
+                expected = latents_of(local_dest)
+                if not args.no_ray:
+                    ray_run = cli_run(source, work / f"ray-{repeat}", [*flags, "--ray"])
+                    got = latents_of(work / f"ray-{repeat}")
+                    ray_run["max_abs_diff_to_local"] = max(
+                        float(np.abs(got[k] - expected[k]).max()) for k in expected
+                    )
+                    record("aegan encode --ray", ray_run)
+                figures = asyncio.run(
+                    http_run(server.base, source, paths, args.clients, args.http_batch, expected)
+                )
+                record("http /encode", figures)
+                for pool in ("processes", "threads"):
+                    dest = work / f"{pool}-{repeat}"
+                    figures = pool_run(
+                        source, dest, pool, args.workers, args.batch_size, args.chunk_size
+                    )
+                    record(pool, figures)
+        report["results"] = results
+        report["load_average_at_end"] = load()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    for name, runs in results.items():
+        print(f"{name:<22} median {median(runs, 'img_per_s'):7.0f} images/s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if not args.no_docs:
+        write_docs(report, REPO / "docs" / "BENCHMARKS.md")
+        print("updated docs/BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
