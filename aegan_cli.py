@@ -465,8 +465,8 @@ def eval_command(
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Worker threads or processes, or Ray actors (default: one per available CPU; one on a "
-    "GPU; with --ray-address, the cluster's CPUs).",
+    help="Worker threads or processes, or Ray actors (default: one per available CPU; one "
+    "process on a GPU; with --ray-address, the cluster's CPUs).",
 )
 @click.option(
     "--batch-size",
@@ -587,7 +587,7 @@ def encode_command(
         else:
             summary = run_job(
                 plan,
-                workers=workers or default_workers(device),
+                workers=workers or default_workers(device, pool),  # type: ignore[arg-type]
                 batch_size=batch_size,
                 device=device,
                 pool=pool,  # type: ignore[arg-type]

@@ -453,9 +453,10 @@ def _batches(plan: JobPlan, batch_size: int) -> Iterator[tuple[int, int, list[It
             yield index, start - rows.start, items
 
 
-def default_workers(device: str) -> int:
-    """One per CPU; one when a GPU is visible and may be used (one CUDA context)."""
-    return 1 if device != "cpu" and gpu_visible() else available_cpus()
+def default_workers(device: str, pool: Pool) -> int:
+    """One per CPU; one process when a GPU is visible and may be used (each process would hold a
+    CUDA context of its own; threads share the one session)."""
+    return 1 if pool == "processes" and device != "cpu" and gpu_visible() else available_cpus()
 
 
 def run_job(
@@ -475,9 +476,9 @@ def run_job(
     ``pool="processes"``: ``workers`` spawned processes, each with its own session and CPUs /
     workers intra-op threads, so the Python parts of decoding run in parallel too, at the cost
     of starting and importing in every process and of passing results between them.
-    Threads are the default (``aegan encode --pool``): on the project's 2-core machine they
-    encoded 5 000 Fashion-MNIST PNGs about three times faster than two processes
-    (docs/BENCHMARKS.md, ``.venv/bin/python bench/encode_collection.py``).
+    Threads are the default (``aegan encode --pool``): on the project's 2-core machine two threads
+    encoded 5 000 Fashion-MNIST PNGs at 1871 images/s, two processes at 1292 (medians of three;
+    docs/BENCHMARKS.md, ``.venv/bin/python bench/encode_collection.py``).
     ``progress`` is called with the number of inputs finished after every batch.
     """
     limits = limits or Limits()
