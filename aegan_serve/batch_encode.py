@@ -121,13 +121,16 @@ def _require_images(bundle: Bundle, source: Path) -> None:
         )
 
 
-_ARRAYS: dict[str, np.ndarray] = {}  # .npy sources opened (memory-mapped) by this process
+# .npy sources opened (memory-mapped) by this process, by path, modification time and size.
+_ARRAYS: dict[tuple[str, int, int], np.ndarray] = {}
 
 
 def _mapped(path: str) -> np.ndarray:
-    if path not in _ARRAYS:
-        _ARRAYS[path] = np.load(path, mmap_mode="r", allow_pickle=False)
-    return _ARRAYS[path]
+    status = os.stat(path)
+    key = (path, status.st_mtime_ns, status.st_size)
+    if key not in _ARRAYS:
+        _ARRAYS[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+    return _ARRAYS[key]
 
 
 def _open_array(path: Path, bundle: Bundle) -> np.ndarray:

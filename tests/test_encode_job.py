@@ -273,6 +273,23 @@ def test_an_npy_array_encodes_like_its_images(collection, local_job, tmp_path):
     assert "array of shape (4, 28, 28)" in result.output and "(1, 28, 28)" in result.output
 
 
+def test_vector_models_encode_npy_rows(vector_bundle, collection, tmp_path):
+    """A vector model takes an .npy of N x D vectors as stored; a folder of images is refused."""
+    vectors = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    np.save(tmp_path / "vectors.npy", vectors)
+    encode(tmp_path / "vectors.npy", "--model", vector_bundle, "--out", tmp_path / "z")
+    rows = read(tmp_path / "z")
+    model = ModelRuntime(load_bundle(vector_bundle), "cpu", 1)
+    expected = model.encode(vectors)
+    got = np.stack([rows[i][0] for i in range(50)])
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+    result = CliRunner().invoke(
+        main, ["encode", str(collection), "--model", str(vector_bundle), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1
+    assert "is a vector model (data shape [2]); give it an .npy array of vectors" in result.output
+
+
 @pytest.mark.slow
 def test_ray_gives_the_same_table_and_skips_written_parts(collection, local_job, tmp_path):
     """``aegan encode --ray`` on a Ray instance started on this machine (two actors), in a DEST
