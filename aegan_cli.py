@@ -370,19 +370,6 @@ def directions_command(
 # --- aegan eval -----------------------------------------------------------------------------
 
 
-def _parse_metrics(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> list[str] | None:
-    if value is None:
-        return None
-    from training.metrics import UnknownMetricError, check_metric_names
-
-    try:
-        return check_metric_names(value.split(","))
-    except UnknownMetricError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
-
-
 @main.command("eval")
 @click.argument("source", type=click.Path(exists=True, path_type=Path), required=False)
 @click.option(
@@ -394,7 +381,6 @@ def _parse_metrics(
 )
 @click.option(
     "--metrics",
-    callback=_parse_metrics,
     default=None,
     metavar="A,B",
     help="Comma-separated metric names (default: all that apply; --list names them).",
@@ -414,7 +400,7 @@ def _parse_metrics(
 def eval_command(
     source: Path | None,
     json_path: Path | None,
-    metrics: list[str] | None,
+    metrics: str | None,
     num_samples: int,
     seed: int,
     data: str | None,
@@ -424,17 +410,20 @@ def eval_command(
     """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
     precision, recall, class coverage, reconstruction; energy distance for vector data."""
     from training.evaluate import EvalError, print_report, run_evaluation
+    from training.metrics import UnknownMetricError, check_metric_names, result_meanings
 
     if list_metrics:
-        from training.metrics import result_meanings
-
         for key, meaning in result_meanings().items():
             click.echo(f"{key}: {meaning}")
         return
+    try:  # before anything is loaded: a typo fails in milliseconds
+        names = check_metric_names(metrics.split(",")) if metrics is not None else None
+    except UnknownMetricError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics") from exc
     if source is None:
         raise click.UsageError("Missing argument 'SOURCE' (a run directory, checkpoint or bundle).")
     try:
-        report = run_evaluation(source, metrics, num_samples, seed, data, threads)
+        report = run_evaluation(source, names, num_samples, seed, data, threads)
     except EvalError as exc:
         raise click.ClickException(str(exc)) from exc
     print_report(report, f"{source} (step {report.get('step')}, {num_samples} samples)")
