@@ -27,7 +27,7 @@ pytest.importorskip(
 )
 from kubernetes.client import ApiClient  # noqa: E402
 
-from aegan_serve.config import DEFAULT_MODEL_DIR, ConfigError, Limits, Settings  # noqa: E402
+from aegan_serve.config import DEFAULT_MODEL_DIR, Limits, Settings, SettingsError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -350,7 +350,7 @@ def test_settings_are_the_services_with_their_defaults(variant: str) -> None:
     assert {k: v for k, v in data.items() if k not in POD_SPECIFIC} == defaults
     try:
         Settings.from_env(data)
-    except ConfigError as error:
+    except SettingsError as error:
         pytest.fail(f"the service would not start with these settings: {error}")
 
 
