@@ -1,4 +1,4 @@
-"""The ``aegan`` command: train, export, directions, eval, encode and classifier, in one module.
+"""The ``aegan`` command: train, export, directions, eval and classifier, in one module.
 
 This module sits on top of the three packages and imports each stage inside its command, so
 ``aegan --help`` loads neither torch nor BentoML, and an install without the ``train`` extra gets a
@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from training.config import (
+    DEFAULT_NUM_SAMPLES,
     DEFAULT_PRESET,
     PRESETS,
     ConfigError,
@@ -72,7 +73,7 @@ def _setup_logging() -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Train, export, evaluate and run autoencoding GANs (AEGAN)."""
+    """Train, export and evaluate autoencoding GANs (AEGAN)."""
 
 
 # --- aegan train ----------------------------------------------------------------------------
@@ -157,6 +158,7 @@ def train(
     dry_run: bool,
 ) -> None:
     """Train an AEGAN (or the GAN baseline); writes grids, metrics.jsonl and checkpoints."""
+    _setup_logging()
     if resume is not None:
         from training.checkpoint import resume_point
 
@@ -164,7 +166,6 @@ def train(
             _, raw_config = resume_point(resume)
             click.echo(json.dumps(raw_config, indent=2))
             return
-        _setup_logging()
         from training.evaluate import eval_hook_for_run
         from training.training_loop import train as run_training
 
@@ -200,7 +201,6 @@ def train(
         return
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise click.UsageError(f"--out: {out} already holds checkpoints; use --resume {out}")
-    _setup_logging()
     from training.evaluate import make_eval_hook
     from training.training_loop import train as run_training
 
@@ -388,7 +388,7 @@ def directions_command(
 @click.option(
     "--num-samples",
     type=click.IntRange(min=10),
-    default=10_000,
+    default=DEFAULT_NUM_SAMPLES,
     show_default=True,
     help="Generated samples (and held-out samples compared).",
 )

@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from training.config import RunConfig
+
 log = logging.getLogger(__name__)
 
 FORMAT = "aegan-checkpoint/1"
@@ -153,3 +155,12 @@ def resume_point(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         return None, raw
     state = load_checkpoint(resolve_checkpoint(run_dir))
     return state, state["config"]
+
+
+def run_config(raw: Any, source: Path | str) -> RunConfig:
+    """The typed config a run or checkpoint recorded; :class:`CheckpointError` naming ``source``
+    when it cannot be read (unknown fields, wrong types)."""
+    try:
+        return RunConfig.from_dict(raw)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{source}: the run's config cannot be read ({exc})") from exc
