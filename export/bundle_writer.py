@@ -43,6 +43,7 @@ from aegan_serve.bundle import (
     load_bundle,
     write_manifest,
 )
+from aegan_serve.files import fsync_dir
 from export.directions import add_directions, training_samples
 from export.onnx_export import (
     EXAMPLE_BATCH,
@@ -59,7 +60,6 @@ from export.onnx_export import (
 )
 from training.checkpoint import (
     CheckpointError,
-    fsync_dir,
     load_checkpoint,
     resolve_checkpoint,
     run_config,

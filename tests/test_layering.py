@@ -31,7 +31,7 @@ ALLOWED = {
 # aegan_serve modules that training and export may import: no web framework imported at module
 # level (bundle.py imports BentoML inside the one function that reads its model store), and none
 # of them imports an aegan_serve module that is not on this list.
-FRAMEWORK_FREE = {"errors", "images", "latents", "bundle", "config", "runtime", "batching"}
+FRAMEWORK_FREE = {"errors", "files", "images", "latents", "bundle", "config", "runtime", "batching"}
 WEB_FRAMEWORKS = ("bentoml", "starlette", "pydantic", "python_multipart", "uvicorn")
 
 

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from aegan_serve.files import write_atomic
 from aegan_serve.images import save_grid
 from training.checkpoint import (
     CONFIG_FILE,
@@ -33,7 +34,6 @@ from training.checkpoint import (
     resume_point,
     run_config,
     save_checkpoint,
-    write_atomic,
 )
 from training.config import ConfigError, DataFacts, LossConfig, RunConfig, validate
 from training.data import load_dataset
