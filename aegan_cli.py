@@ -1,4 +1,4 @@
-"""The ``aegan`` command: train, export, directions, eval, encode and classifier, in one module.
+"""The ``aegan`` command: train, export, directions, eval and classifier, in one module.
 
 This module sits on top of the three packages and imports each stage inside its command, so
 ``aegan --help`` loads neither torch nor BentoML, and an install without the ``train`` extra gets a
@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from training.config import (
+    DEFAULT_NUM_SAMPLES,
     DEFAULT_PRESET,
     PRESETS,
     ConfigError,
@@ -72,7 +73,7 @@ def _setup_logging() -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Train, export, evaluate and run autoencoding GANs (AEGAN)."""
+    """Train, export and evaluate autoencoding GANs (AEGAN)."""
 
 
 # --- aegan train ----------------------------------------------------------------------------
@@ -157,6 +158,7 @@ def train(
     dry_run: bool,
 ) -> None:
     """Train an AEGAN (or the GAN baseline); writes grids, metrics.jsonl and checkpoints."""
+    _setup_logging()
     if resume is not None:
         from training.checkpoint import resume_point
 
@@ -164,7 +166,6 @@ def train(
             _, raw_config = resume_point(resume)
             click.echo(json.dumps(raw_config, indent=2))
             return
-        _setup_logging()
         from training.evaluate import eval_hook_for_run
         from training.training_loop import train as run_training
 
@@ -200,7 +201,6 @@ def train(
         return
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise click.UsageError(f"--out: {out} already holds checkpoints; use --resume {out}")
-    _setup_logging()
     from training.evaluate import make_eval_hook
     from training.training_loop import train as run_training
 
@@ -370,19 +370,6 @@ def directions_command(
 # --- aegan eval -----------------------------------------------------------------------------
 
 
-def _parse_metrics(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> list[str] | None:
-    if value is None:
-        return None
-    from training.metrics import UnknownMetricError, check_metric_names
-
-    try:
-        return check_metric_names(value.split(","))
-    except UnknownMetricError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
-
-
 @main.command("eval")
 @click.argument("source", type=click.Path(exists=True, path_type=Path), required=False)
 @click.option(
@@ -394,7 +381,6 @@ def _parse_metrics(
 )
 @click.option(
     "--metrics",
-    callback=_parse_metrics,
     default=None,
     metavar="A,B",
     help="Comma-separated metric names (default: all that apply; --list names them).",
@@ -402,7 +388,7 @@ def _parse_metrics(
 @click.option(
     "--num-samples",
     type=click.IntRange(min=10),
-    default=10_000,
+    default=DEFAULT_NUM_SAMPLES,
     show_default=True,
     help="Generated samples (and held-out samples compared).",
 )
@@ -414,7 +400,7 @@ def _parse_metrics(
 def eval_command(
     source: Path | None,
     json_path: Path | None,
-    metrics: list[str] | None,
+    metrics: str | None,
     num_samples: int,
     seed: int,
     data: str | None,
@@ -424,17 +410,20 @@ def eval_command(
     """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
     precision, recall, class coverage, reconstruction; energy distance for vector data."""
     from training.evaluate import EvalError, print_report, run_evaluation
+    from training.metrics import UnknownMetricError, check_metric_names, result_meanings
 
     if list_metrics:
-        from training.metrics import result_meanings
-
         for key, meaning in result_meanings().items():
             click.echo(f"{key}: {meaning}")
         return
+    try:  # before anything is loaded: a typo fails in milliseconds
+        names = check_metric_names(metrics.split(",")) if metrics is not None else None
+    except UnknownMetricError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics") from exc
     if source is None:
         raise click.UsageError("Missing argument 'SOURCE' (a run directory, checkpoint or bundle).")
     try:
-        report = run_evaluation(source, metrics, num_samples, seed, data, threads)
+        report = run_evaluation(source, names, num_samples, seed, data, threads)
     except EvalError as exc:
         raise click.ClickException(str(exc)) from exc
     print_report(report, f"{source} (step {report.get('step')}, {num_samples} samples)")

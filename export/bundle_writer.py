@@ -43,6 +43,7 @@ from aegan_serve.bundle import (
     load_bundle,
     write_manifest,
 )
+from aegan_serve.files import fsync_dir
 from export.directions import add_directions, training_samples
 from export.onnx_export import (
     EXAMPLE_BATCH,
@@ -57,7 +58,12 @@ from export.onnx_export import (
     to_fp16,
     torch_outputs,
 )
-from training.checkpoint import CheckpointError, fsync_dir, load_checkpoint, resolve_checkpoint
+from training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    run_config,
+)
 from training.config import RunConfig
 from training.data import DataError
 from training.networks import build_networks
@@ -77,10 +83,7 @@ def load_ema_networks(checkpoint: Path) -> tuple[dict[str, Any], RunConfig, nn.M
     a ``mode=gan`` run, which has no encoder.
     """
     state = load_checkpoint(checkpoint)
-    try:
-        cfg = RunConfig.from_dict(state["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{checkpoint}: its config cannot be read ({exc})") from exc
+    cfg = run_config(state["config"], checkpoint)
     if cfg.loss.mode != "aegan" or "E" not in state["ema"]:
         raise ExportError(
             f"{checkpoint}: a mode={cfg.loss.mode} run has no encoder, and a bundle needs both "

@@ -33,6 +33,7 @@ ALLOWED = {
 # of them imports an aegan_serve module that is not on this list.
 FRAMEWORK_FREE = {
     "errors",
+    "files",
     "images",
     "latents",
     "bundle",

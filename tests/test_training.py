@@ -100,6 +100,42 @@ def test_from_dict_rejects_unknown_fields():
         RunConfig.from_dict(raw)
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("train", "steps"), "abc", "train.steps: expected an integer"),
+        (("train", "steps"), 1.5, "train.steps: expected an integer"),
+        (("model", "latent_dim"), True, "model.latent_dim: expected an integer"),
+        (("loss", "mode"), "vae", "loss.mode: expected 'aegan' or 'gan'"),
+        (("model", "data_shape"), [1, "28"], r"model.data_shape\[1\]: expected an integer"),
+        (("train", "threads"), "2", "train.threads: expected an integer or null"),
+    ],
+)
+def test_from_dict_checks_each_field_type(path, value, expected):
+    """A run's config read back (resume, export) is checked against the field types."""
+    raw = from_preset("tiny").to_dict()
+    raw[path[0]][path[1]] = value
+    with pytest.raises(TypeError, match=expected):
+        RunConfig.from_dict(raw)
+
+
+def test_from_dict_takes_integers_for_floats():
+    raw = from_preset("tiny").to_dict()
+    raw["loss"]["adv_x"] = 2
+    cfg = RunConfig.from_dict(raw)
+    assert cfg.loss.adv_x == 2.0 and isinstance(cfg.loss.adv_x, float)
+
+
+def test_conv_image_sizes_are_the_networks_sizes():
+    from training.config import CONV_IMAGE_SIZES
+    from training.networks import upsamplings
+
+    for size in CONV_IMAGE_SIZES:
+        assert upsamplings(size) >= 2
+    with pytest.raises(KeyError):
+        upsamplings(48)
+
+
 # --- data -------------------------------------------------------------------------------------
 
 

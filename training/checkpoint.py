@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+
+from aegan_serve.files import TEMP_PREFIX, replace_file
+from training.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,50 +43,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def fsync_dir(folder: Path, *, files: bool = False) -> None:
-    """Flush a directory's entries (and, with ``files``, the files in it) to disk. POSIX; a no-op
-    where a directory cannot be opened."""
-    if files:
-        for path in folder.iterdir():
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(path: Path, write: Callable[[BinaryIO], object], suffix: str = "") -> None:
-    """Replace ``path`` with what ``write`` writes to a file, so that a crash leaves the old file
-    or the new one, whole: a temporary file beside it, fsync, rename, fsync of the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``, atomically (see :func:`_replace`)."""
-    _replace(path, lambda f: f.write(data))
-
-
 def save_checkpoint(state: dict[str, Any], run_dir: Path, keep: int) -> Path:
     """Write ``state`` for its step atomically (temp file, fsync, rename) and prune old ones."""
     path = checkpoint_path(run_dir, int(state["step"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace(path, lambda f: torch.save({"format": FORMAT, **state}, f), suffix=".pt")
+    replace_file(path, lambda f: torch.save({"format": FORMAT, **state}, f), suffix=".pt")
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -96,7 +57,7 @@ def remove_temp_files(run_dir: Path) -> list[Path]:
     """Delete the temporary files of writes a crash cut short (``.tmp-*`` in the run directory and
     its checkpoints); only the run's one writer may call this. Returns what was removed."""
     run_dir = Path(run_dir)
-    stale = [*run_dir.glob(".tmp-*"), *(run_dir / CHECKPOINT_DIR).glob(".tmp-*")]
+    stale = [*run_dir.glob(f"{TEMP_PREFIX}*"), *(run_dir / CHECKPOINT_DIR).glob(f"{TEMP_PREFIX}*")]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -153,3 +114,12 @@ def resume_point(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         return None, raw
     state = load_checkpoint(resolve_checkpoint(run_dir))
     return state, state["config"]
+
+
+def run_config(raw: Any, source: Path | str) -> RunConfig:
+    """The typed config a run or checkpoint recorded; :class:`CheckpointError` naming ``source``
+    when it cannot be read (unknown fields, wrong types)."""
+    try:
+        return RunConfig.from_dict(raw)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{source}: the run's config cannot be read ({exc})") from exc

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_NUM_SAMPLES = 10_000  # samples ``aegan eval`` generates and compares
 FASHION_MNIST_ENV = "AEGAN_FASHION_MNIST_DIR"
 
 Arch = Literal["conv", "mlp"]
@@ -141,7 +143,7 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
         if value is None:
             return value
     elif annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
@@ -156,7 +158,7 @@ def describe_type(annotation: Any) -> str:
         return " or ".join(describe_type(a) for a in args)
     if origin is list:
         return f"a list of {describe_type(args[0])}"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
     return "null" if annotation is type(None) else names.get(annotation, str(annotation))
 
 
@@ -179,7 +181,8 @@ def apply_assignment(cfg: RunConfig, assignment: str) -> None:
         try:  # a string field takes the text as it is ("--set data.source=2024")
             value = check_type(raw, annotation, key)
         except TypeError:
-            raise ConfigError("--set", str(exc)) from None
+            expected = describe_type(annotation)
+            raise ConfigError("--set", f"{key}: expected {expected}, got {raw!r}") from exc
     setattr(target, name, value)
 
 

@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from training.config import DataConfig, RunConfig, fashion_mnist_dir
+from training.config import (
+    DEFAULT_NUM_SAMPLES,
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    fashion_mnist_dir,
+)
 from training.metrics import (
     METRICS,
     EvalContext,
@@ -30,7 +36,6 @@ from training.metrics.registry import FMNIST_SHAPE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NUM_SAMPLES = 10_000
 EVAL_PREFIX = "eval/"  # metrics.jsonl fields written by the training-time hook
 
 
@@ -64,12 +69,12 @@ def torch_model(
 
 def load_run_model(source: Path) -> tuple[GenerativeModel, dict[str, Any]]:
     """EMA G (and E) of a checkpoint file, or of the newest loadable checkpoint of a run."""
-    from training.checkpoint import load_checkpoint, resolve_checkpoint
+    from training.checkpoint import load_checkpoint, resolve_checkpoint, run_config
     from training.networks import build_networks
 
     path = resolve_checkpoint(source)
     state = load_checkpoint(path)
-    cfg = RunConfig.from_dict(state["config"])
+    cfg = run_config(state["config"], path)
     nets = build_networks(cfg.model, cfg.loss.mode)
     ema = {k: nets[k] for k in ("G", "E") if k in state["ema"]}
     for k, net in ema.items():
@@ -85,11 +90,10 @@ def load_bundle_model(
 ) -> tuple[GenerativeModel, dict[str, Any]]:
     """The generator and encoder graphs of a bundle, run on the CPU by the service's runtime."""
     from aegan_serve.bundle import load_bundle
-    from aegan_serve.config import available_cpus
     from aegan_serve.runtime import ModelRuntime
 
     bundle = load_bundle(path)
-    runtime = ModelRuntime(bundle, device="cpu", threads=threads or available_cpus())
+    runtime = ModelRuntime(bundle, device="cpu", threads=threads or 0)  # 0: ONNX Runtime's default
     manifest = bundle.manifest  # written by export: "training_config" and "step" of the checkpoint
     model = GenerativeModel(runtime.generate, runtime.encode, bundle.latent_dim, bundle.data_shape)
     config = manifest.get("training_config")
@@ -123,7 +127,7 @@ def vector_reference(path: str) -> Reference:
 
     data = load_npy(path)
     if data.kind != "vector":
-        raise EvalError(f"--data: {path} holds images, not N x D vectors")
+        raise ConfigError("--data", f"{path} holds images, not N x D vectors")
     return Reference("vector", data.samples.numpy(), path)
 
 
@@ -276,7 +280,7 @@ def make_eval_hook(cfg: RunConfig) -> Any:
 
 def eval_hook_for_run(run_dir: Path) -> Any:
     """The hook of a run being resumed, from the config it resumes with."""
-    from training.checkpoint import resume_point
+    from training.checkpoint import resume_point, run_config
 
     _, raw_config = resume_point(run_dir)
-    return make_eval_hook(RunConfig.from_dict(raw_config))
+    return make_eval_hook(run_config(raw_config, run_dir))

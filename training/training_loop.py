@@ -25,15 +25,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from aegan_serve.files import write_atomic
 from aegan_serve.images import save_grid
 from training.checkpoint import (
     CONFIG_FILE,
-    CheckpointError,
     remove_temp_files,
     resolve_checkpoint,
     resume_point,
+    run_config,
     save_checkpoint,
-    write_atomic,
 )
 from training.config import ConfigError, DataFacts, LossConfig, RunConfig, validate
 from training.data import load_dataset
@@ -252,8 +252,8 @@ def train(
     run_dir = Path(run_dir)
     rank, world, device = setup_distributed()
     cfg, state = _run_config(cfg, run_dir, resume, steps, world)
-    if state is not None and rank == 0:
-        log.info("resuming %s from step %d", run_dir, state["step"])
+    if resume and rank == 0:
+        log.info("resuming %s from step %d", run_dir, state["step"] if state else 0)
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -339,10 +339,7 @@ def _run_config(
     state = None
     if resume:
         state, raw_config = resume_point(run_dir)
-        try:
-            cfg = RunConfig.from_dict(raw_config)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{run_dir}: the run's config cannot be read ({exc})") from exc
+        cfg = run_config(raw_config, run_dir)
         if state is not None and len(state["rng"]["data"]) != world:
             raise ConfigError(
                 "--resume",
