@@ -47,6 +47,7 @@ import numpy as np
 from .bundle import ENCODER, Bundle, load_bundle, resolve_bundle_dir
 from .config import Limits, available_cpus, gpu_visible
 from .errors import ClientError, RequestError
+from .files import TEMP_PREFIX, replace_file, write_atomic
 from .images import decode_upload, to_model_input
 from .runtime import ModelRuntime
 
@@ -340,28 +341,19 @@ def _claim_dest(dest: Path, record: dict[str, Any]) -> None:
                 f"{dest} holds the output of another job ({'; '.join(changed)}). Run the same "
                 "job again to complete it, or write to another --out"
             )
-        for stale in dest.glob(".part-*.tmp"):  # left by a run that was stopped mid-write
+        for stale in dest.glob(f"{TEMP_PREFIX}*"):  # left by a run that was stopped mid-write
             stale.unlink(missing_ok=True)
         return
     if dest.is_dir() and any(dest.iterdir()):
         raise JobError(f"{dest} is not empty and holds no {JOB_FILE}; use a new or empty --out")
     dest.mkdir(parents=True, exist_ok=True)
-    _write_atomic(job_file, (json.dumps(record, indent=2) + "\n").encode())
+    write_atomic(job_file, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def _shown(value: Any) -> str:
     if isinstance(value, dict):
         return " ".join(f"{k}={str(v)[:12]}" for k, v in value.items())
     return str(value)[:12] if isinstance(value, str) and len(value) == 64 else str(value)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def part_schema(latent_dim: int, id_is_int: bool) -> Any:
@@ -379,8 +371,8 @@ def part_schema(latent_dim: int, id_is_int: bool) -> Any:
 def write_part(
     plan: JobPlan, index: int, latents: np.ndarray, errors: Sequence[str | None]
 ) -> Path:
-    """Write chunk ``index`` as ``part-NNNNN.parquet``: to a hidden temporary file, fsynced,
-    then renamed into place."""
+    """Write chunk ``index`` as ``part-NNNNN.parquet``, whole or not at all (a hidden temporary
+    file, renamed into place: :func:`aegan_serve.files.replace_file`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -403,12 +395,7 @@ def write_part(
         schema=schema,
     )
     path = plan.dest / PART_NAME.format(index)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, lambda f: pq.write_table(table, f))
     return path
 
 

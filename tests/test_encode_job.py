@@ -162,7 +162,9 @@ def test_a_restart_rewrites_only_the_missing_part(local_job, collection, tmp_pat
     shutil.copytree(local_job[0], dest)
     before = {p.name: p.stat().st_mtime_ns for p in dest.glob("part-*.parquet")}
     (dest / "part-00002.parquet").unlink()
+    (dest / ".tmp-stopped.parquet").write_bytes(b"PAR1")  # a write cut short by a crash
     output = encode(collection, "--out", dest, "--chunk-size", CHUNK, "--batch-size", 32)
+    assert not (dest / ".tmp-stopped.parquet").exists()
     after = {p.name: p.stat().st_mtime_ns for p in dest.glob("part-*.parquet")}
     assert after.keys() == before.keys()
     assert {n for n in after if after[n] != before[n]} == {"part-00002.parquet"}
