@@ -107,6 +107,11 @@ def pool_run(
     load_before = load()
     plan = plan_job(source, DEFAULT_MODEL_DIR, dest, chunk)
     summary = run_job(plan, workers=workers, batch_size=batch, device="cpu", pool=pool)  # type: ignore[arg-type]
+    return job_result(summary, load_before)
+
+
+def job_result(summary: Any, load_before: float) -> dict[str, Any]:
+    """One timed job: what it encoded, its seconds and images/s, the load around it."""
     return {
         "encoded": summary.encoded,
         "errors": summary.errors,
@@ -148,16 +153,7 @@ def warm_ray_runs(
                 batch_size=args.batch_size,
                 device="cpu",
             )
-            runs.append(
-                {
-                    "encoded": summary.encoded,
-                    "errors": summary.errors,
-                    "job_s": summary.seconds,
-                    "img_per_s": summary.images_per_s,
-                    "load_before": load_before,
-                    "load_after": load(),
-                }
-            )
+            runs.append(job_result(summary, load_before))
     finally:
         ray.shutdown()
     return init_s, runs

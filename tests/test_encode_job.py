@@ -11,11 +11,11 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_aegan_without
 from click.testing import CliRunner
 from fmnist_data import FMNIST, needs_fmnist, require_fmnist
 from PIL import Image
@@ -325,35 +325,13 @@ def test_ray_gives_the_same_table_and_skips_written_parts(collection, local_job,
 
 
 # Stand-ins for installs without the 'batch' or the 'ray' extra.
-WITHOUT = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class NotInstalled(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.partition(".")[0] == {missing!r}:
-                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-    sys.meta_path.insert(0, NotInstalled())
-    from aegan_cli import run
-    sys.argv = ["aegan", "encode", {source!r}, "--out", {dest!r}, *{extra!r}]
-    run()
-    """
-)
-
-
 @pytest.mark.parametrize(
     ("missing", "extra", "flags"), [("pyarrow", "batch", []), ("ray", "ray", ["--ray"])]
 )
 def test_encode_names_the_extra_it_needs(collection, tmp_path, missing, extra, flags):
     dest = tmp_path / "out"
-    code = WITHOUT.format(missing=missing, source=str(collection), dest=str(dest), extra=flags)
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    args = ["encode", str(collection), "--out", str(dest), *flags]
+    result = run_aegan_without((missing,), args, tmp_path)
     assert result.returncode == 1, result.stderr
     assert f"install the {extra!r} extra: pip install 'aegan-serve[{extra}]'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -14,10 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_aegan_without
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("aegan_serve", "training", "export", "aegan_cli")
@@ -150,19 +150,6 @@ def test_aegan_help_loads_no_torch_and_no_service():
     assert not loaded & {"torch", "bentoml", "onnxruntime", "numpy", "onnx"}
 
 
-# A stand-in for an install without the train extra: torch, onnx and onnxscript cannot be imported.
-WITHOUT_TRAIN_EXTRA = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class NotInstalled(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.partition(".")[0] in ("torch", "onnx", "onnxscript"):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    sys.meta_path.insert(0, NotInstalled())
-    """
-)
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -172,18 +159,8 @@ WITHOUT_TRAIN_EXTRA = textwrap.dedent(
     ],
 )
 def test_commands_name_the_extra_they_need(args, tmp_path):
-    code = (
-        WITHOUT_TRAIN_EXTRA
-        + f"\nfrom aegan_cli import run\nsys.argv = ['aegan', *{args!r}]\nrun()\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    # What an install without the train extra sees: torch, onnx and onnxscript are missing.
+    result = run_aegan_without(("torch", "onnx", "onnxscript"), args, tmp_path)
     assert result.returncode == 1, result.stderr
     assert "install the 'train' extra: pip install 'aegan-serve[train]'" in result.stderr
     assert "Traceback" not in result.stderr
