@@ -417,7 +417,6 @@ def _part_is_whole(plan: JobPlan, index: int) -> bool:
 
 
 _DIFFERENCES = {
-    "format_version": "format of _job.json (an older aegan encode wrote it)",
     "source": "source",
     "source_kind": "kind of source",
     "inputs": "number of inputs",
@@ -467,6 +466,13 @@ def _check_same_job(dest: Path, job_file: Path, record: dict[str, Any]) -> None:
         earlier = json.loads(job_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise JobError(f"{job_file} is not readable ({exc}); use another --out") from None
+    if earlier.get("format_version") != JOB_VERSION:
+        raise JobError(
+            f"{job_file} was written by another version of aegan encode (format "
+            f"{earlier.get('format_version')}; this one writes {JOB_VERSION}), so its parts "
+            f"cannot be checked against the inputs. To start over, delete {dest} or write to "
+            "another --out"
+        )
     changed = [
         f"{_DIFFERENCES[key]}: {_shown(earlier.get(key))} there, {_shown(record[key])} now"
         for key in _DIFFERENCES
@@ -779,10 +785,12 @@ class RayChunkEncoder:
     gets one chunk index, reads and encodes that chunk's inputs and writes its part to DEST
     itself; only a summary of the chunk goes back to the driver."""
 
-    def __init__(self, plan: Any, device: str, limits: Limits, batch_size: int) -> None:
+    def __init__(self, plan: list[Any], device: str, limits: Limits, batch_size: int) -> None:
         import ray
 
-        self.plan: JobPlan = ray.get(plan) if isinstance(plan, ray.ObjectRef) else plan
+        # [the plan's object ref]: inside a list, so that Ray passes the reference and the actor
+        # fetches the plan itself (a node's object store holds one copy for all its actors)
+        self.plan: JobPlan = ray.get(plan[0])
         bundle = load_bundle(self.plan.bundle.path)
         found = bundle.manifest["files"][ENCODER]["sha256"]
         if found != self.plan.record["model"]["encoder_sha256"]:
@@ -875,7 +883,7 @@ def run_job_on_ray(
         ).map_batches(
             RayChunkEncoder,
             fn_constructor_kwargs={
-                "plan": shipped,
+                "plan": [shipped],
                 "device": device,
                 "limits": limits,
                 "batch_size": batch_size,

@@ -10,8 +10,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -328,6 +331,82 @@ def test_ray_gives_the_same_table_and_skips_written_parts(collection, local_job,
             np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Processes of the process group ``pgid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_ray_address_joins_a_running_cluster(collection, local_job, tmp_path):
+    """``--ray-address`` on a one-node cluster that ``ray start --head`` runs (its own HOME and
+    temporary folder, so nothing is shared with another Ray on the machine): the actors write the
+    parts, and the table is the local one. The head and everything it started are one process
+    group, ended at the end."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the 'ray' extra is not installed (scripts/setup.sh installs it)")
+    source = tmp_path / "src"
+    names = small_folder(collection, source, 40)
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "ray.log"
+    ray_dir = tempfile.mkdtemp(prefix="aegan-ray-")  # short: Ray's socket paths are limited
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block"]
+            + ["--num-cpus", "1", "--disable-usage-stats", "--include-dashboard", "false"]
+            + ["--port", str(port), "--temp-dir", ray_dir],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"Ray runtime started" not in log.read_bytes():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        dest = tmp_path / "out"
+        result = subprocess.run(
+            [sys.executable, "-m", "aegan_cli", "encode", str(source), "--out", str(dest)]
+            + ["--ray-address", f"127.0.0.1:{port}", "--chunk-size", "16", "--no-progress"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        if _group_members(head.pid):
+            os.killpg(head.pid, signal.SIGKILL)  # no 30 s drain: the cluster is thrown away
+        head.wait(30)
+        deadline = time.monotonic() + 10
+        while _group_members(head.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert not _group_members(head.pid)
+    assert result.returncode == 0, result.stderr
+    assert "40 inputs, 40 encoded, 0 errors, 0 skipped" in result.stdout
+    assert sorted(p.name for p in dest.glob("part-*")) == [
+        f"part-0000{i}.parquet" for i in range(3)
+    ]
+    expected = {Path(k).name: v for k, v in read(local_job[0]).items()}
+    rows = read(dest)
+    assert sorted(rows) == sorted(names)
+    for name, (latent, error) in rows.items():
+        assert error is None
+        np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)
+
+
 # Stand-ins for installs without the 'batch' or the 'ray' extra.
 @pytest.mark.parametrize(
     ("missing", "extra", "flags"), [("pyarrow", "batch", []), ("ray", "ray", ["--ray"])]
@@ -464,6 +543,12 @@ def test_a_restart_on_changed_inputs_is_refused(collection, tmp_path):
     )
     assert result.exit_code == 1, result.output
     assert "the .npy array changed since its parts were written (mtime_ns " in result.output
+
+    record = json.loads((dest / JOB_FILE).read_text())
+    (dest / JOB_FILE).write_text(json.dumps({**record, "format_version": 1}))
+    result = runner.invoke(main, ["encode", str(source), "--out", str(dest), "--chunk-size", "2"])
+    assert result.exit_code == 1, result.output
+    assert "was written by another version of aegan encode (format 1; this one" in result.output
 
 
 def test_a_part_that_is_not_whole_is_rewritten(local_job, collection, tmp_path):
