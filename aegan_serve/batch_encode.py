@@ -35,7 +35,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import (
@@ -104,6 +103,7 @@ class Inputs:
     names_sha256: str  # the names (as bytes) in order: which inputs
     contents_sha256: str  # and each one's size and modification time (or the .npy's header)
     array: dict[str, Any] | None = None  # an .npy: its size, mtime_ns, shape and dtype
+    parts_sha256: list[str] | None = None  # files: contents_sha256 of each chunk's inputs (16 hex)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -119,19 +119,22 @@ class Inputs:
         return str(name) if isinstance(name, int) else os.path.join(self.base, name)
 
 
-def list_inputs(source: str | os.PathLike[str], bundle: Bundle) -> Inputs:
-    """The inputs of SOURCE: a folder of images (recursive, the service's formats), a text file
-    listing one path per line (relative to the file's folder; blank lines and ``#`` comments are
-    skipped), or an ``.npy`` array (N x D vectors, or N x C x H x W images)."""
+def list_inputs(source: str | os.PathLike[str], bundle: Bundle, chunk_size: int = 1000) -> Inputs:
+    """The inputs of SOURCE: a folder of images (recursive, the service's formats; links to
+    folders are not followed), a text file listing one path per line (relative to the file's
+    folder; blank lines and ``#`` comments are skipped), or an ``.npy`` array (N x D vectors, or
+    N x C x H x W images). ``chunk_size`` groups the fingerprints of files by part."""
     path = Path(source).resolve()
     if path.is_dir():
         _require_images(bundle, path)
-        names = sorted(
-            p.relative_to(path).as_posix()
-            for p in path.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        return _file_inputs("folder", path, str(path), names, skip_folders=True)
+        names = []
+        for top, _, files in os.walk(path):
+            folder = os.path.relpath(top, path).replace(os.sep, "/")
+            for name in files:
+                if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                    names.append(name if folder == "." else f"{folder}/{name}")
+        names.sort()
+        return _file_inputs("folder", path, str(path), names, chunk_size)
     if not path.is_file():
         raise JobError(f"{source}: no such file or folder")
     if path.suffix.lower() == ".npy":
@@ -153,32 +156,34 @@ def list_inputs(source: str | os.PathLike[str], bundle: Bundle) -> Inputs:
         raise JobError(f"{source}: not a readable list of paths ({exc})") from None
     listed = (os.fsdecode(line.strip()) for line in lines)
     names = sorted(s for s in listed if s and not s.startswith("#"))
-    return _file_inputs("list", path, str(path.parent), names, skip_folders=False)
+    return _file_inputs("list", path, str(path.parent), names, chunk_size)
 
 
 def _file_inputs(
-    kind: Literal["folder", "list"], source: Path, base: str, names: list[str], skip_folders: bool
+    kind: Literal["folder", "list"], source: Path, base: str, names: list[str], chunk_size: int
 ) -> Inputs:
-    """Inputs of files, with the fingerprint of their names and of each one's size and
-    modification time (a file that cannot be examined counts as missing, and will be an error
-    row when read)."""
-    which, contents = hashlib.sha256(), hashlib.sha256()
-    folders = []
+    """Inputs of files, with the fingerprints of their names and of each one's size and
+    modification time, for all of them and per chunk (a file that cannot be examined counts as
+    missing, and will be an error row when read)."""
+    which, contents, part = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    parts = []
     for k, name in enumerate(names):
         try:
             status = os.stat(os.path.join(base, name))
-            if skip_folders and stat.S_ISDIR(status.st_mode):
-                folders.append(k)
-                continue
             facts = f"{status.st_size} {status.st_mtime_ns}"
         except OSError:
             facts = "missing"
         encoded = os.fsencode(name)
         which.update(encoded + b"\0")
-        contents.update(encoded + b"\0" + facts.encode() + b"\n")
-    for k in reversed(folders):  # a folder named like an image is not an input
-        del names[k]
-    return Inputs(kind, source, names, base, which.hexdigest(), contents.hexdigest())
+        entry = encoded + b"\0" + facts.encode() + b"\n"
+        contents.update(entry)
+        part.update(entry)
+        if (k + 1) % chunk_size == 0 or k + 1 == len(names):
+            parts.append(part.hexdigest()[:16])
+            part = hashlib.sha256()
+    return Inputs(
+        kind, source, names, base, which.hexdigest(), contents.hexdigest(), parts_sha256=parts
+    )
 
 
 def _require_images(bundle: Bundle, source: Path) -> None:
@@ -372,7 +377,7 @@ def plan_job(
     if chunk_size < 1:
         raise JobError(f"chunk size must be at least 1, got {chunk_size}")
     bundle = load_bundle(resolve_bundle_dir(model))  # verifies the SHA-256 of every graph
-    inputs = list_inputs(source, bundle)
+    inputs = list_inputs(source, bundle, chunk_size)
     if not len(inputs):
         kinds = ", ".join(IMAGE_SUFFIXES)
         raise JobError(f"{source}: no inputs found (a folder is searched for {kinds})")
@@ -384,6 +389,7 @@ def plan_job(
         "names_sha256": inputs.names_sha256,
         "contents_sha256": inputs.contents_sha256,
         **({"array": inputs.array} if inputs.array is not None else {}),
+        **({"parts_sha256": inputs.parts_sha256} if inputs.parts_sha256 is not None else {}),
         "chunk_size": chunk_size,
         "model": {
             "name": bundle.name,
@@ -492,9 +498,18 @@ def _check_same_job(dest: Path, job_file: Path, record: dict[str, Any]) -> None:
             )
             detail = f"the .npy array changed since its parts were written ({what})"
         else:
+            parts = [
+                i
+                for i, (old, new) in enumerate(
+                    zip(earlier.get("parts_sha256") or [], record["parts_sha256"], strict=False)
+                )
+                if old != new
+            ]
+            where = f" of {PART_NAME.format(parts[0])}" if parts else ""
+            more = f" and of {len(parts) - 1} more parts" if len(parts) > 1 else ""
             detail = (
                 "files changed since its parts were written (the same names, but the size or "
-                "modification time of at least one input differs)"
+                f"modification time of an input{where} differs{more})"
             )
         raise JobError(
             f"{dest}: {detail}; its parts would mix old and new results. To start over, "

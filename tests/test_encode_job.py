@@ -448,6 +448,7 @@ def test_a_file_name_that_is_not_utf8_is_encoded(collection, tmp_path):
     data = (source / names[0]).read_bytes()
     with open(os.path.join(os.fsencode(source), b"bad\xff.png"), "wb") as f:
         f.write(data)
+    (source / "folder.png").mkdir()  # named like an image: not an input
     dest = tmp_path / "out"
     output = encode(source, "--out", dest, "--chunk-size", 2)
     assert "4 inputs, 4 encoded, 0 errors" in output
@@ -521,6 +522,7 @@ def test_a_restart_on_changed_inputs_is_refused(collection, tmp_path):
     result = runner.invoke(main, ["encode", str(source), "--out", str(dest), "--chunk-size", "2"])
     assert result.exit_code == 1, result.output
     assert "files changed since its parts were written" in result.output
+    assert "modification time of an input of part-00002.parquet differs)" in result.output
     assert f"To start over, delete {dest} or write to another --out" in result.output
     assert sorted(p.name for p in dest.iterdir()) == before  # nothing written
 
