@@ -564,24 +564,29 @@ def encode_command(
         def advance(count: int) -> None:
             bar.advance(task, count)
 
-        if use_ray or ray_address is not None:
-            summary = run_job_on_ray(
-                plan,
-                address=ray_address,
-                workers=workers,
-                batch_size=batch_size,
-                device=device,
-                progress=advance,
-            )
-        else:
-            summary = run_job(
-                plan,
-                workers=workers or default_workers(device, pool),  # type: ignore[arg-type]
-                batch_size=batch_size,
-                device=device,
-                pool=pool,  # type: ignore[arg-type]
-                progress=advance,
-            )
+        try:
+            if use_ray or ray_address is not None:
+                summary = run_job_on_ray(
+                    plan,
+                    address=ray_address,
+                    workers=workers,
+                    batch_size=batch_size,
+                    device=device,
+                    progress=advance,
+                )
+            else:
+                summary = run_job(
+                    plan,
+                    workers=workers or default_workers(device, pool),  # type: ignore[arg-type]
+                    batch_size=batch_size,
+                    device=device,
+                    pool=pool,  # type: ignore[arg-type]
+                    progress=advance,
+                )
+        except JobError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            plan.release()
     for name, message in summary.error_examples:
         click.echo(f"  error: {message}" if name in message else f"  error: {name}: {message}")
     if summary.errors > len(summary.error_examples):

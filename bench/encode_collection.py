@@ -7,12 +7,13 @@ folder of Fashion-MNIST test images, in one run.
 
 Each repeat runs every way once, in turn, into a fresh output directory. ``aegan encode`` is run
 as a user runs it (``python -m aegan_cli encode``, a new process): its images/s is the one it
-prints (from listing the folder to the last part written, worker or Ray start-up included), and
-the whole command's time is recorded too. ``/encode`` is measured against a server already up
-(``bentoml serve``, the defaults: one worker per CPU), with clients uploading the files in requests
-of ``--http-batch`` images; the answers are checked against the local job's latents. The local
-job's process pool is also compared, in this process, with threads sharing one ONNX Runtime
-session (``aegan_serve.batch_encode.run_job(pool=...)``).
+prints, timed from the start of the job (the bundle's SHA-256 check and listing the folder) to the
+last part written, worker or Ray start-up included; the whole command's time is recorded too.
+``/encode`` is measured against a server already up (``bentoml serve``, the defaults: one worker
+per CPU), with clients uploading the files in requests of ``--http-batch`` images; the answers are
+checked against the local job's latents. The local job's process pool is also compared, in this
+process, with threads sharing one ONNX Runtime session
+(``aegan_serve.batch_encode.run_job(pool=...)``, timed the same way from ``plan_job``).
 
 Writes docs/bench-encode.json and the batch-encoding section of docs/BENCHMARKS.md (between its
 ``encode-bench`` markers).
@@ -237,8 +238,9 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
         "that load; the ways were run in turn in each repeat, and the figures are medians over "
         f"{report['repeats']} repeats. `aegan encode` ran with {report['workers']} workers, "
         f"batches of {report['batch_size']} and parts of {report['chunk_size']} images; its "
-        "images/s is the one it prints (listing, worker or Ray start-up and the Parquet writes "
-        'included); "whole command" adds the interpreter\'s start and imports. `/encode`: '
+        "images/s is the one it prints, timed from the start of the job (the bundle's SHA-256 "
+        "check and listing the folder, worker or Ray start-up and the Parquet writes included); "
+        '"whole command" adds the interpreter\'s start and imports. `/encode`: '
         f"`bentoml serve` with its defaults (one worker per CPU) already up, {report['clients']} "
         f"concurrent clients uploading {report['http_batch']} files per request; its answers "
         "were compared with the local job's latents (`wrong`: off by more than 1e-5).",

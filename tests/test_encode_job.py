@@ -3,26 +3,33 @@ encoded locally and on Ray Data, gives the latents and the errors of the service
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cli_helpers import run_aegan_without
 from click.testing import CliRunner
+from encode_helpers import DyingReader
 from fmnist_data import FMNIST, needs_fmnist, require_fmnist
 from PIL import Image
 from service_helpers import files, png_header, serve
 
 from aegan_cli import main
-from aegan_serve.batch_encode import JOB_FILE, plan_job, run_job
+from aegan_serve import batch_encode
+from aegan_serve.batch_encode import JOB_FILE, LOCK_FILE, plan_job, run_job
 from aegan_serve.bundle import load_bundle
 from aegan_serve.config import DEFAULT_MODEL_DIR
 from aegan_serve.runtime import ModelRuntime
@@ -135,7 +142,7 @@ def test_latents_and_errors_are_the_services(local_job, service_answers):
             assert error.replace(name, "images[0]") == expected_error  # the same message
             assert BROKEN[name] in error
     assert worst <= TOLERANCE
-    assert sorted(p.name for p in dest.iterdir()) == [JOB_FILE] + [
+    assert sorted(p.name for p in dest.iterdir()) == [JOB_FILE, LOCK_FILE] + [
         f"part-{i:05d}.parquet" for i in range(5)
     ]
     summary = output.strip().splitlines()[-1]
@@ -324,6 +331,82 @@ def test_ray_gives_the_same_table_and_skips_written_parts(collection, local_job,
             np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Processes of the process group ``pgid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_ray_address_joins_a_running_cluster(collection, local_job, tmp_path):
+    """``--ray-address`` on a one-node cluster that ``ray start --head`` runs (its own HOME and
+    temporary folder, so nothing is shared with another Ray on the machine): the actors write the
+    parts, and the table is the local one. The head and everything it started are one process
+    group, ended at the end."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the 'ray' extra is not installed (scripts/setup.sh installs it)")
+    source = tmp_path / "src"
+    names = small_folder(collection, source, 40)
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "ray.log"
+    ray_dir = tempfile.mkdtemp(prefix="aegan-ray-")  # short: Ray's socket paths are limited
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block"]
+            + ["--num-cpus", "1", "--disable-usage-stats", "--include-dashboard", "false"]
+            + ["--port", str(port), "--temp-dir", ray_dir],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"Ray runtime started" not in log.read_bytes():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        dest = tmp_path / "out"
+        result = subprocess.run(
+            [sys.executable, "-m", "aegan_cli", "encode", str(source), "--out", str(dest)]
+            + ["--ray-address", f"127.0.0.1:{port}", "--chunk-size", "16", "--no-progress"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        if _group_members(head.pid):
+            os.killpg(head.pid, signal.SIGKILL)  # no 30 s drain: the cluster is thrown away
+        head.wait(30)
+        deadline = time.monotonic() + 10
+        while _group_members(head.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert not _group_members(head.pid)
+    assert result.returncode == 0, result.stderr
+    assert "40 inputs, 40 encoded, 0 errors, 0 skipped" in result.stdout
+    assert sorted(p.name for p in dest.glob("part-*")) == [
+        f"part-0000{i}.parquet" for i in range(3)
+    ]
+    expected = {Path(k).name: v for k, v in read(local_job[0]).items()}
+    rows = read(dest)
+    assert sorted(rows) == sorted(names)
+    for name, (latent, error) in rows.items():
+        assert error is None
+        np.testing.assert_allclose(latent, expected[name][0], atol=TOLERANCE, rtol=0)
+
+
 # Stand-ins for installs without the 'batch' or the 'ray' extra.
 @pytest.mark.parametrize(
     ("missing", "extra", "flags"), [("pyarrow", "batch", []), ("ray", "ray", ["--ray"])]
@@ -346,3 +429,188 @@ def test_job_record_names_model_and_chunking(local_job):
         "encoder_sha256": manifest["files"]["encoder"]["sha256"],
     }
     assert (record["chunk_size"], record["inputs"], record["source_kind"]) == (CHUNK, 304, "folder")
+
+
+def small_folder(collection: Path, root: Path, count: int = 12) -> list[str]:
+    """``count`` good images of the collection copied into ``root`` (flat); their names there."""
+    root.mkdir(parents=True, exist_ok=True)
+    good = sorted(p for p in collection.rglob("*.png") if "broken" not in p.parts)[:count]
+    for path in good:
+        shutil.copy2(path, root / path.name)
+    return [p.name for p in good]
+
+
+def test_a_file_name_that_is_not_utf8_is_encoded(collection, tmp_path):
+    """A name with a byte that is not UTF-8 (possible on Linux) is encoded like any other file;
+    its id is the name with that byte written as \\xNN, and the list of inputs hashes its bytes."""
+    source = tmp_path / "names"
+    names = small_folder(collection, source, 3)
+    data = (source / names[0]).read_bytes()
+    with open(os.path.join(os.fsencode(source), b"bad\xff.png"), "wb") as f:
+        f.write(data)
+    (source / "folder.png").mkdir()  # named like an image: not an input
+    dest = tmp_path / "out"
+    output = encode(source, "--out", dest, "--chunk-size", 2)
+    assert "4 inputs, 4 encoded, 0 errors" in output
+    rows = read(dest)
+    assert sorted(rows) == sorted([*names, "bad\\xff.png"])
+    np.testing.assert_array_equal(rows["bad\\xff.png"][0], rows[names[0]][0])
+    assert "4 inputs, 0 encoded, 0 errors, 4 skipped" in encode(
+        source, "--out", dest, "--chunk-size", 2
+    )
+
+
+def test_an_exception_in_conversion_is_an_error_row(collection, tmp_path, monkeypatch):
+    """Any exception while converting one input (here a ValueError from the converter, for an
+    image of an odd size) is that input's error row, TypeName: message; the job goes on."""
+    source = tmp_path / "odd"
+    names = small_folder(collection, source, 6)
+    Image.new("L", (31, 31), 128).save(source / "odd.png")
+    convert = batch_encode.to_model_input
+
+    def failing(image, shape):
+        if image.size == (31, 31):
+            raise ValueError("cannot convert this one")
+        return convert(image, shape)
+
+    monkeypatch.setattr(batch_encode, "to_model_input", failing)
+    dest = tmp_path / "out"
+    output = encode(source, "--out", dest, "--batch-size", 4)
+    assert "7 inputs, 6 encoded, 1 errors" in output
+    assert "error: odd.png: ValueError: cannot convert this one" in output
+    rows = read(dest)
+    assert rows["odd.png"] == (None, "odd.png: ValueError: cannot convert this one")
+    assert all(rows[n][1] is None and rows[n][0] is not None for n in names)
+
+
+def test_a_worker_process_that_dies_costs_only_its_input(collection, local_job, tmp_path):
+    """With --pool processes, an input whose reading kills the worker process is the one error
+    row (the batches lost with the process are run again); every other row is encoded."""
+    source = tmp_path / "dying"
+    names = small_folder(collection, source, 20)
+    fatal = names[9]
+    plan = plan_job(source, DEFAULT_MODEL_DIR, tmp_path / "out", 100)
+    reader = DyingReader(**vars(plan.reader(batch_encode.Limits())), fatal=fatal)
+    summary = run_job(plan, workers=2, batch_size=4, device="cpu", pool="processes", reader=reader)
+    plan.release()
+    assert (summary.encoded, summary.errors) == (19, 1)
+    rows = read(tmp_path / "out")
+    latent, error = rows[fatal]
+    assert latent is None
+    assert error == (
+        f"{fatal}: BrokenProcessPool: the worker process died while reading or encoding this input"
+    )
+    expected = {Path(k).name: v for k, v in read(local_job[0]).items()}
+    for name in names:
+        if name != fatal:
+            assert rows[name][1] is None
+            np.testing.assert_allclose(rows[name][0], expected[name][0], atol=TOLERANCE, rtol=0)
+
+
+def test_a_restart_on_changed_inputs_is_refused(collection, tmp_path):
+    """An image rewritten under the same name, or an .npy replaced by another of the same shape,
+    makes a restart refuse: its parts would mix old and new results."""
+    source = tmp_path / "changing"
+    names = small_folder(collection, source, 6)
+    dest = tmp_path / "out"
+    encode(source, "--out", dest, "--chunk-size", 2)
+    (dest / "part-00001.parquet").unlink()
+    before = sorted(p.name for p in dest.iterdir())
+    changed = source / names[4]
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    runner = CliRunner()
+    result = runner.invoke(main, ["encode", str(source), "--out", str(dest), "--chunk-size", "2"])
+    assert result.exit_code == 1, result.output
+    assert "files changed since its parts were written" in result.output
+    assert "modification time of an input of part-00002.parquet differs)" in result.output
+    assert f"To start over, delete {dest} or write to another --out" in result.output
+    assert sorted(p.name for p in dest.iterdir()) == before  # nothing written
+
+    array = np.zeros((5, 1, 28, 28), np.uint8)
+    np.save(tmp_path / "a.npy", array)
+    encode(tmp_path / "a.npy", "--out", tmp_path / "npy-out", "--chunk-size", 2)
+    (tmp_path / "npy-out" / "part-00000.parquet").unlink()
+    time.sleep(0.01)
+    np.save(tmp_path / "a.npy", array + 1)  # same shape, dtype and size: other values
+    result = runner.invoke(
+        main,
+        [
+            "encode",
+            str(tmp_path / "a.npy"),
+            "--out",
+            str(tmp_path / "npy-out"),
+            "--chunk-size",
+            "2",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert "the .npy array changed since its parts were written (mtime_ns " in result.output
+
+    record = json.loads((dest / JOB_FILE).read_text())
+    (dest / JOB_FILE).write_text(json.dumps({**record, "format_version": 1}))
+    result = runner.invoke(main, ["encode", str(source), "--out", str(dest), "--chunk-size", "2"])
+    assert result.exit_code == 1, result.output
+    assert "was written by another version of aegan encode (format 1; this one" in result.output
+
+
+def test_a_part_that_is_not_whole_is_rewritten(local_job, collection, tmp_path):
+    """A part with fewer rows than its chunk, or not Parquet at all, is written again."""
+    import pyarrow.parquet as pq_module
+
+    dest = tmp_path / "parts"
+    shutil.copytree(local_job[0], dest)
+    short = pq_module.read_table(dest / "part-00001.parquet").slice(0, 10)
+    pq_module.write_table(short, dest / "part-00001.parquet")
+    (dest / "part-00003.parquet").write_bytes(b"PAR1 not really")
+    output = encode(collection, "--out", dest, "--chunk-size", CHUNK, "--batch-size", 32)
+    assert "3 of 5 parts already written (176 inputs), skipped" in output
+    assert "304 inputs, 128 encoded, 0 errors, 176 skipped" in output
+    for i in (1, 3):
+        assert pq_module.read_metadata(dest / f"part-0000{i}.parquet").num_rows == CHUNK
+    expected = read(local_job[0])
+    for name, (latent, error) in read(dest).items():
+        assert error == expected[name][1]
+        if latent is not None:
+            np.testing.assert_array_equal(latent, expected[name][0])
+
+
+def test_a_second_run_on_the_same_dest_is_refused(collection, tmp_path):
+    """While one run holds DEST's lock another is refused, and deletes none of its files."""
+    source = tmp_path / "locked"
+    small_folder(collection, source, 4)
+    dest = tmp_path / "out"
+    encode(source, "--out", dest)
+    (dest / ".tmp-in-progress.parquet").write_bytes(b"PAR1")  # the first run's write
+    with open(dest / LOCK_FILE, "wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = subprocess.run(
+            [sys.executable, "-m", "aegan_cli", "encode", str(source), "--out", str(dest)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"{dest} is in use by another aegan encode" in result.stderr
+    assert (dest / ".tmp-in-progress.parquet").exists()
+    assert "4 inputs, 0 encoded, 0 errors, 4 skipped" in encode(source, "--out", dest)
+
+
+def test_an_npy_job_keeps_no_list_of_ids_and_its_time_counts_listing(tmp_path, monkeypatch):
+    """The ids of an .npy are a range (no string per row), and a job's seconds start before the
+    source is listed."""
+    np.save(tmp_path / "a.npy", np.zeros((3000, 1, 28, 28), np.uint8))
+    listing = batch_encode.list_inputs
+
+    def slow_listing(*args):
+        time.sleep(0.5)
+        return listing(*args)
+
+    monkeypatch.setattr(batch_encode, "list_inputs", slow_listing)
+    plan = plan_job(tmp_path / "a.npy", DEFAULT_MODEL_DIR, tmp_path / "out", 1000)
+    assert plan.inputs.names == range(3000)
+    summary = run_job(plan, workers=1, batch_size=500, device="cpu", pool="threads")
+    plan.release()
+    assert summary.seconds >= 0.5
+    assert pq.read_table(tmp_path / "out")["id"].to_pylist() == list(range(3000))
