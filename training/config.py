@@ -129,7 +129,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # N x D vector data (--data FILE.npy or mixture:NAME), dense networks as in the original
     # AEGAN. Tuned against the GAN at equal wall-clock on the mixtures of training/mixtures.py
-    # (bench/vectors.py, docs/RESULTS.md): about one CPU-minute per run.
+    # (bench/vectors.py, docs/RESULTS.md): 38-48 CPU seconds per run there.
     "vectors-mlp": {
         "model": {"arch": "mlp", "latent_dim": 2, "hidden": 128, "depth": 3},
         "loss": {
