@@ -87,7 +87,11 @@ def main() -> None:
     help=f"Named starting config (default {DEFAULT_PRESET}).",
 )
 @click.option(
-    "--data", "source", default=None, help="'fashion-mnist', a folder of images, or an .npy file."
+    "--data",
+    "source",
+    default=None,
+    help="'fashion-mnist', a folder of images, an .npy file, or a built-in mixture of Gaussians "
+    "'mixture:NAME' (ring8, grid25, embedded10).",
 )
 @click.option(
     "--mode",
@@ -393,7 +397,12 @@ def directions_command(
     help="Generated samples (and held-out samples compared).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent draw.")
-@click.option("--data", default=None, help="Held-out data: an .npy of vectors for vector models.")
+@click.option(
+    "--data",
+    default=None,
+    help="Held-out data for vector models: an .npy of vectors (with FILE.modes.json beside it, "
+    "the mode metrics too) or 'mixture:NAME'.",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
 @click.option("--list", "list_metrics", is_flag=True, help="List the metrics and exit.")
 @needs_extras
@@ -408,7 +417,8 @@ def eval_command(
     list_metrics: bool,
 ) -> None:
     """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
-    precision, recall, class coverage, reconstruction; energy distance for vector data."""
+    precision, recall, class coverage, reconstruction; energy distance for vector data, and mode
+    coverage where the data declares its modes."""
     from training.evaluate import EvalError, print_report, run_evaluation
     from training.metrics import UnknownMetricError, check_metric_names, result_meanings
 

@@ -254,7 +254,15 @@ def test_energy_distance_matches_one_dimensional_closed_form():
 
 
 def test_registry_knows_the_metric_families():
-    expected = {"fd_fmnist", "precision", "recall", "coverage", "reconstruction", "energy_distance"}
+    expected = {
+        "fd_fmnist",
+        "precision",
+        "recall",
+        "coverage",
+        "reconstruction",
+        "energy_distance",
+        "modes",
+    }
     assert expected <= set(METRICS)
 
 

@@ -27,7 +27,7 @@ CONV_IMAGE_SIZES = (28, 32, 64)  # square sides the conv networks are built for
 
 @dataclass
 class DataConfig:
-    source: str = "fashion-mnist"  # 'fashion-mnist', a folder of images, or an .npy file.
+    source: str = "fashion-mnist"  # 'fashion-mnist', an image folder, an .npy, or 'mixture:NAME'.
     fashion_mnist_dir: str | None = (
         None  # IDX .gz directory; None: $AEGAN_FASHION_MNIST_DIR or Debian's.
     )
@@ -200,17 +200,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"arch": "conv", "latent_dim": 64, "width": 64},
         "train": {"steps": 50000, "batch_size": 128, "checkpoint_every": 5000},
     },
-    # N x D vector data (--data FILE.npy), dense networks as in the original AEGAN.
+    # N x D vector data (--data FILE.npy or mixture:NAME), dense networks as in the original
+    # AEGAN. Tuned against the GAN at equal wall-clock on the mixtures of training/mixtures.py
+    # (bench/vectors.py, docs/RESULTS.md): 38-48 CPU seconds per run there.
     "vectors-mlp": {
-        "model": {"arch": "mlp", "latent_dim": 8, "hidden": 256, "depth": 3},
-        "loss": {  # not tuned: the original AEGAN's equal weights, no anneal
-            "adv_x": 1.0,
+        "model": {"arch": "mlp", "latent_dim": 2, "hidden": 128, "depth": 3},
+        "loss": {
+            "adv_x": 3.0,
             "adv_z": 1.0,
             "recon_x": 1.0,
-            "recon_z": 1.0,
+            "recon_z": 0.2,
             "recon_x_final": 1.0,
         },
-        "train": {"steps": 5000, "batch_size": 256, "image_every": 0},
+        "optim": {"lr_g": 1e-3, "lr_d": 1e-3},
+        "train": {"steps": 2000, "batch_size": 256, "image_every": 0},
     },
     # A few seconds on a CPU: smoke tests and demos.
     "tiny": {

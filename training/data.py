@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST (IDX files), folders of images, and .npy arrays.
+"""Datasets: Fashion-MNIST (IDX files), folders of images, .npy arrays, and the built-in
+mixtures of Gaussians (``mixture:NAME``, :mod:`training.mixtures`).
 
 Every loader returns a :class:`Dataset` held in memory: ``samples`` as float32, images laid out
 (N, C, H, W) in [-1, 1], vectors (N, D) as stored. Bad data raises :class:`DataError` naming the
@@ -203,11 +204,32 @@ def load_npy(path: str | Path) -> Dataset:
     return Dataset(samples, None, "image", str(path))
 
 
+# --- built-in mixtures of Gaussians ---------------------------------------------------------
+
+
+def load_mixture(source: str, split: str = "train") -> Dataset:
+    """A built-in mixture (``mixture:ring8``): the seeded training draw, or the held-out draw of
+    another seed. Labels are the mode each sample came from."""
+    from training.mixtures import HELD_OUT_SEED, TRAIN_SAMPLES, TRAIN_SEED, get_mixture
+
+    try:
+        mixture = get_mixture(source)
+    except KeyError as exc:
+        raise DataError(f"{source}: {exc.args[0]}") from exc
+    seed = {"train": TRAIN_SEED, "held-out": HELD_OUT_SEED}[split]
+    samples, modes = mixture.sample(TRAIN_SAMPLES, seed)
+    return Dataset(torch.from_numpy(samples), torch.from_numpy(modes), "vector", source)
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """The training data a config names."""
+    from training.mixtures import MIXTURE_PREFIX
+
     source = cfg.source
     if source == "fashion-mnist":
         data = load_fashion_mnist(fashion_mnist_dir(cfg), "train")
+    elif source.startswith(MIXTURE_PREFIX):
+        data = load_mixture(source)
     elif source.endswith(".npy"):
         data = load_npy(source)
     else:

@@ -3,7 +3,8 @@ ONNX model bundle, and the periodic evaluation hook of the training loop.
 
 Images of Fashion-MNIST shape are compared with the Fashion-MNIST test split in the features of the
 project's own classifier (FD-FMNIST, precision, recall, class coverage) and reconstructed through
-the autoencoder (MSE, PSNR). Vector data is compared with held-out vectors (energy distance).
+the autoencoder (MSE, PSNR). Vector data is compared with held-out vectors (energy distance), and
+scored on mode coverage when it declares its modes (``training/metrics/modes.py``).
 """
 
 from __future__ import annotations
@@ -123,22 +124,46 @@ def fmnist_reference(directory: str) -> Reference:
 
 
 def vector_reference(path: str) -> Reference:
-    from training.data import load_npy
+    """An .npy of vectors, with the modes its sidecar ``FILE.modes.json`` declares, if any."""
+    from training.data import DataError, load_npy
+    from training.mixtures import read_sidecar
 
     data = load_npy(path)
     if data.kind != "vector":
         raise ConfigError("--data", f"{path} holds images, not N x D vectors")
-    return Reference("vector", data.samples.numpy(), path)
+    try:
+        modes = read_sidecar(path)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
+    if modes is not None and modes.dim != data.shape[0]:
+        raise DataError(f"{path}: vectors of {data.shape[0]} dims, its modes are {modes.dim}-D")
+    return Reference("vector", data.samples.numpy(), path, modes=modes)
+
+
+def mixture_reference(source: str) -> Reference:
+    """A built-in mixture's held-out draw (another seed than its training draw), with its modes."""
+    from training.data import load_mixture
+    from training.mixtures import HELD_OUT_SEED, get_mixture
+
+    data = load_mixture(source, "held-out")
+    name = f"{source} (held-out draw, seed {HELD_OUT_SEED})"
+    return Reference("vector", data.samples.numpy(), name, modes=get_mixture(source))
 
 
 def pick_reference(
     data_shape: tuple[int, ...], config: dict[str, Any], data: str | None, notes: list[str]
 ) -> Reference | None:
     """Held-out data for the model: ``--data`` if given; else the Fashion-MNIST test split for
-    28x28 grey images, or the run's own .npy file for vectors (it has no held-out split)."""
+    28x28 grey images, a held-out draw of a built-in mixture (``mixture:NAME``), or the run's own
+    .npy file for vectors (it has no held-out split). Vector data that declares its modes (a
+    mixture, or an .npy with a ``FILE.modes.json``) brings them along for the mode metrics."""
+    from training.mixtures import MIXTURE_PREFIX
+
     data_cfg = config.get("data") if isinstance(config.get("data"), dict) else {}
     source = data or data_cfg.get("source")
     if len(data_shape) == 1:
+        if source and str(source).startswith(MIXTURE_PREFIX):
+            return mixture_reference(str(source))
         if source and str(source).endswith(".npy") and Path(source).is_file():
             if data is None:
                 notes.append(

@@ -7,17 +7,31 @@ unweighted terms under hierarchical names; :func:`weighted_total` applies the co
 
 Adversarial terms are the non-saturating logistic loss: ``softplus(-D(real))`` to call a sample
 real, ``softplus(D(fake))`` to call it fake.
+
+Cost. Inputs of several kinds go through a network in one call (concatenated, logits split
+again) wherever the network has no batch norm, so the result is the same as separate calls: E
+encodes x and G(z) together, Dx sees real, G(z) and G(E(x)) at once, Dz the prior, E(x) and
+E(G(z)). G keeps one call per input kind where it has batch norm (the conv family): a joint call
+would normalise G(z) and G(E(x)) with shared batch statistics, a different objective. In the G+E
+step the discriminators run with their weights frozen: their gradients would be thrown away (the
+D step clears them), so only the gradients to their inputs, which reach G and E, are computed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 
 from training.config import LossConfig
+
+Net = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -31,12 +45,48 @@ class Passes:
     z_rec: torch.Tensor | None = None  # E(G(z))         (aegan only)
 
 
+def has_batch_norm(net: Net) -> bool:
+    """Whether a batch-norm layer would mix the samples of one call (plain functions: no)."""
+    return isinstance(net, nn.Module) and any(isinstance(m, _BatchNorm) for m in net.modules())
+
+
+def run_joint(net: Net, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[net(t) for t in inputs]``, in one call on their concatenation when the network has no
+    batch norm (the same values, one pass of the weights instead of several)."""
+    if len(inputs) == 1 or has_batch_norm(net):
+        return [net(t) for t in inputs]
+    return list(net(torch.cat(list(inputs))).split([len(t) for t in inputs]))
+
+
+@contextmanager
+def frozen(*nets: Net) -> Iterator[list[Net]]:
+    """The networks with their weights marked as not needing gradients while the block records
+    its graph; gradients still flow through them to their inputs. A DDP-wrapped network is called
+    unwrapped, so DDP waits for no gradients of weights that get none."""
+    plain = [net.module if isinstance(net, DistributedDataParallel) else net for net in nets]
+    params = [
+        p
+        for net in plain
+        if isinstance(net, nn.Module)
+        for p in net.parameters()
+        if p.requires_grad
+    ]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield plain
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def forward(nets: dict[str, nn.Module], x: torch.Tensor, z: torch.Tensor) -> Passes:
-    x_fake = nets["G"](z)
+    x_fake = nets["G"](z)  # G(z)
     if "E" not in nets:
         return Passes(z, x_fake)
-    z_enc = nets["E"](x)
-    return Passes(z, x_fake, z_enc, nets["G"](z_enc), nets["E"](x_fake))
+    z_enc, z_rec = run_joint(nets["E"], [x, x_fake])  # E(x), E(G(z))
+    x_rec = nets["G"](z_enc)  # G(E(x)): waits for E(x)
+    return Passes(z, x_fake, z_enc, x_rec, z_rec)
 
 
 def _real(logits: torch.Tensor) -> torch.Tensor:
@@ -56,17 +106,16 @@ def discriminator_loss(
     nets: dict[str, nn.Module], x: torch.Tensor, p: Passes, noise_std: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """Dx: real x vs G(z) and G(E(x)); Dz: prior z vs E(x) and E(G(z)). Generator side detached."""
-    dx = nets["Dx"]
-    terms = {
-        "loss/Dx/real": _real(dx(_noisy(x, noise_std))),
-        "loss/Dx/fake": _fake(dx(_noisy(p.x_fake.detach(), noise_std))),
-    }
+    images = [x, p.x_fake.detach()] if p.z_enc is None else [x, p.x_fake.detach(), p.x_rec.detach()]
+    # Noise is drawn per input kind, in the order real, G(z), G(E(x)).
+    logits = run_joint(nets["Dx"], [_noisy(t, noise_std) for t in images])
+    terms = {"loss/Dx/real": _real(logits[0]), "loss/Dx/fake": _fake(logits[1])}
     if p.z_enc is not None:
-        dz = nets["Dz"]
-        terms["loss/Dx/recon"] = _fake(dx(_noisy(p.x_rec.detach(), noise_std)))
-        terms["loss/Dz/prior"] = _real(dz(p.z))
-        terms["loss/Dz/encoded"] = _fake(dz(p.z_enc.detach()))
-        terms["loss/Dz/recon"] = _fake(dz(p.z_rec.detach()))
+        terms["loss/Dx/recon"] = _fake(logits[2])
+        prior, encoded, recon = run_joint(nets["Dz"], [p.z, p.z_enc.detach(), p.z_rec.detach()])
+        terms["loss/Dz/prior"] = _real(prior)
+        terms["loss/Dz/encoded"] = _fake(encoded)
+        terms["loss/Dz/recon"] = _fake(recon)
     return terms
 
 
@@ -74,15 +123,21 @@ def generator_encoder_loss(
     nets: dict[str, nn.Module], x: torch.Tensor, p: Passes, noise_std: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """G and E fool both discriminators on all four passes and reconstruct x and z."""
-    dx = nets["Dx"]
-    terms = {"loss/G/adv_x": _real(dx(_noisy(p.x_fake, noise_std)))}
-    if p.z_enc is not None:
-        dz = nets["Dz"]
-        terms["loss/GE/adv_x_recon"] = _real(dx(_noisy(p.x_rec, noise_std)))
-        # The latent adversarial signal reaches E through Dz(E(x)) and Dz(E(G(z))): it must be
-        # computed from the latent passes, not copied from the image terms.
-        terms["loss/E/adv_z"] = _real(dz(p.z_enc))
-        terms["loss/GE/adv_z_recon"] = _real(dz(p.z_rec))
+    aegan = p.z_enc is not None
+    with frozen(*[nets[k] for k in ("Dx", "Dz") if k in nets]) as discriminators:
+        dx = discriminators[0]
+        images = [p.x_fake] if not aegan else [p.x_fake, p.x_rec]
+        logits = run_joint(dx, [_noisy(t, noise_std) for t in images])  # noise: G(z), G(E(x))
+        terms = {"loss/G/adv_x": _real(logits[0])}
+        if aegan:
+            dz = discriminators[1]
+            terms["loss/GE/adv_x_recon"] = _real(logits[1])
+            # The latent adversarial signal reaches E through Dz(E(x)) and Dz(E(G(z))): it must be
+            # computed from the latent passes, not copied from the image terms.
+            encoded, recon = run_joint(dz, [p.z_enc, p.z_rec])
+            terms["loss/E/adv_z"] = _real(encoded)
+            terms["loss/GE/adv_z_recon"] = _real(recon)
+    if aegan:
         terms["loss/GE/recon_x"] = (p.x_rec - x).abs().mean()
         terms["loss/GE/recon_z"] = (p.z_rec - p.z).pow(2).mean()
     return terms

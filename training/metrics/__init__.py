@@ -3,7 +3,14 @@
 Importing this package registers every metric family (one module each) with the registry.
 """
 
-from training.metrics import coverage, frechet, precision_recall, reconstruction, vectors
+from training.metrics import (
+    coverage,
+    frechet,
+    modes,
+    precision_recall,
+    reconstruction,
+    vectors,
+)
 from training.metrics.registry import (
     METRICS,
     EvalContext,
@@ -30,6 +37,7 @@ __all__ = [
     "default_metric_names",
     "frechet",
     "metric_names",
+    "modes",
     "precision_recall",
     "reconstruction",
     "register_metric",

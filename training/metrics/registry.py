@@ -46,15 +46,19 @@ class Reference:
     """Held-out real data the samples are compared with.
 
     ``kind`` is ``"fmnist"`` (the Fashion-MNIST test split, images in [-1, 1]; classifier features
-    are computed once and cached here) or ``"vector"`` (an N x D array).
+    are computed once and cached here) or ``"vector"`` (an N x D array). ``modes``: the modes the
+    vector data declares (a :class:`training.mixtures.Mixture`), or None.
     """
 
-    def __init__(self, kind: str, samples: np.ndarray, source: str, seed: int = 0) -> None:
+    def __init__(
+        self, kind: str, samples: np.ndarray, source: str, seed: int = 0, modes: Any = None
+    ) -> None:
         if kind not in ("fmnist", "vector"):
             raise ValueError(f"reference kind must be 'fmnist' or 'vector', not {kind!r}")
         self.kind = kind
         self.samples = np.ascontiguousarray(samples, dtype=np.float32)
         self.source = source
+        self.modes = modes
         # A fixed order, so "the first n reference samples" is the same subset in every evaluation.
         self.order = np.random.default_rng(seed).permutation(len(self.samples))
 
@@ -137,11 +141,20 @@ class Metric:
     reference: str | None  # reference kind it needs ('fmnist', 'vector') or None
     needs_encoder: bool
     results: dict[str, str] = field(default_factory=dict)  # result key -> meaning (for tables)
+    needs_modes: bool = False  # the reference must declare its modes (mixtures of Gaussians)
 
 
 METRICS: dict[str, Metric] = {}
 # Order of the default report: sample quality first, then coverage, then the autoencoder.
-REPORT_ORDER = ("fd_fmnist", "precision", "recall", "coverage", "reconstruction", "energy_distance")
+REPORT_ORDER = (
+    "fd_fmnist",
+    "precision",
+    "recall",
+    "coverage",
+    "reconstruction",
+    "energy_distance",
+    "modes",
+)
 
 
 class UnknownMetricError(ValueError):
@@ -153,6 +166,7 @@ def register_metric(
     *,
     reference: str | None = None,
     needs_encoder: bool = False,
+    needs_modes: bool = False,
     results: dict[str, str],
 ) -> Callable[[MetricFn], MetricFn]:
     """Register ``fn(ctx) -> {key: value}`` as metric ``name``; ``results`` documents each key."""
@@ -160,7 +174,7 @@ def register_metric(
     def decorate(fn: MetricFn) -> MetricFn:
         if name in METRICS:
             raise ValueError(f"metric {name!r} is registered twice")
-        METRICS[name] = Metric(name, fn, reference, needs_encoder, dict(results))
+        METRICS[name] = Metric(name, fn, reference, needs_encoder, dict(results), needs_modes)
         return fn
 
     return decorate
@@ -191,12 +205,15 @@ def default_metric_names(reference_kind: str | None) -> list[str]:
     return [n for n in metric_names() if METRICS[n].reference in (None, reference_kind)]
 
 
-def _skip_reason(metric: Metric, reference_kind: str | None, has_encoder: bool) -> str | None:
+def _skip_reason(metric: Metric, reference: Reference | None, has_encoder: bool) -> str | None:
     if metric.needs_encoder and not has_encoder:
         return "the model has no encoder (gan mode)"
+    reference_kind = reference.kind if reference is not None else None
     if metric.reference is not None and metric.reference != reference_kind:
         wanted = {"fmnist": "Fashion-MNIST (1x28x28) images", "vector": "vector data"}
         return f"needs {wanted[metric.reference]} with a held-out reference set"
+    if metric.needs_modes and (reference is None or reference.modes is None):
+        return "the data declares no modes (a mixture:NAME source, or FILE.modes.json by FILE.npy)"
     return None
 
 
@@ -205,10 +222,9 @@ def compute_metrics(ctx: EvalContext, names: Iterable[str]) -> dict[str, float]:
     ``ctx.notes``; per-metric seconds go to ``ctx.details['seconds']``."""
     results: dict[str, float] = {}
     seconds: dict[str, float] = ctx.details.setdefault("seconds", {})
-    ref_kind = ctx.reference.kind if ctx.reference is not None else None
     for name in check_metric_names(names):
         metric = METRICS[name]
-        reason = _skip_reason(metric, ref_kind, ctx.model.encode is not None)
+        reason = _skip_reason(metric, ctx.reference, ctx.model.encode is not None)
         if reason is not None:
             ctx.notes.append(f"{name} skipped: {reason}")
             continue
