@@ -193,6 +193,19 @@ def test_sidecar_round_trip_and_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="summing to 1"):
         read_sidecar(tmp_path / "w.npy")
+    sidecar_path(tmp_path / "z.npy").write_text(
+        json.dumps({"centres": [[0, 0], [1, 1]], "std": 1, "weights": [1.0, 0.0]})
+    )
+    with pytest.raises(ValueError, match="positive numbers"):  # KL against it would be infinite
+        read_sidecar(tmp_path / "z.npy")
+
+
+def test_a_reverse_kl_without_high_quality_samples_is_json_null():
+    from training.evaluate import _json_number
+
+    assert _json_number(float("nan")) is None and _json_number(np.float64("inf")) is None
+    assert _json_number(np.int64(3)) == 3 and isinstance(_json_number(np.int64(3)), int)
+    assert _json_number(np.float32(0.5)) == 0.5
 
 
 def test_pick_reference_brings_the_declared_modes(tmp_path):

@@ -207,9 +207,12 @@ def evaluate(
     }
 
 
-def _json_number(value: float) -> float | int:
-    """numpy scalars -> JSON numbers; counts stay integers."""
-    return int(value) if isinstance(value, int | np.integer) else float(value)
+def _json_number(value: float) -> float | int | None:
+    """numpy scalars -> JSON numbers; counts stay integers; a value that is not finite (a reverse KL
+    with no high-quality sample) is null, which JSON can carry."""
+    if isinstance(value, int | np.integer):
+        return int(value)
+    return float(value) if np.isfinite(value) else None
 
 
 def classifier_record() -> dict[str, Any]:
@@ -230,7 +233,7 @@ def print_report(report: dict[str, Any], title: str) -> None:
     table.add_column("value", justify="right")
     table.add_column("meaning")
     for key, value in report["metrics"].items():
-        text = f"{value:d}" if isinstance(value, int) else f"{value:.4g}"
+        text = "—" if value is None else f"{value:d}" if isinstance(value, int) else f"{value:.4g}"
         table.add_row(key, text, meanings.get(key, ""))
     console = Console()
     console.print(table)

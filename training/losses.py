@@ -9,7 +9,7 @@ Adversarial terms are the non-saturating logistic loss: ``softplus(-D(real))`` t
 real, ``softplus(D(fake))`` to call it fake.
 
 Cost. Inputs of several kinds go through a network in one call (concatenated, logits split
-again) wherever the network has no batch norm, so the result is the same as separate calls: E
+again) wherever the network has no batch norm, so the result equals separate calls up to rounding: E
 encodes x and G(z) together, Dx sees real, G(z) and G(E(x)) at once, Dz the prior, E(x) and
 E(G(z)). G keeps one call per input kind where it has batch norm (the conv family): a joint call
 would normalise G(z) and G(E(x)) with shared batch statistics, a different objective. In the G+E
@@ -52,7 +52,7 @@ def has_batch_norm(net: Net) -> bool:
 
 def run_joint(net: Net, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``[net(t) for t in inputs]``, in one call on their concatenation when the network has no
-    batch norm (the same values, one pass of the weights instead of several)."""
+    batch norm (the same values up to rounding, one pass of the weights instead of several)."""
     if len(inputs) == 1 or has_batch_norm(net):
         return [net(t) for t in inputs]
     return list(net(torch.cat(list(inputs))).split([len(t) for t in inputs]))

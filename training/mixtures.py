@@ -133,8 +133,9 @@ class Mixture:
             raise ValueError(f"{where}: 'std' must be a positive number, not {std}")
         k, d = centres.shape
         weights = np.asarray(raw.get("weights") or np.full(k, 1.0 / k), dtype=np.float64)
-        if weights.shape != (k,) or np.any(weights < 0) or not math.isclose(weights.sum(), 1.0):
-            raise ValueError(f"{where}: 'weights' must be {k} non-negative numbers summing to 1")
+        if weights.shape != (k,) or np.any(weights <= 0) or not math.isclose(weights.sum(), 1.0):
+            # A mode of weight 0 is not a mode: reverse KL against it would be infinite.
+            raise ValueError(f"{where}: 'weights' must be {k} positive numbers summing to 1")
         mode_dim = int(raw.get("mode_dim", d))
         if not 1 <= mode_dim <= d:
             raise ValueError(f"{where}: 'mode_dim' must be between 1 and {d}, not {mode_dim}")
