@@ -115,7 +115,20 @@ def plan() -> list[Run]:
             )
     # A second seed of the baseline at the full budget (seed 0 is runs/fmnist-gan, RESULTS.md).
     runs.append(Run("full-gan-seed1", "gan", 1, (), "gan, full budget", FULL_STEPS, 1000))
+    # The shipped recipe budgeted to the compute of the GAN's full budget (its schedules, such as
+    # the reconstruction anneal, run over these steps), for bench/wallclock.py.
+    steps = equal_compute_steps()
+    for seed in (0, 1):
+        group = "aegan, the GAN's full-budget compute"
+        runs.append(Run(f"eqc-aegan-seed{seed}", "aegan", seed, (), group, steps, 500))
     return runs
+
+
+def equal_compute_steps(path: Path = Path("docs/bench-step-cost.json")) -> int:
+    """AEGAN steps costing what FULL_STEPS GAN steps cost, by the step costs of the current losses
+    measured in one run (bench/step_cost.py)."""
+    ms = json.loads(path.read_text())["step_ms"]["current"]
+    return round(FULL_STEPS * ms["gan"] / ms["aegan"])
 
 
 def train_command(run: Run, threads: int) -> list[str]:

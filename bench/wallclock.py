@@ -9,6 +9,11 @@ AEGAN's and the GAN's curves are then read at the same cost.
 
     .venv/bin/python bench/wallclock.py        # docs/study/wallclock.png and wallclock.md
 
+The runs above read the shipped recipe midway through a 10 000-step schedule. The recipe budgeted
+to the GAN's compute is trained by ``bench/study.py run --only eqc-aegan-seed0,eqc-aegan-seed1``
+(steps from the same step costs); when those runs are present their final evaluations (10 000
+samples) are kept in docs/study/equal-compute.json and tabled beside the GAN's.
+
 Periodic evaluations use 2 000 samples (FD-FMNIST is biased upwards at that size, and recall
 depends on it); both modes are measured the same way, so they compare with each other, not with
 the 10 000-sample figures elsewhere.
@@ -101,9 +106,39 @@ def main() -> None:
                 + " | ".join(cells)
                 + " |"
             )
+    lines += ["", *equal_compute_table(runs)]
     table = "\n".join(lines) + "\n"
     (DOCS / "wallclock.md").write_text(table)
     print(table)
+
+
+EQUAL_COMPUTE = DOCS / "equal-compute.json"
+FINAL_KEYS = ("fd_fmnist", "precision", "recall", "coverage_kl", "coverage_classes", "recon_psnr")
+
+
+def equal_compute_table(runs: dict[str, Any]) -> list[str]:
+    """Final evaluations (10 000 samples) of the AEGAN trained for the GAN's full-budget compute,
+    beside the GAN's full budget."""
+    found = sorted(Path("runs/study").glob("eqc-aegan-seed*/eval.json"))
+    if found:
+        records = {}
+        for path in found:
+            report = json.loads(path.read_text())
+            records[path.parent.name] = {"step": report["step"], **report["metrics"]}
+        EQUAL_COMPUTE.write_text(json.dumps(records, indent=1) + "\n")
+    if not EQUAL_COMPUTE.is_file():
+        return []
+    records = json.loads(EQUAL_COMPUTE.read_text())
+    rows = [(name, r) for name, r in records.items()]
+    gan = runs["full-gan-seed1"]["final"]
+    rows.append(("full-gan-seed1 (10 000 steps)", {"step": 10000, **gan}))
+    header = ["run", "steps", *FINAL_KEYS]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in rows:
+        cells = [name, str(r["step"])]
+        cells += ["—" if r.get(k) is None else f"{r[k]:.4g}" for k in FINAL_KEYS]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def plot(groups: dict[str, dict[str, Any]]) -> None:
