@@ -1,5 +1,5 @@
-"""Run the ``aegan`` command in a fresh interpreter where some packages cannot be imported: what
-an install without an optional extra sees."""
+"""Run the ``aegan`` command in a fresh interpreter, as a user does, or where some packages cannot
+be imported: what an install without an optional extra sees."""
 
 from __future__ import annotations
 
@@ -26,16 +26,32 @@ _BLOCKER = textwrap.dedent(
 )
 
 
+def run_aegan(
+    args: list[str],
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """``aegan ARGS`` in a fresh interpreter (this checkout first on the path), output captured."""
+    return _run_python(["-m", "aegan_cli", *args], cwd, env, timeout)
+
+
 def run_aegan_without(
     missing: tuple[str, ...], args: list[str], cwd: Path
 ) -> subprocess.CompletedProcess[str]:
     """``aegan ARGS`` with the top-level packages ``missing`` not importable."""
     code = _BLOCKER.format(missing=tuple(missing), args=list(args))
+    return _run_python(["-c", code], cwd, None, 120)
+
+
+def _run_python(
+    argv: list[str], cwd: Path, env: dict[str, str] | None, timeout: float
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, *argv],
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )

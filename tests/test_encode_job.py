@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import run_aegan_without
+from cli_helpers import run_aegan, run_aegan_without
 from click.testing import CliRunner
 from encode_helpers import DyingReader
 from fmnist_data import FMNIST, needs_fmnist, require_fmnist
@@ -312,14 +312,7 @@ def test_ray_gives_the_same_table_and_skips_written_parts(collection, local_job,
         shutil.copy2(local_job[0] / name, dest / name)
     kept = (dest / "part-00004.parquet").stat().st_mtime_ns
     args = ["--out", str(dest), "--chunk-size", str(CHUNK), "--batch-size", "32", "--workers", "2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "aegan_cli", "encode", str(collection), *args, "--ray"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = run_aegan(["encode", str(collection), *args, "--ray"], timeout=240)
     assert result.returncode == 0, result.stderr
     assert f"304 inputs, 252 encoded, {len(BROKEN)} errors, 48 skipped" in result.stdout
     assert (dest / "part-00004.parquet").stat().st_mtime_ns == kept
@@ -376,15 +369,8 @@ def test_ray_address_joins_a_running_cluster(collection, local_job, tmp_path):
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         dest = tmp_path / "out"
-        result = subprocess.run(
-            [sys.executable, "-m", "aegan_cli", "encode", str(source), "--out", str(dest)]
-            + ["--ray-address", f"127.0.0.1:{port}", "--chunk-size", "16", "--no-progress"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        args = ["encode", str(source), "--out", str(dest), "--ray-address", f"127.0.0.1:{port}"]
+        result = run_aegan([*args, "--chunk-size", "16", "--no-progress"], env=env)
     finally:
         if _group_members(head.pid):
             os.killpg(head.pid, signal.SIGKILL)  # no 30 s drain: the cluster is thrown away
@@ -583,14 +569,7 @@ def test_a_second_run_on_the_same_dest_is_refused(collection, tmp_path):
     (dest / ".tmp-in-progress.parquet").write_bytes(b"PAR1")  # the first run's write
     with open(dest / LOCK_FILE, "wb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        result = subprocess.run(
-            [sys.executable, "-m", "aegan_cli", "encode", str(source), "--out", str(dest)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        result = run_aegan(["encode", str(source), "--out", str(dest)])
     assert result.returncode == 1, result.stderr
     assert f"{dest} is in use by another aegan encode" in result.stderr
     assert (dest / ".tmp-in-progress.parquet").exists()

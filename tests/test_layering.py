@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_aegan_without
+from cli_helpers import run_aegan, run_aegan_without
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("aegan_serve", "training", "export", "aegan_cli")
@@ -169,23 +169,8 @@ def test_commands_name_the_extra_they_need(args, tmp_path):
 def test_set_is_checked_against_the_field_type(tmp_path):
     """--set train.steps=abc used to end in a raw TypeError; 1.5 and true were taken."""
     for value, expected in (("abc", "an integer"), ("1.5", "an integer"), ("true", "an integer")):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "aegan_cli",
-                "train",
-                "--preset",
-                "tiny",
-                "--dry-run",
-                "--set",
-                f"train.steps={value}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        args = ["train", "--preset", "tiny", "--dry-run", "--set", f"train.steps={value}"]
+        result = run_aegan(args, timeout=60)
         assert result.returncode == 2, result.stdout
         assert f"--set: train.steps: expected {expected}" in result.stderr
         assert "Traceback" not in result.stderr
