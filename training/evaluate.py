@@ -41,7 +41,7 @@ EVAL_PREFIX = "eval/"  # metrics.jsonl fields written by the training-time hook
 
 
 class EvalError(ValueError):
-    """The model, bundle, held-out data or classifier of an evaluation cannot be used."""
+    """The model, bundle or classifier of an evaluation cannot be used."""
 
 
 # --- models: torch networks or ONNX graphs, behind one numpy interface ------------------------
