@@ -36,6 +36,7 @@ from training.losses import (
     discriminator_loss,
     forward,
     generator_encoder_loss,
+    recon_count,
     weighted_total,
 )
 from training.networks import build_networks
@@ -363,6 +364,102 @@ def test_weighted_totals_use_each_weight_once():
     )
 
 
+def test_adv_x_recon_scales_the_reconstructions_share_of_the_image_game():
+    nets, x, p = _known_passes()
+    cfg = LossConfig(adv_x=3.0, adv_x_recon=0.5, adv_z=5.0, recon_x=7.0, recon_z=11.0)
+    ge = weighted_total(generator_encoder_loss(nets, x, p), cfg).item()
+    latent_and_recon = 5.0 * (_sp(1.0) + _sp(-2.0)) + 7.0 * 1.25 + 11.0 * 1.0
+    assert ge == pytest.approx(3.0 * (_sp(-0.25) + 0.5 * _sp(0.5)) + latent_and_recon, rel=1e-12)
+    d = weighted_total(discriminator_loss(nets, x, p), cfg).item()
+    dz = _sp(-1.0) + (_sp(-1.0) + _sp(2.0)) / 2
+    assert d == pytest.approx(_sp(-0.75) + (_sp(0.25) + 0.5 * _sp(-0.5)) / 1.5 + dz, rel=1e-12)
+
+
+def test_without_recon_adv_dx_never_sees_the_reconstructions():
+    """adv_x_recon = 0: the loop passes recon_adv=False, and neither step shows G(E(x)) (its Dx
+    logit is -0.5) to Dx; every other term is what it was."""
+    nets, x, p = _known_passes()
+    shown: list[torch.Tensor] = []
+
+    def dx(t: torch.Tensor) -> torch.Tensor:
+        shown.append(t.flatten(1).mean(1))
+        return t.flatten(1).mean(1, keepdim=True)
+
+    nets["Dx"] = dx
+    full_d, full_ge = discriminator_loss(nets, x, p), generator_encoder_loss(nets, x, p)
+    assert any(torch.any(t == -0.5) for t in shown)  # the stand-in sees G(E(x)) when it should
+    shown.clear()
+    d = discriminator_loss(nets, x, p, recon_adv=False)
+    ge = generator_encoder_loss(nets, x, p, recon_adv=False)
+    assert not any(torch.any(t == -0.5) for t in shown)
+    assert set(full_d) - set(d) == {"loss/Dx/recon"} and set(d) < set(full_d)
+    assert set(full_ge) - set(ge) == {"loss/GE/adv_x_recon"} and set(ge) < set(full_ge)
+    assert all(d[k].item() == full_d[k].item() for k in d)
+    assert all(ge[k].item() == full_ge[k].item() for k in ge)
+    cfg = LossConfig(adv_x=3.0, adv_x_recon=0.0, adv_z=5.0, recon_x=7.0, recon_z=11.0)
+    dz = _sp(-1.0) + (_sp(-1.0) + _sp(2.0)) / 2
+    assert weighted_total(d, cfg).item() == pytest.approx(_sp(-0.75) + _sp(0.25) + dz, rel=1e-12)
+
+
+def test_recon_share_reconstructs_the_first_samples_only():
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mlp", latent_dim=2, hidden=16, depth=2, data_shape=[5])
+    nets, x, z = build_networks(cfg), torch.randn(8, 5), torch.randn(8, 2)
+    whole, part = forward(nets, x, z), forward(nets, x, z, recon_count(8, 0.25))
+    assert part.x_rec.shape == (2, 5) and whole.x_rec.shape == (8, 5)
+    assert torch.allclose(part.x_rec, whole.x_rec[:2], atol=1e-6)  # no batch norm in the mlp
+    assert torch.equal(part.z_enc, whole.z_enc) and torch.equal(part.x_fake, whole.x_fake)
+    recon = generator_encoder_loss(nets, x, part)["loss/GE/recon_x"]
+    assert recon.item() == pytest.approx((whole.x_rec[:2] - x[:2]).abs().mean().item(), rel=1e-5)
+    d = discriminator_loss(nets, x, part)
+    assert torch.isfinite(d["loss/Dx/recon"])
+
+
+@pytest.mark.parametrize(("batch", "share", "count"), [(64, 1.0, 64), (64, 0.25, 16), (5, 0.1, 2)])
+def test_recon_count(batch, share, count):
+    assert recon_count(batch, share) == count
+
+
+@pytest.mark.parametrize("share", [0, -0.5, 1.5])
+def test_recon_share_must_be_a_fraction(share):
+    cfg = from_preset("vectors-mlp")
+    cfg.loss.recon_share = share
+    with pytest.raises(ConfigError, match="loss.recon_share"):
+        validate(cfg)
+
+
+def test_training_with_recon_share_runs_g_on_fewer_reconstructions(tmp_path, monkeypatch):
+    import training.training_loop as loop
+
+    sizes: list[int] = []
+
+    def spy(nets, x, z, count=None):
+        passes = forward(nets, x, z, count)
+        sizes.append(len(passes.x_rec))
+        return passes
+
+    monkeypatch.setattr(loop, "forward", spy)
+    cfg = from_preset("vectors-mlp")
+    cfg.data.source = "mixture:ring8"
+    cfg.loss.recon_share = 0.25
+    cfg.train.steps, cfg.train.batch_size, cfg.train.progress = 3, 32, False
+    train(validate(cfg), tmp_path)
+    assert sizes == [8, 8, 8]
+
+
+def test_training_without_recon_adv_logs_no_reconstruction_game(tmp_path):
+    cfg = from_preset("vectors-mlp")
+    cfg.data.source = "mixture:ring8"
+    cfg.loss.adv_x_recon = 0.0
+    cfg.train.steps, cfg.train.log_every, cfg.train.progress = 4, 2, False
+    train(validate(cfg), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        assert "loss/Dx/recon" not in record and "loss/GE/adv_x_recon" not in record
+        assert "loss/GE/recon_x" in record and "loss/Dx/fake" in record
+
+
 def test_instance_noise_reaches_every_image_dx_sees_and_nothing_else():
     """With noise, each image's Dx logit is the mean of x + std * n; the draws are replayed from
     the seed in the order the images are shown (real, G(z), G(E(x)))."""
@@ -476,9 +573,11 @@ def test_deterministic_on_cpu(tmp_path):
 
 
 def noisy_config() -> RunConfig:
-    """Instance noise on: the D and G+E steps then draw from torch's global RNG every step."""
+    """Instance noise on: the D and G+E steps then draw from torch's global RNG every step; the
+    learning rates annealed: a resumed run must set them from its step, not from the checkpoint."""
     cfg = tiny_config()
     cfg.loss.instance_noise = 0.3
+    cfg.optim.lr_final = 0.5
     return cfg
 
 
@@ -603,13 +702,13 @@ def test_schedules_reach_the_losses(tmp_path, monkeypatch):
             recon_weights.append(recon_x_weight)
         return weighted_total(terms, cfg, recon_x_weight)
 
-    def d_loss(nets, x, p, noise_std=0.0):
+    def d_loss(nets, x, p, noise_std=0.0, **kwargs):
         d_noise.append(noise_std)
-        return discriminator_loss(nets, x, p, noise_std)
+        return discriminator_loss(nets, x, p, noise_std, **kwargs)
 
-    def ge_loss(nets, x, p, noise_std=0.0):
+    def ge_loss(nets, x, p, noise_std=0.0, **kwargs):
         ge_noise.append(noise_std)
-        return generator_encoder_loss(nets, x, p, noise_std)
+        return generator_encoder_loss(nets, x, p, noise_std, **kwargs)
 
     monkeypatch.setattr(loop, "weighted_total", total)
     monkeypatch.setattr(loop, "discriminator_loss", d_loss)
@@ -620,3 +719,23 @@ def test_schedules_reach_the_losses(tmp_path, monkeypatch):
     assert recon_weights == pytest.approx([4.0, 3.4, 2.8, 2.2, 1.6, 1.0])  # 4 (1 - 0.75 k / 5)
     assert d_noise == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
     assert ge_noise == d_noise
+
+
+@needs_fmnist
+def test_learning_rates_anneal_linearly_to_lr_final(tmp_path, monkeypatch):
+    """Each optimiser step runs at lr (1 - (1 - lr_final) k / 5) of its own base rate."""
+    used: dict[str, list[float]] = {"D": [], "GE": []}
+    adam_step = torch.optim.Adam.step
+    cfg = tiny_config()
+    cfg.optim.lr_g, cfg.optim.lr_d, cfg.optim.lr_final = 4e-4, 1e-3, 0.25
+
+    def step(self, *args, **kwargs):
+        lr = self.param_groups[0]["lr"]
+        used["D" if len(used["D"]) == len(used["GE"]) else "GE"].append(lr)  # D steps first
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    train(cfg, tmp_path)
+    factors = [1 - 0.75 * k / 5 for k in range(6)]
+    assert used["D"] == pytest.approx([1e-3 * f for f in factors])
+    assert used["GE"] == pytest.approx([4e-4 * f for f in factors])

@@ -56,10 +56,19 @@ class LossConfig:
     mode: Mode = "aegan"  # 'aegan' (G, E, Dx, Dz, reconstruction terms) or 'gan' (G and Dx only).
     # Image defaults tuned on Fashion-MNIST at 10 000 steps against the GAN (docs/RESULTS.md).
     adv_x: float = 3.0  # Weight of the image adversarial terms for G(z) and G(E(x)) (aegan only).
+    # The reconstructions' share of the image adversarial game: Dx calls G(E(x)) fake (as one fake
+    # kind of two, weighted adv_x_recon / (1 + adv_x_recon)) and G+E make it pass as real (weight
+    # adv_x * adv_x_recon). 1 is Lazarou's AEGAN; 0 leaves Dx to real against G(z), skips its pass
+    # on G(E(x)), and keeps G(E(x)) only in the reconstruction term.
+    adv_x_recon: float = 1.0
     adv_z: float = 3.0  # Weight of the latent adversarial terms for E(x) and E(G(z)).
     recon_x: float = 5.0  # Weight of the image reconstruction ||G(E(x)) - x||_1 (mean per pixel).
     recon_z: float = 2.0  # Weight of the latent reconstruction ||E(G(z)) - z||_2^2 (mean per dim).
     recon_x_final: float = 0.2  # recon_x weight at the last step, as a fraction (linear anneal).
+    # Share of each batch reconstructed through G(E(x)) (the first samples; every sample still
+    # passes E for the latent terms). Below 1 the second pass of G, an AEGAN step's largest extra
+    # cost, shrinks with it.
+    recon_share: float = 1.0
     instance_noise: float = 0.0  # Std of Gaussian noise added to Dx inputs at step 0, decayed to 0.
 
 
@@ -69,6 +78,7 @@ class OptimConfig:
     lr_d: float = 2e-4  # Adam learning rate of Dx and Dz.
     beta1: float = 0.5  # Adam beta1 (DCGAN's choice).
     beta2: float = 0.999  # Adam beta2.
+    lr_final: float = 1.0  # Both learning rates at the last step, as a fraction (linear anneal).
 
 
 @dataclass
@@ -290,13 +300,17 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
             raise ConfigError(name, f"must be at least 1, not {value}")
     if m.hidden < 1 or m.depth < 1:
         raise ConfigError("--hidden", "hidden units and depth must be at least 1")
-    for name in ("adv_x", "adv_z", "recon_x", "recon_z", "instance_noise"):
+    for name in ("adv_x", "adv_x_recon", "adv_z", "recon_x", "recon_z", "instance_noise"):
         if getattr(lo, name) < 0:
             raise ConfigError(f"loss.{name}", "must be non-negative")
+    if not 0 < lo.recon_share <= 1:
+        raise ConfigError("loss.recon_share", "must be a fraction in (0, 1]")
     if not 0 <= lo.recon_x_final <= 1:
         raise ConfigError("loss.recon_x_final", "must be a fraction in [0, 1]")
     if o.lr_g <= 0 or o.lr_d <= 0:
         raise ConfigError("--lr", "learning rates must be positive")
+    if not 0 <= o.lr_final <= 1:
+        raise ConfigError("optim.lr_final", "must be a fraction in [0, 1]")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         raise ConfigError("optim.beta1", "Adam betas must be in [0, 1)")
     if t.steps < 1:

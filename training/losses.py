@@ -2,8 +2,10 @@
 
 The generator/encoder passes are computed once per step (:func:`forward`); the discriminator loss
 reads them detached, the G+E loss reads them through the freshly updated discriminators. Each loss
-function has the same signature ``(nets, x, passes, cfg, ...) -> {name: scalar term}`` and returns
-unweighted terms under hierarchical names; :func:`weighted_total` applies the config's weights.
+function has the same signature ``(nets, x, passes, noise_std, *, recon_adv) -> {name: scalar
+term}`` and returns unweighted terms under hierarchical names; :func:`weighted_total` applies the
+config's weights. ``recon_adv=False`` (``loss.adv_x_recon = 0``) leaves the reconstructions G(E(x))
+out of the image adversarial game on both sides, and Dx's pass over them out of the step.
 
 Adversarial terms are the non-saturating logistic loss: ``softplus(-D(real))`` to call a sample
 real, ``softplus(D(fake))`` to call it fake.
@@ -15,6 +17,8 @@ E(G(z)). G keeps one call per input kind where it has batch norm (the conv famil
 would normalise G(z) and G(E(x)) with shared batch statistics, a different objective. In the G+E
 step the discriminators run with their weights frozen: their gradients would be thrown away (the
 D step clears them), so only the gradients to their inputs, which reach G and E, are computed.
+``loss.recon_share`` below 1 reconstructs only the first samples of each batch (``recon_count``
+of :func:`forward`): the second pass of G, the largest extra cost of an AEGAN step, shrinks with it.
 """
 
 from __future__ import annotations
@@ -80,13 +84,22 @@ def frozen(*nets: Net) -> Iterator[list[Net]]:
             p.requires_grad_(True)
 
 
-def forward(nets: dict[str, nn.Module], x: torch.Tensor, z: torch.Tensor) -> Passes:
+def forward(
+    nets: dict[str, nn.Module], x: torch.Tensor, z: torch.Tensor, recon_count: int | None = None
+) -> Passes:
+    """G(z) and, for an AEGAN, E(x), E(G(z)) and G(E(x)) of the first ``recon_count`` samples of
+    x (all of them by default; fewer make the second pass of G cheaper)."""
     x_fake = nets["G"](z)  # G(z)
     if "E" not in nets:
         return Passes(z, x_fake)
     z_enc, z_rec = run_joint(nets["E"], [x, x_fake])  # E(x), E(G(z))
-    x_rec = nets["G"](z_enc)  # G(E(x)): waits for E(x)
+    x_rec = nets["G"](z_enc[:recon_count])  # G(E(x)): waits for E(x)
     return Passes(z, x_fake, z_enc, x_rec, z_rec)
+
+
+def recon_count(batch_size: int, share: float) -> int:
+    """How many samples of a batch ``loss.recon_share`` reconstructs: at least 2 (batch norm)."""
+    return min(batch_size, max(2, round(share * batch_size)))
 
 
 def _real(logits: torch.Tensor) -> torch.Tensor:
@@ -103,15 +116,25 @@ def _noisy(x: torch.Tensor, std: float) -> torch.Tensor:
 
 
 def discriminator_loss(
-    nets: dict[str, nn.Module], x: torch.Tensor, p: Passes, noise_std: float = 0.0
+    nets: dict[str, nn.Module],
+    x: torch.Tensor,
+    p: Passes,
+    noise_std: float = 0.0,
+    *,
+    recon_adv: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Dx: real x vs G(z) and G(E(x)); Dz: prior z vs E(x) and E(G(z)). Generator side detached."""
-    images = [x, p.x_fake.detach()] if p.z_enc is None else [x, p.x_fake.detach(), p.x_rec.detach()]
+    """Dx: real x vs G(z) and (``recon_adv``) G(E(x)); Dz: prior z vs E(x) and E(G(z)). Generator
+    side detached."""
+    aegan = p.z_enc is not None
+    images = [x, p.x_fake.detach()]
+    if aegan and recon_adv:
+        images.append(p.x_rec.detach())
     # Noise is drawn per input kind, in the order real, G(z), G(E(x)).
     logits = run_joint(nets["Dx"], [_noisy(t, noise_std) for t in images])
     terms = {"loss/Dx/real": _real(logits[0]), "loss/Dx/fake": _fake(logits[1])}
-    if p.z_enc is not None:
+    if aegan and recon_adv:
         terms["loss/Dx/recon"] = _fake(logits[2])
+    if aegan:
         prior, encoded, recon = run_joint(nets["Dz"], [p.z, p.z_enc.detach(), p.z_rec.detach()])
         terms["loss/Dz/prior"] = _real(prior)
         terms["loss/Dz/encoded"] = _fake(encoded)
@@ -120,25 +143,32 @@ def discriminator_loss(
 
 
 def generator_encoder_loss(
-    nets: dict[str, nn.Module], x: torch.Tensor, p: Passes, noise_std: float = 0.0
+    nets: dict[str, nn.Module],
+    x: torch.Tensor,
+    p: Passes,
+    noise_std: float = 0.0,
+    *,
+    recon_adv: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """G and E fool both discriminators on all four passes and reconstruct x and z."""
+    """G and E fool both discriminators on all four passes (G(E(x)) only with ``recon_adv``) and
+    reconstruct x and z."""
     aegan = p.z_enc is not None
     with frozen(*[nets[k] for k in ("Dx", "Dz") if k in nets]) as discriminators:
         dx = discriminators[0]
-        images = [p.x_fake] if not aegan else [p.x_fake, p.x_rec]
+        images = [p.x_fake, p.x_rec] if aegan and recon_adv else [p.x_fake]
         logits = run_joint(dx, [_noisy(t, noise_std) for t in images])  # noise: G(z), G(E(x))
         terms = {"loss/G/adv_x": _real(logits[0])}
         if aegan:
             dz = discriminators[1]
-            terms["loss/GE/adv_x_recon"] = _real(logits[1])
+            if recon_adv:
+                terms["loss/GE/adv_x_recon"] = _real(logits[1])
             # The latent adversarial signal reaches E through Dz(E(x)) and Dz(E(G(z))): it must be
             # computed from the latent passes, not copied from the image terms.
             encoded, recon = run_joint(dz, [p.z_enc, p.z_rec])
             terms["loss/E/adv_z"] = _real(encoded)
             terms["loss/GE/adv_z_recon"] = _real(recon)
     if aegan:
-        terms["loss/GE/recon_x"] = (p.x_rec - x).abs().mean()
+        terms["loss/GE/recon_x"] = (p.x_rec - x[: len(p.x_rec)]).abs().mean()
         terms["loss/GE/recon_z"] = (p.z_rec - p.z).pow(2).mean()
     return terms
 
@@ -155,15 +185,18 @@ def weighted_total(
         "loss/Dx/real": 1.0,
         "loss/Dz/prior": 1.0,
         "loss/G/adv_x": cfg.adv_x if cfg.mode == "aegan" else 1.0,
-        "loss/GE/adv_x_recon": cfg.adv_x,
+        "loss/GE/adv_x_recon": cfg.adv_x * cfg.adv_x_recon,
         "loss/E/adv_z": cfg.adv_z,
         "loss/GE/adv_z_recon": cfg.adv_z,
         "loss/GE/recon_x": recon_x,
         "loss/GE/recon_z": cfg.recon_z,
     }
+    # Each fake kind's share: 1 each, but adv_x_recon for G(E(x)).
+    shares = {"loss/Dx/fake": 1.0, "loss/Dx/recon": cfg.adv_x_recon}
+    shares |= {"loss/Dz/encoded": 1.0, "loss/Dz/recon": 1.0}
     dx_fakes = [k for k in terms if k in ("loss/Dx/fake", "loss/Dx/recon")]
     dz_fakes = [k for k in terms if k in ("loss/Dz/encoded", "loss/Dz/recon")]
     for group in (dx_fakes, dz_fakes):
         for k in group:
-            weights[k] = 1.0 / len(group)
+            weights[k] = shares[k] / sum(shares[j] for j in group)
     return sum(weights[k] * v for k, v in terms.items())

@@ -35,9 +35,15 @@ from training.checkpoint import (
     run_config,
     save_checkpoint,
 )
-from training.config import ConfigError, DataFacts, LossConfig, RunConfig, validate
+from training.config import ConfigError, DataFacts, LossConfig, OptimConfig, RunConfig, validate
 from training.data import load_dataset
-from training.losses import discriminator_loss, forward, generator_encoder_loss, weighted_total
+from training.losses import (
+    discriminator_loss,
+    forward,
+    generator_encoder_loss,
+    recon_count,
+    weighted_total,
+)
 from training.networks import build_networks
 
 log = logging.getLogger(__name__)
@@ -103,6 +109,18 @@ def schedules(step: int, steps: int, loss: LossConfig) -> tuple[float, float]:
     noise_std = loss.instance_noise * (1.0 - frac)
     recon_x_weight = loss.recon_x * (1.0 - frac * (1.0 - loss.recon_x_final))
     return noise_std, recon_x_weight
+
+
+def set_learning_rates(
+    optimizers: dict[str, torch.optim.Optimizer], step: int, steps: int, optim: OptimConfig
+) -> None:
+    """Both optimisers' learning rates at ``step``: linear from ``lr_g``/``lr_d`` at step 0 to
+    ``lr_final`` times them at the last step (set every step, so a resumed run follows the same
+    schedule)."""
+    factor = 1.0 - step / max(1, steps - 1) * (1.0 - optim.lr_final)
+    for name, opt in optimizers.items():
+        for group in opt.param_groups:
+            group["lr"] = (optim.lr_d if name == "D" else optim.lr_g) * factor
 
 
 def restore(state: dict[str, Any], model: Networks, gen: torch.Generator, rank: int) -> int:
@@ -281,27 +299,30 @@ def train(
     writer = rank == 0
     if writer:
         prepare_run_dir(run_dir, cfg, start)
+    recon_adv = cfg.loss.adv_x_recon > 0  # otherwise Dx never sees G(E(x))
+    n_recon = recon_count(t.batch_size, cfg.loss.recon_share)
     metrics = MetricsLog(run_dir / "metrics.jsonl", cfg, world, writer, eval_hook)
     final = None
     with progress_bar(writer and t.progress) as progress:
         task = progress.add_task("train", total=t.steps, completed=start, stats="")
         for step in range(start, t.steps):
             noise_std, recon_x_weight = schedules(step, t.steps, cfg.loss)
+            set_learning_rates(model.optimizers, step, t.steps, cfg.optim)
 
             # (1) Fetch a batch of data and prior noise.
             idx = torch.randint(len(samples), (t.batch_size,), generator=gen)
             x = samples[idx].to(device, non_blocking=True)
             z = torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen).to(device)
-            passes = forward(nets, x, z)
+            passes = forward(nets, x, z, n_recon)
 
             # (2) Update Dx and Dz on real vs generated (generator side detached).
-            d_terms = discriminator_loss(nets, x, passes, noise_std)
+            d_terms = discriminator_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
             opt_d.zero_grad(set_to_none=True)
             weighted_total(d_terms, cfg.loss).backward()
             opt_d.step()
 
             # (3) Update G and E together: fool the updated discriminators, reconstruct x and z.
-            ge_terms = generator_encoder_loss(nets, x, passes, noise_std)
+            ge_terms = generator_encoder_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
             opt_ge.zero_grad(set_to_none=True)
             weighted_total(ge_terms, cfg.loss, recon_x_weight).backward()
             opt_ge.step()
