@@ -14,6 +14,10 @@ Two measurements in one run, on one preset (fmnist-cpu unless --preset says othe
 
     nice -n 10 python bench/step_cost.py --threads 1 --baseline e9dcec3 \\
         --out docs/bench-step-cost.json
+
+``--variant 'loss.recon_share=0.25 loss.adv_x_recon=0'`` (repeatable) times, in the same rounds,
+an AEGAN of the current losses with those settings as well; ``step_ms`` holds it under ``aegan
+SETTINGS`` and ``over_gan`` its step against the GAN's.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ import click
 import torch
 
 from training import losses as current_losses
-from training.config import RunConfig, from_preset, validate
+from training.config import DataFacts, RunConfig, apply_assignment, from_preset, validate
 from training.data import load_dataset
 from training.networks import build_networks
-from training.training_loop import check_data, ema_beta, schedules, update_ema
+from training.training_loop import ema_beta, schedules, set_learning_rates, update_ema
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import machine  # noqa: E402
@@ -61,7 +65,9 @@ class Trainer:
         mode = cfg.loss.mode
         self.losses = losses
         self.data = load_dataset(cfg.data)
-        check_data(cfg, self.data)
+        data = self.data
+        validate(cfg, DataFacts(data.kind, data.shape, len(data), data.source))
+        cfg.model.data_shape = list(data.shape)
         self.cfg = cfg
         torch.manual_seed(seed)
         self.nets = build_networks(cfg.model, mode)
@@ -84,14 +90,22 @@ class Trainer:
     def step(self) -> None:
         t, loss = self.cfg.train, self.cfg.loss
         noise_std, recon_x_weight = schedules(self.step_index, t.steps, loss)
+        optimizers = {"D": self.opt_d, "GE": self.opt_ge}
+        set_learning_rates(optimizers, self.step_index, t.steps, self.cfg.optim)
         x, z = self.batch()
         lo = self.losses
-        passes = lo.forward(self.nets, x, z)
-        d_terms = lo.discriminator_loss(self.nets, x, passes, noise_std)
+        if loss.recon_share < 1:  # older revisions reconstruct the whole batch
+            n = current_losses.recon_count(t.batch_size, loss.recon_share)
+            passes = lo.forward(self.nets, x, z, n)
+        else:
+            passes = lo.forward(self.nets, x, z)
+        # Revisions before the adv_x_recon setting always ran Dx on G(E(x)).
+        kw = {} if loss.adv_x_recon > 0 else {"recon_adv": False}
+        d_terms = lo.discriminator_loss(self.nets, x, passes, noise_std, **kw)
         self.opt_d.zero_grad(set_to_none=True)
         lo.weighted_total(d_terms, loss).backward()
         self.opt_d.step()
-        ge_terms = lo.generator_encoder_loss(self.nets, x, passes, noise_std)
+        ge_terms = lo.generator_encoder_loss(self.nets, x, passes, noise_std, **kw)
         self.opt_ge.zero_grad(set_to_none=True)
         lo.weighted_total(ge_terms, loss, recon_x_weight).backward()
         self.opt_ge.step()
@@ -149,6 +163,13 @@ def pass_costs(trainer: Trainer, repeats: int) -> dict[str, dict[str, float]]:
 @click.option("--repeats", default=15, help="Timed calls per pass measurement.")
 @click.option("--threads", default=1)
 @click.option("--baseline", default=None, metavar="REV", help="Also time the losses of REV.")
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    metavar="'SEC.KEY=V ...'",
+    help="Also time an AEGAN of the current losses with these settings (repeatable).",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write results JSON.")
 def main(
     preset: str,
@@ -157,6 +178,7 @@ def main(
     repeats: int,
     threads: int,
     baseline: str | None,
+    variants: tuple[str, ...],
     out: Path | None,
 ) -> None:
     torch.set_num_threads(threads)
@@ -169,6 +191,11 @@ def main(
             cfg = from_preset(preset)
             cfg.loss.mode = mode
             trainers[(version, mode)] = Trainer(validate(cfg), losses=module)
+    for variant in variants:
+        cfg = from_preset(preset)
+        for assignment in variant.split():
+            apply_assignment(cfg, assignment)
+        trainers[("current", f"aegan {variant}")] = Trainer(validate(cfg))
     passes = pass_costs(trainers[("current", "aegan")], repeats)
     for trainer in trainers.values():
         for _ in range(3):
@@ -183,10 +210,9 @@ def main(
                 start = time.perf_counter()
                 trainer.step()
                 step_s[key].append(time.perf_counter() - start)
-    medians = {
-        v: {m: round(1000 * statistics.median(step_s[(v, m)]), 2) for m in ("aegan", "gan")}
-        for v in versions
-    }
+    medians: dict[str, dict[str, float]] = {}
+    for (version, mode), times in step_s.items():
+        medians.setdefault(version, {})[mode] = round(1000 * statistics.median(times), 2)
     summary = {
         "machine": machine(),
         "preset": preset,
@@ -198,6 +224,10 @@ def main(
         "pass_ms": passes,
         "step_ms": medians,
         "aegan_over_gan": {v: round(m["aegan"] / m["gan"], 3) for v, m in medians.items()},
+        "over_gan": {
+            v: {mode: round(ms / m["gan"], 3) for mode, ms in m.items() if mode != "gan"}
+            for v, m in medians.items()
+        },
     }
     click.echo(json.dumps(summary, indent=2))
     if out:

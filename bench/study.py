@@ -116,19 +116,32 @@ def plan() -> list[Run]:
     # A second seed of the baseline at the full budget (seed 0 is runs/fmnist-gan, RESULTS.md).
     runs.append(Run("full-gan-seed1", "gan", 1, (), "gan, full budget", FULL_STEPS, 1000))
     # The shipped recipe budgeted to the compute of the GAN's full budget (its schedules, such as
-    # the reconstruction anneal, run over these steps), for bench/wallclock.py.
-    steps = equal_compute_steps()
+    # the reconstruction anneal, run over these steps), for bench/wallclock.py: 4 503 steps, from
+    # docs/bench-step-cost.json as measured at ec6883e (equal_compute_steps() of that file).
     for seed in (0, 1):
         group = "aegan, the GAN's full-budget compute"
-        runs.append(Run(f"eqc-aegan-seed{seed}", "aegan", seed, (), group, steps, 500))
+        runs.append(Run(f"eqc-aegan-seed{seed}", "aegan", seed, (), group, 4503, 500))
+    # Cheaper AEGAN steps at that compute: a quarter of each batch reconstructed, and that with
+    # the reconstructions left out of the image adversarial game; steps from the step costs of
+    # each variant and the GAN measured together (docs/bench-step-cost-variants.json).
+    for variant in CHEAP_VARIANTS:
+        sets = tuple(variant.split())
+        name = "eqc-" + "-".join(a.partition(".")[2].replace("=", "") for a in sets)
+        steps = equal_compute_steps(f"aegan {variant}", VARIANT_COSTS)
+        group = f"aegan {', '.join(sets)}, the GAN's full-budget compute"
+        runs.append(Run(f"{name}-seed0", "aegan", 0, sets, group, steps, 500))
     return runs
 
 
-def equal_compute_steps(path: Path = Path("docs/bench-step-cost.json")) -> int:
+CHEAP_VARIANTS = ("loss.recon_share=0.25", "loss.recon_share=0.25 loss.adv_x_recon=0")
+VARIANT_COSTS = Path("docs/bench-step-cost-variants.json")
+
+
+def equal_compute_steps(mode: str = "aegan", path: Path = Path("docs/bench-step-cost.json")) -> int:
     """AEGAN steps costing what FULL_STEPS GAN steps cost, by the step costs of the current losses
-    measured in one run (bench/step_cost.py)."""
+    measured in one run (bench/step_cost.py); ``mode`` names an AEGAN variant timed there."""
     ms = json.loads(path.read_text())["step_ms"]["current"]
-    return round(FULL_STEPS * ms["gan"] / ms["aegan"])
+    return round(FULL_STEPS * ms["gan"] / ms[mode])
 
 
 def train_command(run: Run, threads: int) -> list[str]:
