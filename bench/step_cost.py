@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
@@ -94,12 +95,13 @@ class Trainer:
         set_learning_rates(optimizers, self.step_index, t.steps, self.cfg.optim)
         x, z = self.batch()
         lo = self.losses
-        if loss.recon_share < 1:  # older revisions reconstruct the whole batch
+        # Settings other than the defaults (--variant) run with the current losses only; a
+        # baseline revision's losses take the arguments they had.
+        if loss.recon_share < 1:
             n = current_losses.recon_count(t.batch_size, loss.recon_share)
             passes = lo.forward(self.nets, x, z, n)
         else:
             passes = lo.forward(self.nets, x, z)
-        # Revisions before the adv_x_recon setting always ran Dx on G(E(x)).
         kw = {} if loss.adv_x_recon > 0 else {"recon_adv": False}
         d_terms = lo.discriminator_loss(self.nets, x, passes, noise_std, **kw)
         self.opt_d.zero_grad(set_to_none=True)
@@ -195,6 +197,10 @@ def main(
         cfg = from_preset(preset)
         for assignment in variant.split():
             apply_assignment(cfg, assignment)
+        if cfg.loss.mode != "aegan":
+            raise click.BadParameter(
+                f"{variant!r}: variants are AEGAN steps", param_hint="--variant"
+            )
         trainers[("current", f"aegan {variant}")] = Trainer(validate(cfg))
     passes = pass_costs(trainers[("current", "aegan")], repeats)
     for trainer in trainers.values():
@@ -223,6 +229,11 @@ def main(
         "baseline": baseline,
         "pass_ms": passes,
         "step_ms": medians,
+        "loss_settings": {  # what each timed trainer ran with (preset, then --variant)
+            mode: asdict(trainer.cfg.loss)
+            for (v, mode), trainer in trainers.items()
+            if v == "current"
+        },
         "aegan_over_gan": {v: round(m["aegan"] / m["gan"], 3) for v, m in medians.items()},
         "over_gan": {
             v: {mode: round(ms / m["gan"], 3) for mode, ms in m.items() if mode != "gan"}

@@ -26,10 +26,11 @@ def test_step_cost_times_every_mode_and_variant(tmp_path):
     assert set(steps) == {"aegan", "gan", "aegan loss.recon_share=0.5 loss.adv_x_recon=0"}
     assert all(ms > 0 for ms in steps.values())
     assert set(record["pass_ms"]) == {"G", "E", "Dx", "Dz"}
-    variant = record["over_gan"]["current"]["aegan loss.recon_share=0.5 loss.adv_x_recon=0"]
-    assert variant == round(
-        steps["aegan loss.recon_share=0.5 loss.adv_x_recon=0"] / steps["gan"], 3
-    )
+    settings = record["loss_settings"]
+    variant = settings["aegan loss.recon_share=0.5 loss.adv_x_recon=0"]
+    assert (variant["recon_share"], variant["adv_x_recon"], variant["mode"]) == (0.5, 0, "aegan")
+    assert (settings["aegan"]["recon_share"], settings["aegan"]["adv_x_recon"]) == (1.0, 1.0)
+    assert settings["gan"]["mode"] == "gan"
 
 
 def test_vectors_bench_trains_and_scores_one_run(tmp_path):

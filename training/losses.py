@@ -176,8 +176,9 @@ def generator_encoder_loss(
 def weighted_total(
     terms: dict[str, torch.Tensor], cfg: LossConfig, recon_x_weight: float | None = None
 ) -> torch.Tensor:
-    """Sum of the terms with the config's weights. Discriminator fakes are averaged so real and
-    fake weigh the same whatever the number of fake kinds. The loss weights set the balance of the
+    """Sum of the terms with the config's weights. A discriminator's fake kinds form a weighted
+    average (G(E(x)) weighted ``adv_x_recon``, the others 1), so real and fake weigh the same
+    whatever the number of fake kinds. The loss weights set the balance of the
     AEGAN terms; a GAN's generator has one term, weighted 1, so a GAN run is the same whatever
     weights its config carries."""
     recon_x = cfg.recon_x if recon_x_weight is None else recon_x_weight

@@ -115,9 +115,11 @@ def set_learning_rates(
     optimizers: dict[str, torch.optim.Optimizer], step: int, steps: int, optim: OptimConfig
 ) -> None:
     """Both optimisers' learning rates at ``step``: linear from ``lr_g``/``lr_d`` at step 0 to
-    ``lr_final`` times them at the last step (set every step, so a resumed run follows the same
-    schedule)."""
-    factor = 1.0 - step / max(1, steps - 1) * (1.0 - optim.lr_final)
+    ``lr_final`` times them at the last step and after it. Set every step from the step number, so
+    a resumed run follows the schedule it was on (a run extended with more steps follows the new
+    schedule, as the loss schedules do)."""
+    frac = min(1.0, step / max(1, steps - 1))
+    factor = 1.0 - frac * (1.0 - optim.lr_final)
     for name, opt in optimizers.items():
         for group in opt.param_groups:
             group["lr"] = (optim.lr_d if name == "D" else optim.lr_g) * factor
