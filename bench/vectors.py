@@ -91,15 +91,28 @@ def step_ratio(mixture: str, sets: list[str], timing_steps: int) -> float:
     return statistics.median(ratios)
 
 
+def _trained_with(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether the finished run in ``run_dir`` was trained with ``cfg`` (a changed preset or
+    setting is a different run, whatever the folder is called)."""
+    try:
+        recorded = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    recorded.get("model", {}).pop("data_shape", None)
+    wanted = cfg.to_dict()
+    wanted["model"].pop("data_shape", None)
+    return recorded == wanted
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     run_dir = Path(job["dir"])
     done = run_dir / "eval.json"
-    if done.exists() and not job["fresh"]:
+    cfg = make_config(job["mixture"], job["mode"], job["seed"], job["steps"], job["sets"])
+    if done.exists() and not job["fresh"] and _trained_with(run_dir, cfg):
         return json.loads(done.read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = make_config(job["mixture"], job["mode"], job["seed"], job["steps"], job["sets"])
     start, cpu_start = time.perf_counter(), time.process_time()
     train(cfg, run_dir)
     train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start

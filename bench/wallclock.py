@@ -11,8 +11,9 @@ AEGAN's and the GAN's curves are then read at the same cost.
 
 The runs above read the shipped recipe midway through a 10 000-step schedule. The recipe budgeted
 to the GAN's compute is trained by ``bench/study.py run --only eqc-aegan-seed0,eqc-aegan-seed1``
-(steps from the same step costs); when those runs are present their final evaluations (10 000
-samples) are kept in docs/study/equal-compute.json and tabled beside the GAN's.
+(steps from the same step costs), and its cheaper-step variants by the study's other ``eqc-*``
+runs (steps from docs/bench-step-cost-variants.json); when such runs are present their final
+evaluations (10 000 samples) are kept in docs/study/equal-compute.json and tabled beside the GAN's.
 
 Periodic evaluations use 2 000 samples (FD-FMNIST is biased upwards at that size, and recall
 depends on it); both modes are measured the same way, so they compare with each other, not with
@@ -117,9 +118,10 @@ FINAL_KEYS = ("fd_fmnist", "precision", "recall", "coverage_kl", "coverage_class
 
 
 def equal_compute_table(runs: dict[str, Any]) -> list[str]:
-    """Final evaluations (10 000 samples) of the AEGAN trained for the GAN's full-budget compute,
-    beside the GAN's full budget."""
-    found = sorted(Path("runs/study").glob("eqc-aegan-seed*/eval.json"))
+    """Final evaluations (10 000 samples) of the AEGAN runs trained for the GAN's full-budget
+    compute (the shipped recipe and the cheaper-step variants of bench/study.py), beside the GAN's
+    full budget."""
+    found = sorted(Path("runs/study").glob("eqc-*/eval.json"))
     if found:
         records = {}
         for path in found:

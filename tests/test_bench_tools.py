@@ -50,3 +50,24 @@ def test_vectors_bench_trains_and_scores_one_run(tmp_path):
     assert sum(result["histogram"]) <= 2500
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["loss"]["adv_x_recon"] == 0 and config["loss"]["recon_share"] == 0.5
+
+
+def test_vectors_bench_redoes_a_run_whose_settings_changed(tmp_path):
+    """Run folders are named by mixture, mode, steps and seed only: a finished run is reused for
+    the same settings and retrained when a setting (or the preset) differs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import vectors
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    job = {"mixture": "ring8", "mode": "gan", "seed": 0, "steps": 10, "fresh": False,
+           "sets": ["optim.lr_g=0.002"], "dir": str(tmp_path / "run")}  # fmt: skip
+    vectors.run_one(job)
+    done = tmp_path / "run" / "eval.json"
+    stamp = done.stat().st_mtime_ns
+    vectors.run_one(job)
+    assert done.stat().st_mtime_ns == stamp  # reused
+    vectors.run_one({**job, "sets": ["optim.lr_g=0.003"]})
+    assert json.loads(done.read_text())["sets"] == ["optim.lr_g=0.003"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["optim"]["lr_g"] == 0.003
