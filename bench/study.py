@@ -124,16 +124,20 @@ def plan() -> list[Run]:
     # Cheaper AEGAN steps at that compute: a quarter of each batch reconstructed, and that with
     # the reconstructions left out of the image adversarial game; steps from the step costs of
     # each variant and the GAN measured together (docs/bench-step-cost-variants.json).
-    for variant in CHEAP_VARIANTS:
+    for variant, seeds in CHEAP_VARIANTS.items():
         sets = tuple(variant.split())
         name = "eqc-" + "-".join(a.partition(".")[2].replace("=", "") for a in sets)
         steps = equal_compute_steps(f"aegan {variant}", VARIANT_COSTS)
         group = f"aegan {', '.join(sets)}, the GAN's full-budget compute"
-        runs.append(Run(f"{name}-seed0", "aegan", 0, sets, group, steps, 500))
+        for seed in seeds:
+            runs.append(Run(f"{name}-seed{seed}", "aegan", seed, sets, group, steps, 500))
     return runs
 
 
-CHEAP_VARIANTS = ("loss.recon_share=0.25", "loss.recon_share=0.25 loss.adv_x_recon=0")
+CHEAP_VARIANTS = {  # settings -> seeds
+    "loss.recon_share=0.25": (0, 1),
+    "loss.recon_share=0.25 loss.adv_x_recon=0": (0,),
+}
 VARIANT_COSTS = Path("docs/bench-step-cost-variants.json")
 
 
