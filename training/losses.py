@@ -193,11 +193,10 @@ def weighted_total(
         "loss/GE/recon_z": cfg.recon_z,
     }
     # Each fake kind's share: 1 each, but adv_x_recon for G(E(x)).
-    shares = {"loss/Dx/fake": 1.0, "loss/Dx/recon": cfg.adv_x_recon}
-    shares |= {"loss/Dz/encoded": 1.0, "loss/Dz/recon": 1.0}
+    shares = {"loss/Dx/recon": cfg.adv_x_recon}
     dx_fakes = [k for k in terms if k in ("loss/Dx/fake", "loss/Dx/recon")]
     dz_fakes = [k for k in terms if k in ("loss/Dz/encoded", "loss/Dz/recon")]
     for group in (dx_fakes, dz_fakes):
         for k in group:
-            weights[k] = shares[k] / sum(shares[j] for j in group)
+            weights[k] = shares.get(k, 1.0) / sum(shares.get(j, 1.0) for j in group)
     return sum(weights[k] * v for k, v in terms.items())

@@ -101,11 +101,17 @@ def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
         b_ema.copy_(b)  # batch-norm statistics follow the live network
 
 
+def run_fraction(step: int, steps: int) -> float:
+    """How far ``step`` is through a run of ``steps``: 0 at the first step, 1 at the last and
+    after it (a bench may step on past a run's length)."""
+    return min(1.0, step / max(1, steps - 1))
+
+
 def schedules(step: int, steps: int, loss: LossConfig) -> tuple[float, float]:
     """(instance noise std, image reconstruction weight) at ``step`` of a run of ``steps``: both
     linear over the run, noise from ``instance_noise`` to 0 and the weight from ``recon_x`` to
     ``recon_x * recon_x_final`` at the last step."""
-    frac = step / max(1, steps - 1)
+    frac = run_fraction(step, steps)
     noise_std = loss.instance_noise * (1.0 - frac)
     recon_x_weight = loss.recon_x * (1.0 - frac * (1.0 - loss.recon_x_final))
     return noise_std, recon_x_weight
@@ -118,8 +124,7 @@ def set_learning_rates(
     ``lr_final`` times them at the last step and after it. Set every step from the step number, so
     a resumed run follows the schedule it was on (a run extended with more steps follows the new
     schedule, as the loss schedules do)."""
-    frac = min(1.0, step / max(1, steps - 1))
-    factor = 1.0 - frac * (1.0 - optim.lr_final)
+    factor = 1.0 - run_fraction(step, steps) * (1.0 - optim.lr_final)
     for name, opt in optimizers.items():
         for group in opt.param_groups:
             group["lr"] = (optim.lr_d if name == "D" else optim.lr_g) * factor
