@@ -242,6 +242,30 @@ def test_evaluate_reports_modes_of_a_collapsed_generator():
     assert report["details"]["modes"]["histogram"] == [0, 0, 0, 400, 0, 0, 0, 0]
 
 
+def test_reconstructions_cover_the_modes_where_the_prior_falls_on_one():
+    """E puts codes at radius 3; G snaps a code beyond radius 2 to its nearest mode and anything
+    else to mode 3. Prior samples mostly land inside (collapse), reconstructions never do."""
+
+    def generate(z: np.ndarray) -> np.ndarray:
+        nearest = nearest_modes(z / 3.0, RING.centres)[0]
+        inside = np.linalg.norm(z, axis=1) <= 2.0
+        return RING.centres[np.where(inside, 3, nearest)].astype(np.float32)
+
+    model = GenerativeModel(generate, lambda x: 3.0 * x, 2, (2,))
+    ref = pick_reference((2,), {"data": {"source": "mixture:ring8"}}, None, [])
+    report = evaluate(model, ref, ["modes", "recon_modes"], num_samples=400)
+    m = report["metrics"]
+    # 2-D N(0, I) holds 1 - exp(-2) = 86 % of its mass within radius 2: mode 3 takes most samples.
+    assert report["details"]["modes"]["histogram"][3] > 300 and m["modes_reverse_kl"] > 1.0
+    expected = np.bincount(nearest_modes(ref.subset(400), RING.centres)[0], minlength=8)
+    assert report["details"]["recon_modes"]["histogram"] == expected.tolist()
+    assert m["recon_modes_captured"] == 8 and m["recon_modes_high_quality"] == 1.0
+    assert m["recon_modes_reverse_kl"] == pytest.approx(reverse_kl(expected, RING.weights))
+    gan = GenerativeModel(generate, None, 2, (2,))
+    skipped = evaluate(gan, ref, ["recon_modes"], num_samples=50)
+    assert skipped["metrics"] == {}
+
+
 def test_a_run_on_a_mixture_is_evaluated_on_its_modes(tmp_path):
     cfg = from_preset("vectors-mlp")
     cfg.data.source = "mixture:ring8"

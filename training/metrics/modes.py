@@ -9,6 +9,11 @@ The definitions of VEEGAN (Srivastava et al. 2017) and PacGAN (Lin et al. 2018):
 - the **reverse KL** is ``KL(q || p) = sum_k q_k ln(q_k / p_k)`` from the histogram ``q`` of the
   high-quality samples over the modes to the true mode weights ``p`` (PacGAN's third metric): 0 for
   a perfectly balanced model, ``ln K`` when every high-quality sample lies at one of K equal modes.
+
+For an AEGAN the same three numbers of its reconstructions G(E(x)) of held-out data
+(``recon_modes_*``) say where a shortfall comes from: reconstructions that cover the modes while
+samples G(z) do not mean that the prior's mass falls where the encoder put no code, not that the
+decoder cannot reach the modes.
 """
 
 from __future__ import annotations
@@ -98,4 +103,27 @@ def modes(ctx: EvalContext) -> dict[str, float]:
         "modes_captured": result.captured,
         "modes_high_quality": result.high_quality,
         "modes_reverse_kl": result.reverse_kl,
+    }
+
+
+@register_metric(
+    "recon_modes",
+    reference="vector",
+    needs_encoder=True,
+    needs_modes=True,
+    results={
+        "recon_modes_captured": "modes_captured of the reconstructions G(E(x)) of held-out data",
+        "recon_modes_high_quality": "modes_high_quality of the reconstructions",
+        "recon_modes_reverse_kl": "modes_reverse_kl of the reconstructions (compare"
+        " modes_reverse_kl)",
+    },
+)
+def recon_modes(ctx: EvalContext) -> dict[str, float]:
+    assert ctx.reference is not None
+    result = mode_coverage(ctx.reconstructions, ctx.reference.modes)
+    ctx.details["recon_modes"] = {"histogram": result.histogram}
+    return {
+        "recon_modes_captured": result.captured,
+        "recon_modes_high_quality": result.high_quality,
+        "recon_modes_reverse_kl": result.reverse_kl,
     }

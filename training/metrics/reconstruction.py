@@ -37,14 +37,12 @@ from training.metrics.registry import EvalContext, batched, register_metric
 def reconstruction(ctx: EvalContext) -> dict[str, float]:
     model = ctx.model
     assert model.encode is not None
-    encode, generate = model.encode, model.generate
-    z_rec = batched(encode, ctx.fakes, ctx.batch_size)
+    z_rec = batched(model.encode, ctx.fakes, ctx.batch_size)
     results = {"latent_mse": float(np.mean((z_rec - ctx.z) ** 2))}
     if ctx.reference is None:
         ctx.notes.append("reconstruction: no held-out data, image/vector errors skipped")
         return results
-    x = ctx.reference_subset()
-    x_rec = batched(lambda b: generate(encode(b)), x, ctx.batch_size)
+    x, x_rec = ctx.reference_subset(), ctx.reconstructions
     if ctx.reference.kind == "fmnist":
         results["recon_mse"] = float(per_sample_mse(to_unit(x), to_unit(x_rec)).mean())
         results["recon_psnr"] = float(psnr(to_unit(x), to_unit(x_rec)).mean())

@@ -122,6 +122,14 @@ class EvalContext:
 
         return features_and_logits(load_classifier(), self.fakes)
 
+    @cached_property
+    def reconstructions(self) -> np.ndarray:
+        """G(E(x)) of :meth:`reference_subset` (an AEGAN's, with a reference)."""
+        model = self.model
+        assert model.encode is not None and self.reference is not None
+        encode, generate = model.encode, model.generate
+        return batched(lambda b: generate(encode(b)), self.reference_subset(), self.batch_size)
+
     def reference_subset(self) -> np.ndarray:
         """As many reference samples as generated ones (or all, if fewer): a fixed subset."""
         assert self.reference is not None
@@ -154,6 +162,7 @@ REPORT_ORDER = (
     "reconstruction",
     "energy_distance",
     "modes",
+    "recon_modes",
 )
 
 
