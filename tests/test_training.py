@@ -85,6 +85,7 @@ def test_presets_validate_and_round_trip():
         ("train", "batch_size", 1, "--batch-size"),
         ("data", "image_size", 30, "--image-size"),
         ("loss", "recon_x", -1.0, "loss.recon_x"),
+        ("loss", "encoder_noise", -0.1, "loss.encoder_noise"),
     ],
 )
 def test_validate_names_the_flag(section, field, value, flag):
@@ -415,6 +416,28 @@ def test_recon_share_reconstructs_the_first_samples_only():
     assert torch.isfinite(d["loss/Dx/recon"])
 
 
+def test_encoder_noise_makes_every_encoding_a_draw_around_e():
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mlp", latent_dim=2, hidden=16, depth=2, data_shape=[5])
+    nets, x, z = build_networks(cfg), torch.randn(8, 5), torch.randn(8, 2)
+    plain = forward(nets, x, z, 4)
+    torch.manual_seed(1)
+    noisy = forward(nets, x, z, 4, encoder_noise=0.5)
+    torch.manual_seed(1)
+    eps_enc, eps_rec = torch.randn(8, 2), torch.randn(8, 2)  # drawn for E(x), then E(G(z))
+    assert torch.allclose(noisy.z_enc, plain.z_enc + 0.5 * eps_enc, atol=1e-6)
+    assert torch.allclose(noisy.z_rec, plain.z_rec + 0.5 * eps_rec, atol=1e-6)
+    # G reconstructs from the draw, and the latent terms read it.
+    assert torch.allclose(noisy.x_rec, nets["G"](noisy.z_enc[:4]), atol=1e-6)
+    recon_z = generator_encoder_loss(nets, x, noisy)["loss/GE/recon_z"]
+    assert recon_z.item() == pytest.approx((noisy.z_rec - z).pow(2).mean().item(), rel=1e-5)
+    assert torch.equal(noisy.x_fake, plain.x_fake)
+    # Off, nothing is drawn: the RNG stream is the one of a deterministic encoder.
+    torch.manual_seed(1)
+    off = forward(nets, x, z, 4, encoder_noise=0.0)
+    assert torch.equal(off.z_enc, plain.z_enc) and torch.equal(torch.randn(8, 2), eps_enc)
+
+
 @pytest.mark.parametrize(("batch", "share", "count"), [(64, 1.0, 64), (64, 0.25, 16), (5, 0.1, 2)])
 def test_recon_count(batch, share, count):
     assert recon_count(batch, share) == count
@@ -432,19 +455,23 @@ def test_training_with_recon_share_runs_g_on_fewer_reconstructions(tmp_path, mon
     import training.training_loop as loop
 
     sizes: list[int] = []
+    noise: list[float] = []
 
-    def spy(nets, x, z, count=None):
-        passes = forward(nets, x, z, count)
+    def spy(nets, x, z, count=None, encoder_noise=0.0):
+        passes = forward(nets, x, z, count, encoder_noise)
         sizes.append(len(passes.x_rec))
+        noise.append(encoder_noise)
         return passes
 
     monkeypatch.setattr(loop, "forward", spy)
     cfg = from_preset("vectors-mlp")
     cfg.data.source = "mixture:ring8"
     cfg.loss.recon_share = 0.25
+    cfg.loss.encoder_noise = 0.3
     cfg.train.steps, cfg.train.batch_size, cfg.train.progress = 3, 32, False
     train(validate(cfg), tmp_path)
     assert sizes == [8, 8, 8]
+    assert noise == [0.3, 0.3, 0.3]
 
 
 def test_training_without_recon_adv_logs_no_reconstruction_game(tmp_path):

@@ -19,6 +19,11 @@ step the discriminators run with their weights frozen: their gradients would be 
 D step clears them), so only the gradients to their inputs, which reach G and E, are computed.
 ``loss.recon_share`` below 1 reconstructs only the first samples of each batch (``recon_count``
 of :func:`forward`): the second pass of G, the largest extra cost of an AEGAN step, shrinks with it.
+
+``loss.encoder_noise`` above 0 makes E stochastic (Makhzani et al.'s adversarial autoencoder with
+a Gaussian posterior): each encoding is a draw around E's output, so the codes of data made of
+tight clusters can fill the prior instead of sitting on points between which the prior's samples
+fall.
 """
 
 from __future__ import annotations
@@ -85,14 +90,23 @@ def frozen(*nets: Net) -> Iterator[list[Net]]:
 
 
 def forward(
-    nets: dict[str, nn.Module], x: torch.Tensor, z: torch.Tensor, recon_count: int | None = None
+    nets: dict[str, nn.Module],
+    x: torch.Tensor,
+    z: torch.Tensor,
+    recon_count: int | None = None,
+    encoder_noise: float = 0.0,
 ) -> Passes:
     """G(z) and, for an AEGAN, E(x), E(G(z)) and G(E(x)) of the first ``recon_count`` samples of
-    x (all of them by default; fewer make the second pass of G cheaper)."""
+    x (all of them by default; fewer make the second pass of G cheaper). ``encoder_noise`` > 0
+    makes the encoder stochastic: each encoding is E's output plus Gaussian noise of that std
+    (drawn for E(x), then E(G(z))), and that draw is what G, Dz and the latent terms see."""
     x_fake = nets["G"](z)  # G(z)
     if "E" not in nets:
         return Passes(z, x_fake)
     z_enc, z_rec = run_joint(nets["E"], [x, x_fake])  # E(x), E(G(z))
+    if encoder_noise > 0:
+        z_enc = z_enc + encoder_noise * torch.randn_like(z_enc)
+        z_rec = z_rec + encoder_noise * torch.randn_like(z_rec)
     x_rec = nets["G"](z_enc[:recon_count])  # G(E(x)): waits for E(x)
     return Passes(z, x_fake, z_enc, x_rec, z_rec)
 

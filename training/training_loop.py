@@ -320,7 +320,7 @@ def train(
             idx = torch.randint(len(samples), (t.batch_size,), generator=gen)
             x = samples[idx].to(device, non_blocking=True)
             z = torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen).to(device)
-            passes = forward(nets, x, z, n_recon)
+            passes = forward(nets, x, z, n_recon, cfg.loss.encoder_noise)
 
             # (2) Update Dx and Dz on real vs generated (generator side detached).
             d_terms = discriminator_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
