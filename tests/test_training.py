@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from fmnist_data import FMNIST, needs_fmnist
 from PIL import Image
@@ -432,6 +433,10 @@ def test_encoder_noise_makes_every_encoding_a_draw_around_e():
     recon_z = generator_encoder_loss(nets, x, noisy)["loss/GE/recon_z"]
     assert recon_z.item() == pytest.approx((noisy.z_rec - z).pow(2).mean().item(), rel=1e-5)
     assert torch.equal(noisy.x_fake, plain.x_fake)
+    # Dz is shown the draws, not E's outputs.
+    dz_encoded = discriminator_loss(nets, x, noisy)["loss/Dz/encoded"]
+    expected = F.softplus(nets["Dz"](noisy.z_enc)).mean()
+    assert dz_encoded.item() == pytest.approx(expected.item(), rel=1e-5)
     # Off, nothing is drawn: the RNG stream is the one of a deterministic encoder.
     torch.manual_seed(1)
     off = forward(nets, x, z, 4, encoder_noise=0.0)
@@ -451,7 +456,7 @@ def test_recon_share_must_be_a_fraction(share):
         validate(cfg)
 
 
-def test_training_with_recon_share_runs_g_on_fewer_reconstructions(tmp_path, monkeypatch):
+def test_training_passes_recon_share_and_encoder_noise_to_the_passes(tmp_path, monkeypatch):
     import training.training_loop as loop
 
     sizes: list[int] = []

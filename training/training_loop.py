@@ -130,9 +130,12 @@ def set_learning_rates(
             group["lr"] = (optim.lr_d if name == "D" else optim.lr_g) * factor
 
 
-def restore(state: dict[str, Any], model: Networks, gen: torch.Generator, rank: int) -> int:
-    """Load a checkpoint's weights, EMA, optimiser states and this rank's RNG states (data order
-    and torch's global generator, which draws the instance noise); returns its step."""
+def restore(
+    state: dict[str, Any], model: Networks, gen: torch.Generator, rank: int, device: torch.device
+) -> int:
+    """Load a checkpoint's weights, EMA, optimiser states and this rank's RNG states (data order,
+    torch's global generator and, on a GPU, the device's, which draws the instance and encoder
+    noise there); returns its step."""
     for k, net in model.nets.items():
         net.load_state_dict(state["nets"][k])
     for k, net in model.ema.items():
@@ -141,6 +144,9 @@ def restore(state: dict[str, Any], model: Networks, gen: torch.Generator, rank: 
         opt.load_state_dict(state["optim"][k])
     gen.set_state(state["rng"]["data"][rank])
     torch.set_rng_state(state["rng"]["torch"][rank])
+    cuda = state["rng"].get("cuda", [None] * (rank + 1))[rank]  # absent before it was saved
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
     return int(state["step"])
 
 
@@ -291,7 +297,7 @@ def train(
     # Data order and noise: per rank, resumable.
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)
     torch.manual_seed(t.seed * 1000 + rank)  # instance noise
-    start = 0 if state is None else restore(state, model, gen, rank)
+    start = 0 if state is None else restore(state, model, gen, rank, device)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model.nets = {k: DistributedDataParallel(v, device_ids=ids) for k, v in model.nets.items()}
@@ -353,7 +359,7 @@ def train(
             if writer and data.kind == "image" and _due(done, t.image_every, t.steps):
                 write_grids(ema, fixed_z, fixed_x, run_dir / "samples", done)
             if _due(done, t.checkpoint_every, t.steps):
-                final = snapshot(model, gen, cfg, done, run_dir, rank, world)
+                final = snapshot(model, gen, cfg, done, run_dir, rank, world, device)
             progress.update(task, completed=done)
     if world > 1:
         dist.barrier()
@@ -400,15 +406,19 @@ def snapshot(
     run_dir: Path,
     rank: int,
     world: int,
+    device: torch.device,
 ) -> Path | None:
-    """A checkpoint written by rank 0 holding every rank's RNG states; all ranks must hold the
-    same weights (compared by fingerprint). Returns its path on rank 0."""
-    rng_data, rng_torch = [gen.get_state()], [torch.get_rng_state()]
+    """A checkpoint written by rank 0 holding every rank's RNG states (the GPU's too, on a GPU);
+    all ranks must hold the same weights (compared by fingerprint). Returns its path on rank 0."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    rng_data, rng_torch, rng_cuda = [gen.get_state()], [torch.get_rng_state()], [cuda]
     fingerprints = [fingerprint(model.nets, model.ema)]
     if world > 1:
-        rng_data, rng_torch, fingerprints = [None] * world, [None] * world, [None] * world
+        rng_data, rng_torch, rng_cuda = [None] * world, [None] * world, [None] * world
+        fingerprints = [None] * world
         dist.all_gather_object(rng_data, gen.get_state())
         dist.all_gather_object(rng_torch, torch.get_rng_state())
+        dist.all_gather_object(rng_cuda, cuda)
         dist.all_gather_object(fingerprints, fingerprint(model.nets, model.ema))
         if len(set(fingerprints)) != 1:
             raise RuntimeError(f"ranks hold different weights at step {step}: {fingerprints}")
@@ -418,7 +428,7 @@ def snapshot(
             "step": step,
             "config": cfg.to_dict(),
             **model.state(),
-            "rng": {"data": rng_data, "torch": rng_torch},
+            "rng": {"data": rng_data, "torch": rng_torch, "cuda": rng_cuda},
             "rank_fingerprints": fingerprints,
         }
         path = save_checkpoint(state, run_dir, cfg.train.keep_checkpoints)

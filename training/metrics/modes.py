@@ -13,7 +13,8 @@ The definitions of VEEGAN (Srivastava et al. 2017) and PacGAN (Lin et al. 2018):
 For an AEGAN the same three numbers of its reconstructions G(E(x)) of held-out data
 (``recon_modes_*``) say where a shortfall comes from: reconstructions that cover the modes while
 samples G(z) do not mean that the prior's mass falls where the encoder put no code, not that the
-decoder cannot reach the modes.
+decoder cannot reach the modes. The codes are E's outputs as they are: with a stochastic encoder
+(``loss.encoder_noise``) the centres of its draws.
 """
 
 from __future__ import annotations
