@@ -41,7 +41,15 @@ from training.losses import (
     weighted_total,
 )
 from training.networks import build_networks
-from training.training_loop import ema_beta, schedules, train, update_ema
+from training.training_loop import (
+    Networks,
+    ema_beta,
+    restore,
+    schedules,
+    snapshot,
+    train,
+    update_ema,
+)
 
 
 def tiny_config(**train_overrides) -> RunConfig:
@@ -626,6 +634,34 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
 
 
 @needs_fmnist
+def test_checkpoints_carry_the_gpu_rng_state_and_resume_restores_it(tmp_path, monkeypatch):
+    """The GPU's generator draws the instance and encoder noise there: it is saved per rank and
+    set again on resume (the CUDA calls are stood in for, so this runs without a GPU)."""
+    cfg = from_preset("vectors-mlp")
+    cfg.data.source, cfg.model.data_shape = "mixture:ring8", [2]
+    model, gen = Networks.build(validate(cfg), torch.device("cpu")), torch.Generator()
+    gpu = torch.device("cuda", 0)
+    saved_state = torch.arange(5, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved_state.clone())
+    set_calls: list[tuple[torch.Tensor, torch.device]] = []
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda s, device: set_calls.append((s, device))
+    )
+    state = load_checkpoint(snapshot(model, gen, cfg, 1, tmp_path / "gpu", 0, 1, gpu))
+    assert torch.equal(state["rng"]["cuda"][0], saved_state)
+    assert restore(state, model, gen, 0, gpu) == 1
+    assert len(set_calls) == 1 and torch.equal(set_calls[0][0], saved_state)
+    assert set_calls[0][1] == gpu
+    cpu_state = load_checkpoint(
+        snapshot(model, gen, cfg, 2, tmp_path / "cpu", 0, 1, torch.device("cpu"))
+    )
+    assert cpu_state["rng"]["cuda"] == [None]
+    del state["rng"]["cuda"]  # a checkpoint written before the GPU's state was kept
+    restore(state, model, gen, 0, gpu)
+    restore(cpu_state, model, gen, 0, gpu)
+    assert len(set_calls) == 1
+
+
 def test_resume_skips_a_truncated_checkpoint(tmp_path):
     train(tiny_config(), tmp_path)
     newest = tmp_path / "checkpoints" / "step-0000006.pt"
