@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import click
 import torch
@@ -95,13 +96,14 @@ class Trainer:
         set_learning_rates(optimizers, self.step_index, t.steps, self.cfg.optim)
         x, z = self.batch()
         lo = self.losses
-        # Settings other than the defaults (--variant) run with the current losses only; a
-        # baseline revision's losses take the arguments they had.
-        if loss.recon_share < 1:
-            n = current_losses.recon_count(t.batch_size, loss.recon_share)
-            passes = lo.forward(self.nets, x, z, n)
-        else:
-            passes = lo.forward(self.nets, x, z)
+        # Settings other than the defaults (--variant) run with the current losses only: a
+        # baseline revision's forward gets only the arguments it had.
+        args: list[Any] = []
+        if loss.recon_share < 1 or loss.encoder_noise > 0:
+            args.append(current_losses.recon_count(t.batch_size, loss.recon_share))
+        if loss.encoder_noise > 0:
+            args.append(loss.encoder_noise)
+        passes = lo.forward(self.nets, x, z, *args)
         kw = {} if loss.adv_x_recon > 0 else {"recon_adv": False}
         d_terms = lo.discriminator_loss(self.nets, x, passes, noise_std, **kw)
         self.opt_d.zero_grad(set_to_none=True)

@@ -71,3 +71,35 @@ def test_vectors_bench_redoes_a_run_whose_settings_changed(tmp_path):
     assert json.loads(done.read_text())["sets"] == ["optim.lr_g=0.003"]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["optim"]["lr_g"] == 0.003
+
+
+def test_step_cost_trainer_steps_with_every_loss_setting():
+    """The bench's step takes the settings the training loop passes to the passes, so a timed
+    variant is the step it names (a setting left out would time the default step)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import step_cost
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from types import SimpleNamespace
+
+    from training import losses
+    from training.config import from_preset
+
+    calls: list[tuple] = []
+
+    def forward(*args):
+        calls.append(args[3:])
+        return losses.forward(*args)
+
+    spy = SimpleNamespace(**{k: getattr(losses, k) for k in dir(losses) if not k.startswith("_")})
+    spy.forward = forward
+    cfg = from_preset("vectors-mlp")
+    cfg.data.source, cfg.train.batch_size = "mixture:ring8", 32
+    cfg.loss.recon_share, cfg.loss.encoder_noise = 1.0, 0.3
+    step_cost.Trainer(cfg, losses=spy).step()
+    cfg.loss.recon_share, cfg.loss.encoder_noise = 0.25, 0.0
+    step_cost.Trainer(cfg, losses=spy).step()
+    cfg.loss.recon_share = 1.0
+    step_cost.Trainer(cfg, losses=spy).step()
+    assert calls == [(32, 0.3), (8,), ()]  # the last: a baseline revision's call
