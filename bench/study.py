@@ -113,8 +113,11 @@ def plan() -> list[Run]:
                     1000,
                 )  # fmt: skip
             )
-    # A second seed of the baseline at the full budget (seed 0 is runs/fmnist-gan, RESULTS.md).
-    runs.append(Run("full-gan-seed1", "gan", 1, (), "gan, full budget", FULL_STEPS, 1000))
+    # More seeds of the baseline at the full budget (seed 0 is runs/fmnist-gan, RESULTS.md).
+    for seed in (1, 2):
+        runs.append(
+            Run(f"full-gan-seed{seed}", "gan", seed, (), "gan, full budget", FULL_STEPS, 1000)
+        )
     # The shipped recipe budgeted to the compute of the GAN's full budget (its schedules, such as
     # the reconstruction anneal, run over these steps), for bench/wallclock.py: 4 503 steps, from
     # docs/bench-step-cost.json as measured at ec6883e (equal_compute_steps() of that file).

@@ -13,7 +13,8 @@ The runs above read the shipped recipe midway through a 10 000-step schedule. Th
 to the GAN's compute is trained by ``bench/study.py run --only eqc-aegan-seed0,eqc-aegan-seed1``
 (steps from the same step costs), and its cheaper-step variants by the study's other ``eqc-*``
 runs (steps from docs/bench-step-cost-variants.json); when such runs are present their final
-evaluations (10 000 samples) are kept in docs/study/equal-compute.json and tabled beside the GAN's.
+evaluations (10 000 samples) are kept in docs/study/equal-compute.json and tabled beside the GAN's
+(``full-gan-seed2``, the baseline's third seed, is kept there too when run).
 
 Periodic evaluations use 2 000 samples (FD-FMNIST is biased upwards at that size, and recall
 depends on it); both modes are measured the same way, so they compare with each other, not with
@@ -30,6 +31,7 @@ import numpy as np
 
 DOCS = Path("docs/study")
 STEP_COST = Path("docs/bench-step-cost.json")
+FULL_STEPS = 10_000  # the GAN's full budget
 STUDY_REVISION = "e9dcec3"  # the losses the study's runs were trained with
 GROUPS = {  # label -> run names in summary.json (the tuned AEGAN is the shipped recipe)
     "aegan (shipped recipe), 10 000 steps": (
@@ -121,19 +123,26 @@ def equal_compute_table(runs: dict[str, Any]) -> list[str]:
     """Final evaluations (10 000 samples) of the AEGAN runs trained for the GAN's full-budget
     compute (the shipped recipe and the cheaper-step variants of bench/study.py), beside the GAN's
     full budget."""
-    found = sorted(Path("runs/study").glob("eqc-*/eval.json"))
+    found = [*Path("runs/study").glob("eqc-*/eval.json")]
+    found += Path("runs/study").glob("full-gan-seed*/eval.json")  # the GAN's further seeds
     if found:
-        records = {}
+        records = json.loads(EQUAL_COMPUTE.read_text()) if EQUAL_COMPUTE.is_file() else {}
         for path in found:
             report = json.loads(path.read_text())
             records[path.parent.name] = {"step": report["step"], **report["metrics"]}
+        records = dict(sorted(records.items()))
         EQUAL_COMPUTE.write_text(json.dumps(records, indent=1) + "\n")
     if not EQUAL_COMPUTE.is_file():
         return []
     records = json.loads(EQUAL_COMPUTE.read_text())
-    rows = [(name, r) for name, r in records.items()]
-    gan = runs["full-gan-seed1"]["final"]
-    rows.append(("full-gan-seed1 (10 000 steps)", {"step": 10000, **gan}))
+    if "full-gan-seed1" not in records:  # from the study's summary when not run here
+        records["full-gan-seed1"] = {"step": FULL_STEPS, **runs["full-gan-seed1"]["final"]}
+    rows = [(name, r) for name, r in records.items() if name.startswith("eqc-")]
+    rows += [
+        (f"{name} ({r['step']:,} steps)".replace(",", " "), r)
+        for name, r in sorted(records.items())
+        if name.startswith("full-gan-")
+    ]
     header = ["run", "steps", *FINAL_KEYS]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows:
