@@ -121,7 +121,7 @@ def plan() -> list[Run]:
     # The shipped recipe budgeted to the compute of the GAN's full budget (its schedules, such as
     # the reconstruction anneal, run over these steps), for bench/wallclock.py: 4 503 steps, from
     # docs/bench-step-cost.json as measured at ec6883e (equal_compute_steps() of that file).
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         group = "aegan, the GAN's full-budget compute"
         runs.append(Run(f"eqc-aegan-seed{seed}", "aegan", seed, (), group, 4503, 500))
     # Cheaper AEGAN steps at that compute: a quarter of each batch reconstructed, and that with
