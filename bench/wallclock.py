@@ -10,11 +10,11 @@ AEGAN's and the GAN's curves are then read at the same cost.
     .venv/bin/python bench/wallclock.py        # docs/study/wallclock.png and wallclock.md
 
 The runs above read the shipped recipe midway through a 10 000-step schedule. The recipe budgeted
-to the GAN's compute is trained by ``bench/study.py run --only eqc-aegan-seed0,eqc-aegan-seed1``
+to the GAN's compute is trained by ``bench/study.py run --only eqc-aegan-seed0,...,eqc-aegan-seed2``
 (steps from the same step costs), and its cheaper-step variants by the study's other ``eqc-*``
 runs (steps from docs/bench-step-cost-variants.json); when such runs are present their final
 evaluations (10 000 samples) are kept in docs/study/equal-compute.json and tabled beside the GAN's
-(``full-gan-seed2``, the baseline's third seed, is kept there too when run).
+(the GAN's own further seeds, ``full-gan-seed*``, are kept there too when run).
 
 Periodic evaluations use 2 000 samples (FD-FMNIST is biased upwards at that size, and recall
 depends on it); both modes are measured the same way, so they compare with each other, not with
@@ -132,9 +132,10 @@ def equal_compute_table(runs: dict[str, Any]) -> list[str]:
             records[path.parent.name] = {"step": report["step"], **report["metrics"]}
         records = dict(sorted(records.items()))
         EQUAL_COMPUTE.write_text(json.dumps(records, indent=1) + "\n")
-    if not EQUAL_COMPUTE.is_file():
+    elif EQUAL_COMPUTE.is_file():
+        records = json.loads(EQUAL_COMPUTE.read_text())
+    else:
         return []
-    records = json.loads(EQUAL_COMPUTE.read_text())
     if "full-gan-seed1" not in records:  # from the study's summary when not run here
         records["full-gan-seed1"] = {"step": FULL_STEPS, **runs["full-gan-seed1"]["final"]}
     rows = [(name, r) for name, r in records.items() if name.startswith("eqc-")]
