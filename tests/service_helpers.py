@@ -1,13 +1,21 @@
-"""Helpers for the service tests: start the service in-process and build uploads."""
+"""Helpers for the service tests: start the service in-process or as ``bentoml serve``, and build
+uploads."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.request
 import warnings
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,91 @@ def serve(bundle: Path, **env: str) -> Iterator[TestClient]:
             mp.setenv(key, value)
         with TestClient(AEGAN.to_asgi(), raise_server_exceptions=False) as client:
             yield client
+
+
+BENTOML = Path(sys.executable).with_name("bentoml")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (another process may take it before it is bound again:
+    :func:`bentoml_serve` starts over when that happens)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group (the server and its workers), SIGKILL after 20 s."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """True once ``url``/readyz answers 200; False if ``process`` exits first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} was not ready within {timeout:.0f} s")
+        time.sleep(0.5)
+    return False
+
+
+@contextmanager
+def bentoml_serve(
+    *args: str, env: dict[str, str], log: Path, ready_timeout: float = 120.0, attempts: int = 3
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``bentoml serve ARGS`` on a free port of 127.0.0.1, run from the repository root in its own
+    process group; yields its base URL and process once /readyz answers, and stops the whole group
+    at the end. Its output is appended to ``log``.
+
+    A port found free can be taken (by any connection on the machine) in the seconds before the
+    server binds it; the server then exits with "Address already in use" and starts again on
+    another port, up to ``attempts`` times. Any other exit before it is ready is an error with the
+    end of its log.
+    """
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        start = log.stat().st_size if log.exists() else 0
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [str(BENTOML), "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its workers share the group: stop them all at the end
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            ready = _ready(url, process, ready_timeout)
+        except BaseException:
+            stop_group(process)
+            raise
+        if ready:
+            break
+        stop_group(process)
+        said = log.read_bytes()[start:].decode(errors="replace")
+        if "Address already in use" not in said or attempt == attempts:
+            raise RuntimeError(
+                f"bentoml serve exited with {process.returncode} before it was ready "
+                f"(attempt {attempt} of {attempts}):\n{said[-3000:]}"
+            )
+    try:
+        yield url, process
+    finally:
+        stop_group(process)
 
 
 def error_of(response: Any, status: int) -> str:

@@ -15,9 +15,6 @@ import io
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,10 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from service_helpers import bentoml_serve, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / "fashion-mnist"
-BENTOML = Path(sys.executable).with_name("bentoml")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 FMNIST = Path(os.environ.get("AEGAN_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -51,14 +48,6 @@ def _missing() -> str | None:
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -76,29 +65,12 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``bentoml serve`` on the shipped bundle, as a user starts it."""
-    port = free_port()
     env = {**os.environ, "AEGAN_MODEL": str(SHIPPED), "AEGAN_DEVICE": "cpu"}
     log = tmp_path_factory.mktemp("ui") / "serve.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(BENTOML), "serve", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url)
-        yield url
+        with bentoml_serve(env=env, log=log) as (url, _):
+            yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
         print(log.read_text(errors="replace")[-2000:])
 
 
