@@ -60,23 +60,39 @@ def free_port() -> int:
 
 
 def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (the server and its workers), SIGKILL after 20 s."""
+    """Stop ``process`` and every process under it: SIGTERM to its process group, then SIGKILL to
+    whatever is left after 20 s. Its workers each start a session of their own (circus does), so
+    they are found as its children, not by the group."""
+    import psutil
+
+    try:
+        workers = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
     with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    for worker in alive:
+        with suppress(psutil.NoSuchProcess):
+            worker.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
-def _ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
-    """True once ``url``/readyz answers 200; False if ``process`` exits first."""
+def _ready(url: str, process: subprocess.Popen, log: Path, start: int, timeout: float) -> bool:
+    """True once ``process`` has said in ``log`` (after byte ``start``) that it listens on ``url``
+    and ``url``/readyz answers 200; False if ``process`` exits first."""
     deadline = time.monotonic() + timeout
     while process.poll() is None:
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                if response.status == 200:
+                ours = f"listening on {url}".encode() in log.read_bytes()[start:]
+                if response.status == 200 and ours and process.poll() is None:
                     return True
         except OSError:
             pass
@@ -90,9 +106,9 @@ def _ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
 def bentoml_serve(
     *args: str, env: dict[str, str], log: Path, ready_timeout: float = 120.0, attempts: int = 3
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``bentoml serve ARGS`` on a free port of 127.0.0.1, run from the repository root in its own
-    process group; yields its base URL and process once /readyz answers, and stops the whole group
-    at the end. Its output is appended to ``log``.
+    """``bentoml serve ARGS`` on a free port of 127.0.0.1, run from the repository root in a
+    session of its own; yields its base URL and process once it is ready, and stops it and its
+    workers at the end. Its output is appended to ``log``.
 
     A port found free can be taken (by any connection on the machine) in the seconds before the
     server binds it; the server then exits with "Address already in use" and starts again on
@@ -109,11 +125,11 @@ def bentoml_serve(
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its workers share the group: stop them all at the end
+                start_new_session=True,
             )
         url = f"http://127.0.0.1:{port}"
         try:
-            ready = _ready(url, process, ready_timeout)
+            ready = _ready(url, process, log, start, ready_timeout)
         except BaseException:
             stop_group(process)
             raise

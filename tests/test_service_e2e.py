@@ -160,12 +160,15 @@ def test_a_misconfigured_server_exits_with_the_reason(image_bundle, tmp_path, se
         env[key] = value
     started = time.monotonic()
     for _ in range(3):  # a port found free can be taken before the server binds it: start over
-        command = [str(BENTOML), "serve", "aegan_serve.service:AEGAN", "--port", str(free_port())]
+        port = str(free_port())
+        command = [str(BENTOML), "serve", "aegan_serve.service:AEGAN", "--host", "127.0.0.1"]
+        command += ["--port", port]
         run = subprocess.run(
             command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120
         )
         if "Address already in use" not in run.stdout + run.stderr:
             break
+    assert "Address already in use" not in run.stdout + run.stderr, run.stdout + run.stderr
     assert run.returncode != 0
     assert message in run.stdout + run.stderr
     print(f"exited with {run.returncode} after {time.monotonic() - started:.1f} s")

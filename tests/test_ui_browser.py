@@ -15,6 +15,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from service_helpers import bentoml_serve, free_port
+from service_helpers import bentoml_serve
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / "fashion-mnist"
@@ -46,20 +47,6 @@ def _missing() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
-
-
-def wait_ready(url: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} was not ready within {timeout:.0f} s")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +73,31 @@ def in_process(bundle: Path) -> Iterator[str]:
         mp.setenv("BENTOML_CONFIG_OPTIONS", f"services.{AEGAN.name}.metrics.enabled=false")
         mp.setenv("AEGAN_MODEL", str(bundle))
         mp.setenv("AEGAN_DEVICE", "cpu")
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(AEGAN.to_asgi(), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
+        listener = socket.socket()  # bound here, before the server starts: no port to lose
+        listener.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        server = uvicorn.Server(uvicorn.Config(AEGAN.to_asgi(), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
         thread.start()
-        url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url, timeout=60)
+            deadline = time.monotonic() + 60
+            while not ready(url):
+                assert thread.is_alive(), "the in-process server stopped before it was ready"
+                assert time.monotonic() < deadline, f"{url} was not ready within 60 s"
+                time.sleep(0.2)
             yield url
         finally:
             server.should_exit = True
             thread.join(timeout=20)
+            listener.close()
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
