@@ -84,18 +84,35 @@ def stop_group(process: subprocess.Popen) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+def answers_ready(url: str) -> bool:
+    """Whether ``url``/readyz answers 200 now."""
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class ServerExited(RuntimeError):
+    """``bentoml serve`` ended before it was ready: its exit status and what it printed."""
+
+    def __init__(self, returncode: int, output: str, attempt: int, attempts: int) -> None:
+        super().__init__(
+            f"bentoml serve exited with {returncode} before it was ready "
+            f"(attempt {attempt} of {attempts}):\n{output[-3000:]}"
+        )
+        self.returncode, self.output = returncode, output
+
+
 def _ready(url: str, process: subprocess.Popen, log: Path, start: int, timeout: float) -> bool:
     """True once ``process`` has said in ``log`` (after byte ``start``) that it listens on ``url``
     and ``url``/readyz answers 200; False if ``process`` exits first."""
     deadline = time.monotonic() + timeout
     while process.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                ours = f"listening on {url}".encode() in log.read_bytes()[start:]
-                if response.status == 200 and ours and process.poll() is None:
-                    return True
-        except OSError:
-            pass
+        if answers_ready(url):
+            ours = f"listening on {url}".encode() in log.read_bytes()[start:]
+            if ours and process.poll() is None:
+                return True
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} was not ready within {timeout:.0f} s")
         time.sleep(0.5)
@@ -112,8 +129,8 @@ def bentoml_serve(
 
     A port found free can be taken (by any connection on the machine) in the seconds before the
     server binds it; the server then exits with "Address already in use" and starts again on
-    another port, up to ``attempts`` times. Any other exit before it is ready is an error with the
-    end of its log.
+    another port, up to ``attempts`` times. Any other exit before it is ready raises
+    :class:`ServerExited`.
     """
     for attempt in range(1, attempts + 1):
         port = free_port()
@@ -138,10 +155,7 @@ def bentoml_serve(
         stop_group(process)
         said = log.read_bytes()[start:].decode(errors="replace")
         if "Address already in use" not in said or attempt == attempts:
-            raise RuntimeError(
-                f"bentoml serve exited with {process.returncode} before it was ready "
-                f"(attempt {attempt} of {attempts}):\n{said[-3000:]}"
-            )
+            raise ServerExited(process.returncode, said, attempt, attempts)
     try:
         yield url, process
     finally:

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from service_helpers import BENTOML, REPO, bentoml_serve, free_port, gradient, image_bytes
+from service_helpers import BENTOML, REPO, ServerExited, bentoml_serve, gradient, image_bytes
 
 from aegan_serve.bundle import load_bundle
 from aegan_serve.images import load_uploads
@@ -159,19 +159,13 @@ def test_a_misconfigured_server_exits_with_the_reason(image_bundle, tmp_path, se
         key, value = setting.split("=", 1)
         env[key] = value
     started = time.monotonic()
-    for _ in range(3):  # a port found free can be taken before the server binds it: start over
-        port = str(free_port())
-        command = [str(BENTOML), "serve", "aegan_serve.service:AEGAN", "--host", "127.0.0.1"]
-        command += ["--port", port]
-        run = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-        )
-        if "Address already in use" not in run.stdout + run.stderr:
-            break
-    assert "Address already in use" not in run.stdout + run.stderr, run.stdout + run.stderr
-    assert run.returncode != 0
-    assert message in run.stdout + run.stderr
-    print(f"exited with {run.returncode} after {time.monotonic() - started:.1f} s")
+    serve = bentoml_serve("aegan_serve.service:AEGAN", env=env, log=tmp_path / "serve.log")
+    with pytest.raises(ServerExited) as exited, serve:
+        pass  # a server that came up anyway would end the block without the exception
+    assert "Address already in use" not in exited.value.output, exited.value.output
+    assert exited.value.returncode != 0
+    assert message in exited.value.output
+    print(f"exited with {exited.value.returncode} after {time.monotonic() - started:.1f} s")
 
 
 def test_served_health_and_metrics(server):

@@ -19,13 +19,12 @@ import socket
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from service_helpers import bentoml_serve
+from service_helpers import answers_ready, bentoml_serve
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / "fashion-mnist"
@@ -81,7 +80,7 @@ def in_process(bundle: Path) -> Iterator[str]:
         thread.start()
         try:
             deadline = time.monotonic() + 60
-            while not ready(url):
+            while not answers_ready(url):
                 assert thread.is_alive(), "the in-process server stopped before it was ready"
                 assert time.monotonic() < deadline, f"{url} was not ready within 60 s"
                 time.sleep(0.2)
@@ -90,14 +89,6 @@ def in_process(bundle: Path) -> Iterator[str]:
             server.should_exit = True
             thread.join(timeout=20)
             listener.close()
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
