@@ -39,6 +39,10 @@ class DataConfig:
         "fail"  # Image folders: 'fail' on an unreadable image, or 'skip' and report.
     )
     limit: int | None = None  # Use only the first N samples (quick runs and tests); None: all.
+    # Image folders: share of the images kept out of training, for ``aegan eval``'s held-out
+    # reconstruction and sample quality. An image is held out by the SHA-256 of its path in the
+    # folder (training/data.py ``is_held_out``): deterministic, so eval finds the same split.
+    held_out: float = 0.1
 
 
 @dataclass
@@ -303,6 +307,8 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
         raise ConfigError("--image-size", f"conv networks take {_sizes()} px, not {d.image_size}")
     if d.source == "fashion-mnist" and (d.image_size, d.channels) != (28, 1):
         raise ConfigError("--image-size", "Fashion-MNIST is 28x28 grey: use --image-size 28")
+    if not 0 <= d.held_out < 1:
+        raise ConfigError("data.held_out", f"must be a fraction in [0, 1), not {d.held_out}")
     if d.limit is not None and d.limit < 1:
         raise ConfigError("--limit", "must be at least 1")
     for name, value in (("--latent-dim", m.latent_dim), ("--width", m.width)):
