@@ -270,3 +270,19 @@ def test_held_out_figures_need_enough_images():
     ctx = EvalContext(model, Reference("images", images, "four"), 20)
     assert METRICS["heldout_images"].fn(ctx) == {}
     assert any("only 4 held-out" in n for n in ctx.notes)
+
+
+def test_a_run_that_held_out_nothing_says_so_and_old_configs_resume_without_a_split(
+    folder_runs, tmp_path
+):
+    from training.checkpoint import run_config
+    from training.evaluate import pick_reference
+
+    root, aegan_run, _ = folder_runs
+    config = json.loads((aegan_run / "config.json").read_text())
+    config["data"]["held_out"] = 0.0
+    notes: list[str] = []
+    assert pick_reference((3, 28, 28), config, None, notes) is None
+    assert "trained on every image" in notes[0] and "--data DIR" in notes[0]
+    del config["data"]["held_out"]  # a run from before the setting
+    assert run_config(config, "old run").data.held_out == 0.0

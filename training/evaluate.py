@@ -211,7 +211,15 @@ def pick_reference(
     trained_on = data_cfg.get("source")
     if len(data_shape) == 3 and source and Path(str(source)).is_dir():
         folder = str(trained_on) if trained_on and Path(str(trained_on)).is_dir() else None
-        return image_folder_reference(str(source), data_shape, data_cfg, folder)
+        share = data_cfg.get("held_out", 0.0)
+        if data is not None or (isinstance(share, int | float) and share > 0):
+            return image_folder_reference(str(source), data_shape, data_cfg, folder)
+        notes.append(
+            f"the run trained on every image of {source} (data.held_out 0, or a run from "
+            "before it): pass --data DIR with images it did not train on"
+        )
+        if tuple(data_shape) != FMNIST_SHAPE:
+            return None
     if len(data_shape) == 1:
         if source and str(source).startswith(MIXTURE_PREFIX):
             return mixture_reference(str(source))
