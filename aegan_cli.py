@@ -403,10 +403,16 @@ def directions_command(
 @click.option(
     "--data",
     default=None,
-    help="Held-out data for vector models: an .npy of vectors (with FILE.modes.json beside it, "
-    "the mode metrics too) or 'mixture:NAME'.",
+    help="Held-out data: a folder of images (the run's own training folder: its held-out split), "
+    "an .npy of vectors (with FILE.modes.json beside it, the mode metrics too) or 'mixture:NAME'.",
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option(
+    "--compare",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A second run or bundle (a plain GAN, say) measured on the same data beside SOURCE.",
+)
 @click.option("--list", "list_metrics", is_flag=True, help="List the metrics and exit.")
 @needs_extras
 def eval_command(
@@ -417,11 +423,14 @@ def eval_command(
     seed: int,
     data: str | None,
     threads: int | None,
+    compare: Path | None,
     list_metrics: bool,
 ) -> None:
     """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
-    precision, recall, class coverage, reconstruction; energy distance for vector data, and mode
-    coverage where the data declares its modes."""
+    precision, recall, class coverage, reconstruction and the latents' k-NN and linear-probe
+    accuracy beside a PCA of the same size; for a model of an image folder, reconstruction of its
+    held-out images and sample quality in their PCA space; energy distance for vector data, and
+    mode coverage where the data declares its modes."""
     from training.evaluate import print_report, run_evaluation
     from training.metrics import check_metric_names, result_meanings
 
@@ -433,7 +442,7 @@ def eval_command(
     names = check_metric_names(metrics.split(",")) if metrics is not None else None
     if source is None:
         raise click.UsageError("Missing argument 'SOURCE' (a run directory, checkpoint or bundle).")
-    report = run_evaluation(source, names, num_samples, seed, data, threads)
+    report = run_evaluation(source, names, num_samples, seed, data, threads, compare)
     print_report(report, f"{source} (step {report.get('step')}, {num_samples} samples)")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,13 @@ def resume_point(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
 def run_config(raw: Any, source: Path | str) -> RunConfig:
     """The typed config a run or checkpoint recorded; :class:`CheckpointError` naming ``source``
     when it cannot be read (unknown fields, wrong types)."""
+    if (
+        isinstance(raw, dict)
+        and isinstance(raw.get("data"), dict)
+        and "held_out" not in raw["data"]
+    ):
+        # Runs from before data.held_out trained on every image of a folder: resume them so.
+        raw = {**raw, "data": {**raw["data"], "held_out": 0.0}}
     try:
         return RunConfig.from_dict(raw)
     except (TypeError, ValueError, AttributeError) as exc:
