@@ -39,6 +39,7 @@ FRAMEWORK_FREE = {
     "bundle",
     "config",
     "runtime",
+    "cuda",
     "batching",
     "batch_encode",
 }
