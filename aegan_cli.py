@@ -132,6 +132,12 @@ def main() -> None:
 @click.option("--fashion-mnist-dir", default=None, help="Directory of the Fashion-MNIST IDX files.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option(
+    "--device",
+    default=None,
+    help="auto (CUDA when torch sees a GPU, the default), cpu, cuda or cuda:N; with --resume, "
+    "moves the run.",
+)
+@click.option(
     "--set",
     "assignments",
     multiple=True,
@@ -170,6 +176,7 @@ def train(
     limit: int | None,
     fashion_mnist_dir: str | None,
     threads: int | None,
+    device: str | None,
     assignments: tuple[str, ...],
     out: Path | None,
     resume: Path | None,
@@ -188,7 +195,8 @@ def train(
         from training.evaluate import eval_hook_for_run
         from training.training_loop import train as run_training
 
-        run_training(None, resume, resume=True, steps=steps, eval_hook=eval_hook_for_run(resume))
+        hook = eval_hook_for_run(resume)
+        run_training(None, resume, resume=True, steps=steps, device=device, eval_hook=hook)
         return
     cfg = _train_config(
         preset,
@@ -207,6 +215,7 @@ def train(
             ("train", "batch_size"): batch_size,
             ("train", "seed"): seed,
             ("train", "threads"): threads,
+            ("train", "device"): device,
             ("train", "progress"): False if no_progress else None,
         },
         assignments,

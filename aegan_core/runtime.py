@@ -1,18 +1,26 @@
 """ONNX Runtime sessions for a bundle's generator and encoder, created once per server worker.
 
-Device choice (``AEGAN_DEVICE``): ``auto`` uses the CUDA execution provider when it is listed *and*
-actually initialises (onnxruntime-gpu lists it even where the CUDA libraries are missing, and then
-silently falls back), else the CPU provider; ``cuda`` requires CUDA and fails at start-up otherwise;
-``cpu`` never tries CUDA. On CUDA, inputs and outputs go through IO binding and the bundle's fp16
-graphs are used when it has them (their inputs and outputs are float32 as well).
+Device choice (``AEGAN_DEVICE``): ``auto`` uses the CUDA execution provider when it works here (see
+aegan_serve/cuda.py: the libraries load, a session keeps the provider and computes), else the CPU
+provider, with the reason logged and shown in ``/info``; ``cuda`` requires CUDA and fails at
+start-up otherwise, with the reason; ``cpu`` never tries CUDA.
+
+On CUDA: inputs and outputs go through IO binding; the bundle's fp16 graphs are used when it has
+them (their inputs and outputs are float32 as well); batches are padded to a few fixed sizes
+(powers of two up to the largest batch the service forms), each warmed up at start-up, so no
+request meets a shape cuDNN has not planned for; one lock serialises the worker's GPU work (one
+stream, one set of cuBLAS/cuDNN handles in use at a time). The CPU sessions are made in every case:
+they check the bundle's contract and take over in ``auto`` mode when CUDA fails after start-up (an
+error or non-finite output), with the reason logged and reported to ``on_fallback``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +35,39 @@ from .bundle import (
     Bundle,
     BundleError,
 )
-from .errors import UserError
+from .cuda import (
+    CPU,
+    CUDA,
+    CudaOptions,
+    DeviceError,
+    captured_stderr,
+    library_text,
+    preload_libraries,
+)
+from .cuda import driver_reason as cuda_unavailable_reason
+
+__all__ = [
+    "CPU",
+    "CUDA",
+    "CudaOptions",
+    "DeviceError",
+    "Graph",
+    "ModelRuntime",
+    "available_cpus",
+    "buckets",
+    "cuda_unavailable_reason",
+    "gpu_visible",
+    "session_options",
+]
 
 logger = logging.getLogger("bentoml.aegan_serve")
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-_ORT_DEFAULT_LOG_SEVERITY = 2  # warnings and above
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "QUOTA PERIOD" or "max PERIOD"
 NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 
-
-class DeviceError(UserError, RuntimeError):
-    """The requested device cannot be used (e.g. ``AEGAN_DEVICE=cuda`` without a working GPU)."""
+# Largest gap, on a fixed batch, between the fp16 CUDA graphs and the fp32 CPU graphs that the
+# fp16 graphs are trusted with (pixels in [-1, 1]); beyond it auto mode runs fp32 on CUDA.
+FP16_MAX_ABS_ERROR = 0.1
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -62,6 +90,7 @@ class Graph:
     input_name: str
     output_name: str
     device_id: int | None  # CUDA device for IO binding; None on CPU
+    role: str = ""  # the bundle file it runs (generator, generator_fp16, ...)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -74,50 +103,20 @@ class Graph:
         return np.asarray(binding.copy_outputs_to_cpu()[0])
 
 
-def cuda_unavailable_reason() -> str | None:
-    """None when ONNX Runtime has a CUDA provider and the driver reports a CUDA device; else why
-    not. Asks the driver directly (no session is created, so nothing is logged as an error)."""
-    if CUDA not in ort.get_available_providers():
-        return f"this onnxruntime build has no {CUDA} (providers: {ort.get_available_providers()})"
-    for lib in ("libcuda.so.1", "nvcuda.dll", "libcuda.dylib"):
-        try:
-            cuda = ctypes.CDLL(lib)
-            break
-        except OSError:
-            continue
-    else:
-        return "no NVIDIA driver on this machine"
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return "the NVIDIA driver reports an error (no usable GPU)"
-    if count.value < 1:
-        return "no CUDA device"
-    return None
+def buckets(max_rows: int) -> tuple[int, ...]:
+    """The batch sizes CUDA runs: powers of two up to the first at least ``max_rows``."""
+    sizes = [1]
+    while sizes[-1] < max_rows:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sizes)
 
 
-def _cuda_session(path: Path, threads: int, device_id: int, quiet: bool) -> ort.InferenceSession:
-    """A session on CUDA, or ``DeviceError`` saying why CUDA could not be used."""
-    reason = cuda_unavailable_reason()
-    if reason is not None:
-        raise DeviceError(reason)
-    if quiet:  # auto mode: the fallback is expected and logged below, not an error
-        ort.set_default_logger_severity(4)
-    try:
-        session = ort.InferenceSession(
-            str(path),
-            sess_options=session_options(threads),
-            providers=[(CUDA, {"device_id": device_id}), CPU],
-        )
-    except Exception as exc:  # no device, driver mismatch, out of memory, ...
-        raise DeviceError(f"{CUDA} failed to start: {exc}") from exc
-    finally:
-        ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
-    if CUDA not in session.get_providers():
-        raise DeviceError(
-            f"{CUDA} is listed but did not initialise (CUDA or cuDNN libraries missing or "
-            "incompatible, or no GPU visible); see the onnxruntime CUDA requirements"
-        )
-    return session
+def _padded(batch: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """``batch`` with zero rows appended up to the next size in ``sizes`` (unchanged past them)."""
+    size = next((s for s in sizes if s >= len(batch)), len(batch))
+    if size == len(batch):
+        return batch
+    return np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
 
 
 class ModelRuntime:
@@ -130,54 +129,172 @@ class ModelRuntime:
         threads: int = 1,
         device_id: int = 0,
         fp16: bool = True,
+        cuda: CudaOptions | None = None,
+        max_rows: int = 64,
+        on_fallback: Callable[[str], None] | None = None,
     ) -> None:
+        """``max_rows``: the largest batch either graph will be given (CUDA warms up to it);
+        ``on_fallback(reason)``: called when auto mode leaves CUDA for the CPU (e.g. a metric)."""
         self.bundle = bundle
+        self.device = device
         self.threads = threads
-        self.fp16 = fp16 and bundle.has(GENERATOR_FP16) and bundle.has(ENCODER_FP16)
-        self.provider = CPU
-        probe = None
+        self.cuda_options = cuda or CudaOptions(device_id=device_id)
+        self.buckets = buckets(max_rows)
+        self.on_fallback = on_fallback
+        self.fallbacks = 0  # times auto mode left CUDA for the CPU
+        self.cuda_reason: str | None = "AEGAN_DEVICE=cpu"  # why CUDA is not in use; None on CUDA
+        self.fp16_error: dict[str, float] = {}  # fp16 CUDA against fp32 CPU, measured at start
+        self._lock = threading.Lock()  # one stream of GPU work per worker
+        self._cpu = {role: self._graph(role, [CPU]) for role in (GENERATOR, ENCODER)}
+        self._cuda: dict[str, Graph] = {}
+        self._check_contract()
         if device in ("auto", "cuda"):
-            role = GENERATOR_FP16 if self.fp16 else GENERATOR
+            wants_fp16 = fp16 and bundle.has(GENERATOR_FP16) and bundle.has(ENCODER_FP16)
             try:
-                probe = _cuda_session(bundle.file(role), threads, device_id, device == "auto")
-                self.provider = CUDA
+                self._start_cuda(wants_fp16)
             except DeviceError as exc:
                 if device == "cuda":
-                    raise DeviceError(f"AEGAN_DEVICE=cuda but {exc}") from exc
-                logger.info("CUDA not used (%s); running on CPU", exc)
-        on_cuda = self.provider == CUDA
-        self.fp16 = self.fp16 and on_cuda  # fp16 graphs are for the GPU only
-        providers = [(CUDA, {"device_id": device_id}), CPU] if on_cuda else [CPU]
+                    raise DeviceError(f"AEGAN_DEVICE=cuda but {exc}", exc.gpu_present) from exc
+                self._leave_cuda(str(exc), counted=exc.gpu_present)
 
-        def graph(role: str, session: ort.InferenceSession | None = None) -> Graph:
-            if session is None:
-                session = ort.InferenceSession(
-                    str(bundle.file(role)),
-                    sess_options=session_options(threads),
-                    providers=providers,
-                )
-            input_name, output_name = bundle.tensor_names(role)
-            return Graph(session, input_name, output_name, device_id if on_cuda else None)
+    @property
+    def provider(self) -> str:
+        return CUDA if self._cuda else CPU
 
-        self.generator = graph(GENERATOR_FP16 if self.fp16 else GENERATOR, probe)
-        self.encoder = graph(ENCODER_FP16 if self.fp16 else ENCODER)
-        self._check_contract()
+    @property
+    def fp16(self) -> bool:  # fp16 graphs are for the GPU only
+        return bool(self._cuda) and self._cuda[GENERATOR].role != GENERATOR
 
     @property
     def precision(self) -> str:
         return "fp16" if self.fp16 else "fp32"
 
+    @property
+    def generator(self) -> Graph:
+        return self._cuda.get(GENERATOR) or self._cpu[GENERATOR]
+
+    @property
+    def encoder(self) -> Graph:
+        return self._cuda.get(ENCODER) or self._cpu[ENCODER]
+
     def generate(self, latents: np.ndarray) -> np.ndarray:
         """(N, latent_dim) -> (N, *data_shape) float32 (images in [-1, 1])."""
-        return self.generator.run(latents)
+        return self._run(GENERATOR, latents)
 
     def encode(self, data: np.ndarray) -> np.ndarray:
         """(N, *data_shape) -> (N, latent_dim) float32."""
-        return self.encoder.run(data)
+        return self._run(ENCODER, data)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _graph(self, role: str, providers: list[str | tuple[str, dict[str, str]]]) -> Graph:
+        session = ort.InferenceSession(
+            str(self.bundle.file(role)),
+            sess_options=session_options(self.threads),
+            providers=providers,
+        )
+        input_name, output_name = self.bundle.tensor_names(role)
+        device_id = self.cuda_options.device_id if providers[0] != CPU else None
+        return Graph(session, input_name, output_name, device_id, role)
+
+    def _run(self, role: str, batch: np.ndarray) -> np.ndarray:
+        cuda = self._cuda  # one read: a fallback on another thread replaces it
+        if cuda:
+            try:
+                return self._run_cuda(cuda[role], batch)
+            except Exception as exc:  # out of memory, a cuDNN error, non-finite fp16 output, ...
+                if self.device == "cuda":
+                    raise
+                self._leave_cuda(f"{role} failed on CUDA: {exc}", counted=True)
+        return self._cpu[role].run(batch)
+
+    def _run_cuda(self, graph: Graph, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            out = graph.run(_padded(np.asarray(batch, np.float32), self.buckets))[: len(batch)]
+        if not np.isfinite(out).all() and np.isfinite(batch).all():
+            raise DeviceError(f"{graph.role} gave non-finite values on CUDA ({self.precision})")
+        return out
+
+    def _start_cuda(self, fp16: bool) -> None:
+        """CUDA sessions of both graphs (fp16 ones if asked), each warmed up at every bucket and
+        compared with the CPU's result; :class:`DeviceError` saying why not."""
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise DeviceError(reason, gpu_present=False)
+        preload_error = preload_libraries()
+        providers = self.cuda_options.providers()
+        roles = {GENERATOR: GENERATOR_FP16, ENCODER: ENCODER_FP16} if fp16 else {}
+        with captured_stderr() as lines:
+            try:
+                graphs = {r: self._graph(roles.get(r, r), providers) for r in (GENERATOR, ENCODER)}
+            except Exception as exc:  # no device memory, a bad option, a driver mismatch, ...
+                graphs, error = {}, exc
+        log = "; ".join(t for t in (library_text(lines), preload_error) if t)
+        if not graphs:
+            raise DeviceError(f"{CUDA} failed to start: {error}" + (f"; {log}" if log else ""))
+        for graph in graphs.values():
+            if CUDA not in graph.session.get_providers():
+                raise DeviceError(
+                    f"{CUDA} is listed but did not initialise (CUDA or cuDNN libraries missing "
+                    "or incompatible: install onnxruntime-gpu[cuda,cudnn], docs/SERVING.md)"
+                    + (f"; {log}" if log else "")
+                )
+        try:
+            self._warm_up(graphs)
+        except DeviceError as exc:
+            if not fp16:
+                raise
+            logger.warning("fp16 graphs not used on CUDA (%s); trying the fp32 graphs", exc)
+            self._start_cuda(fp16=False)
+            return
+        self._cuda = graphs
+        self.cuda_reason = None
+
+    def _warm_up(self, graphs: dict[str, Graph]) -> None:
+        """Run each graph at every bucket (cuDNN plans each shape once, here, not in a request)
+        and compare a fixed batch with the CPU graphs'."""
+        rng = np.random.default_rng(0)
+        inputs = {
+            GENERATOR: rng.standard_normal((self.buckets[-1], self.bundle.latent_dim)),
+            ENCODER: rng.uniform(-1, 1, (self.buckets[-1], *self.bundle.data_shape)),
+        }
+        for role, graph in graphs.items():
+            batch = inputs[role].astype(np.float32)
+            try:
+                for size in self.buckets:
+                    out = self._run_cuda(graph, batch[:size])
+            except Exception as exc:
+                if isinstance(exc, DeviceError):
+                    raise
+                raise DeviceError(f"{role} does not run on CUDA: {exc}") from exc
+            error = float(np.abs(out - self._cpu[role].run(batch)).max())
+            self.fp16_error[role] = error
+            if graph.role != role and error > FP16_MAX_ABS_ERROR:
+                raise DeviceError(
+                    f"{graph.role} differs from the fp32 graph by {error:.3g} (more than "
+                    f"{FP16_MAX_ABS_ERROR}) on CUDA"
+                )
+        if not any(g.role != r for r, g in graphs.items()):
+            self.fp16_error = {}
+
+    def _leave_cuda(self, reason: str, counted: bool) -> None:
+        """Run on the CPU from now on. ``counted``: a GPU was there and failed (a warning and
+        ``on_fallback``), not merely absent."""
+        with self._lock:
+            self._cuda = {}  # releases the CUDA sessions once in-flight runs finish
+            self.cuda_reason = reason
+            self.fp16_error = {}
+        if not counted:
+            logger.info("CUDA not used (%s); running on CPU", reason)
+            return
+        self.fallbacks += 1
+        logger.warning("CUDA abandoned, running on CPU from now on: %s", reason)
+        if self.on_fallback is not None:
+            self.on_fallback(reason)
 
     def _check_contract(self) -> None:
-        """Run both graphs once (also a warm-up) and refuse a bundle whose graphs disagree with
-        its manifest's shapes."""
+        """Run both CPU graphs once and refuse a bundle whose graphs disagree with its manifest's
+        shapes."""
         latent_dim, data_shape = self.bundle.latent_dim, self.bundle.data_shape
         if self.bundle.kind == "image" and (len(data_shape) != 3 or data_shape[0] not in (1, 3)):
             raise BundleError(
@@ -185,8 +302,8 @@ class ModelRuntime:
                 f"got {data_shape}"
             )
         try:
-            x = self.generate(np.zeros((2, latent_dim), np.float32))
-            z = self.encode(np.zeros((2, *data_shape), np.float32))
+            x = self._cpu[GENERATOR].run(np.zeros((2, latent_dim), np.float32))
+            z = self._cpu[ENCODER].run(np.zeros((2, *data_shape), np.float32))
         except Exception as exc:  # ORT reports shape and type errors with its own exceptions
             raise BundleError(
                 f"{self.bundle.path}: graphs do not run on the manifest's shapes: {exc}"

@@ -55,7 +55,7 @@ from aegan_core.runtime import ModelRuntime
 from . import __version__
 from .answers import answers_client_errors
 from .batching import Batcher
-from .config import Settings, SettingsError, available_cpus, gpu_visible
+from .config import Settings, SettingsError, available_cpus, cuda_unusable_reason
 from .middleware import RequestGuard
 from .openapi import OpenAPICompletion
 from .ui import UI_PATH, ui_app
@@ -70,8 +70,13 @@ LIMITS = SETTINGS.limits
 # (missing, altered, not a bundle) or a bad AEGAN_* value above stops it here with the reason and a
 # non-zero exit status, instead of workers failing and being restarted forever behind an open port.
 STARTUP_BUNDLE = load_bundle(resolve_bundle_dir(SETTINGS.model))
-if SETTINGS.device == "cuda" and not gpu_visible():
-    raise SettingsError("AEGAN_DEVICE=cuda but no NVIDIA GPU is visible (no /dev/nvidiactl)")
+# Whether a worker will run on CUDA, decided by making a CUDA session (in a child process, once;
+# aegan_serve/cuda.py): the worker layout, the declared resources and AEGAN_DEVICE=cuda follow it.
+CUDA_REASON = "AEGAN_DEVICE=cpu" if SETTINGS.device == "cpu" else None
+if SETTINGS.device != "cpu":
+    CUDA_REASON = cuda_unusable_reason(SETTINGS.cuda_options())
+    if SETTINGS.device == "cuda" and CUDA_REASON is not None:
+        raise SettingsError(f"AEGAN_DEVICE=cuda but CUDA is not usable here: {CUDA_REASON}")
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
 IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate")  # 422 on a vector model
 IN_USE = {"latent_dim": STARTUP_BUNDLE.latent_dim}  # the bundle of this worker
@@ -142,7 +147,7 @@ class Reconstructed(BaseModel):
 @bentoml.service(
     name="aegan",
     workers=SETTINGS.workers,
-    resources={"cpu": "2", "memory": "2Gi"},
+    resources=SETTINGS.resources(gpu=CUDA_REASON is None),
     traffic={"timeout": 60},
 )
 class AEGAN:
@@ -152,8 +157,15 @@ class AEGAN:
         settings = Settings.from_env()
         self.bundle = load_bundle(resolve_bundle_dir(settings.model))  # verifies SHA-256
         IN_USE["latent_dim"] = self.bundle.latent_dim  # for the OpenAPI document
+        fallbacks = cuda_fallback_counter()  # at /metrics from the start, 0 until a fallback
         self.model = ModelRuntime(
-            self.bundle, settings.device, settings.threads, fp16=settings.fp16
+            self.bundle,
+            settings.device,
+            settings.threads,
+            fp16=settings.fp16,
+            cuda=settings.cuda_options(),
+            max_rows=settings.largest_batch(),  # CUDA warms up every batch size it will run
+            on_fallback=lambda reason: fallbacks.inc(),
         )
         self.prior = prior_name(self.bundle.spec.latent_prior)
         # Decoding uploads, running the generator and encoding PNGs: a pool bounded by the CPUs.
@@ -177,7 +189,7 @@ class AEGAN:
             inline_rows=INLINE_MAX_IMAGES,
         )
         logger.info(
-            "model %r from %s: %s %s, latent_dim %d; ONNX Runtime %s (%s, %d threads)",
+            "model %r from %s: %s %s, latent_dim %d; ONNX Runtime %s (%s, %d threads)%s",
             self.bundle.name,
             self.bundle.path,
             self.bundle.kind,
@@ -186,6 +198,7 @@ class AEGAN:
             self.model.provider,
             self.model.precision,
             self.model.threads,
+            f"; CUDA not used: {self.model.cuda_reason}" if self.model.cuda_reason else "",
         )
 
     # The image endpoints answer a ready Response with the PNG/GIF bytes they made in a worker
@@ -302,6 +315,9 @@ class AEGAN:
                 "precision": self.model.precision,
                 "threads": self.model.threads,
                 "workers": SETTINGS.workers,
+                "cuda_unused_reason": self.model.cuda_reason,  # null on CUDA
+                "cuda_fallbacks": self.model.fallbacks,
+                "fp16_max_abs_error": self.model.fp16_error,  # fp16 on CUDA against fp32 CPU
             },
             "limits": {
                 **{LIMITS.env_name(k): v for k, v in asdict(LIMITS).items()},
@@ -403,6 +419,20 @@ class AEGAN:
 
 
 _ENCODER_BATCH_HISTOGRAM: Any = None
+_CUDA_FALLBACKS: Any = None
+
+
+def cuda_fallback_counter() -> Any:
+    """The Prometheus counter of times a worker in auto mode left CUDA for the CPU (at start-up
+    with a GPU present, or after a failed run); the reason is in the log and /info."""
+    global _CUDA_FALLBACKS
+    if _CUDA_FALLBACKS is None:
+        from prometheus_client import Counter
+
+        _CUDA_FALLBACKS = Counter(
+            "aegan_cuda_fallbacks", "Times a worker left CUDA for the CPU provider"
+        )
+    return _CUDA_FALLBACKS
 
 
 def encoder_batch_histogram() -> Any:

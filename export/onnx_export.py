@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from aegan_core.cuda import CudaOptions, preload_libraries
 from aegan_core.errors import UserError
 from aegan_core.runtime import cuda_unavailable_reason
 
@@ -193,7 +194,11 @@ def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
     """An ONNX Runtime session on exactly ``provider`` (raises if it cannot be created there)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+    providers: list = [provider]
+    if provider == CUDA:  # the service's CUDA settings: libraries preloaded, TF32 off
+        preload_libraries()
+        providers = [(CUDA, CudaOptions().provider_options())]
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     if sess.get_providers()[0] != provider:
         raise RuntimeError(f"ONNX Runtime could not create the {provider} (missing libraries?)")
     return sess

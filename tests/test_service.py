@@ -333,6 +333,8 @@ def test_info_describes_model_runtime_and_limits(client, image_bundle):
     }
     assert info["runtime"]["provider"] == "CPUExecutionProvider"
     assert info["runtime"]["precision"] == "fp32"
+    assert info["runtime"]["cuda_unused_reason"] == "AEGAN_DEVICE=cpu"  # the test servers' setting
+    assert info["runtime"]["cuda_fallbacks"] == 0
     assert info["limits"]["AEGAN_MAX_N"] == LIMITS.max_n
     assert info["limits"]["AEGAN_MAX_UPLOAD_BYTES"] == LIMITS.max_upload_bytes
     assert set(info["encode_batches"]) == {"count", "largest", "sizes"}

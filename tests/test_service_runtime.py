@@ -98,12 +98,12 @@ def test_model_store_tags_resolve_to_the_stored_bundle(image_bundle):
 
 
 def test_settings_defaults_and_overrides(monkeypatch):
-    monkeypatch.setattr(config, "gpu_visible", lambda: False)
+    monkeypatch.setattr(config, "gpu_usable", lambda options: False)
     monkeypatch.setattr(config, "available_cpus", lambda: 4)
     settings = Settings.from_env({})  # on the CPU: one worker per CPU, one thread each
     assert settings.device == "auto" and settings.workers == 4 and settings.threads == 1
     assert settings.fp16 and settings.batch_size == 64 and settings.max_queue == 1024
-    monkeypatch.setattr(config, "gpu_visible", lambda: True)
+    monkeypatch.setattr(config, "gpu_usable", lambda options: True)
     settings = Settings.from_env({})  # a GPU: one worker (one CUDA context) with all the threads
     assert settings.workers == 1 and settings.threads == 4
     assert Settings.from_env({"AEGAN_DEVICE": "cpu"}).workers == 4  # unless told to use the CPU

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import re
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -24,6 +25,8 @@ FASHION_MNIST_ENV = "AEGAN_FASHION_MNIST_DIR"
 Arch = Literal["conv", "mlp"]
 Mode = Literal["aegan", "gan"]
 OnBadFile = Literal["fail", "skip"]
+Precision = Literal["fp32", "bf16", "fp16"]
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 CONV_IMAGE_SIZES = (28, 32, 64)  # square sides the conv networks are built for
 
 
@@ -120,6 +123,20 @@ class TrainConfig:
     # a generator seeded by the run's seed alone); 0: the EMA keeps the live networks' statistics.
     bn_recompute_batches: int = 0
     progress: bool = True  # Show a live progress bar.
+    # Where to train: 'auto' (CUDA when torch sees a GPU for every local rank, else the CPU),
+    # 'cpu', 'cuda' (under torchrun each rank takes GPU LOCAL_RANK) or 'cuda:N' (one process).
+    device: str = "auto"
+    # Bit-exact runs and resumes on CUDA: deterministic kernels (torch.use_deterministic_algorithms,
+    # cuDNN's deterministic algorithms, CUBLAS_WORKSPACE_CONFIG); slower. The CPU is deterministic
+    # without it.
+    deterministic: bool = False
+    cudnn_benchmark: bool = False  # CUDA: let cuDNN time its algorithms for the fixed batch shape.
+    # Autocast of the forward passes: 'fp32' (off), 'bf16' (CUDA since Ampere, or the CPU), or
+    # 'fp16' (CUDA; gradients scaled by a GradScaler, whose state the checkpoints keep).
+    precision: Precision = "fp32"
+    # CUDA: copy the whole dataset to the GPU once (batches are gathered there); false: each batch
+    # is gathered on the CPU, pinned and copied without blocking.
+    data_on_device: bool = True
 
 
 @dataclass
@@ -375,6 +392,14 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
         raise ConfigError("train.bn_recompute_batches", "must be >= 0")
     if t.threads is not None and t.threads < 1:
         raise ConfigError("--threads", "must be at least 1")
+    if not re.fullmatch(DEVICE_PATTERN, t.device):
+        raise ConfigError("--device", f"must be auto, cpu, cuda or cuda:N, not {t.device!r}")
+    if t.precision not in get_args(Precision):
+        raise ConfigError("train.precision", f"must be {describe_type(Precision)}")
+    if t.deterministic and t.cudnn_benchmark:
+        raise ConfigError(
+            "train.cudnn_benchmark", "cuDNN's benchmark picks kernels by timing: not deterministic"
+        )
     if data is not None:
         _validate_data(cfg, data)
     return cfg
