@@ -86,6 +86,8 @@ class Settings:
     max_queue: int  # AEGAN_MAX_QUEUE: most images waiting for the encoder; more are refused (429)
     fp16: bool  # AEGAN_FP16: 1 (default) runs the bundle's fp16 graphs on CUDA if present, 0 not
     limits: Limits
+    gallery: str = ""  # AEGAN_GALLERY: an `aegan encode` output indexed by `aegan index` (/similar)
+    gallery_root: str = ""  # AEGAN_GALLERY_ROOT: folder of the gallery's files (its originals)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -114,6 +116,8 @@ class Settings:
             max_queue=max_queue,
             fp16=fp16 == "1",
             limits=limits,
+            gallery=environ.get("AEGAN_GALLERY", "").strip(),
+            gallery_root=environ.get("AEGAN_GALLERY_ROOT", "").strip(),
         )
 
 

@@ -282,11 +282,17 @@ def _norms(latents: np.ndarray) -> np.ndarray:
 
 
 def load_gallery(
-    dest: str | os.PathLike[str], bundle: Bundle | None = None, verify: bool = True
+    dest: str | os.PathLike[str],
+    bundle: Bundle | None = None,
+    verify: bool = True,
+    threads: int = 1,
+    open_index: bool = True,
 ) -> Gallery:
     """Load the gallery written by ``aegan index`` in DEST. With ``bundle``, refuse a gallery
     encoded by another bundle (naming both); with ``verify``, check every file's SHA-256 (else
-    only its size). Raises :class:`GalleryError` with the reason and what to run."""
+    only its size). ``threads``: faiss's threads for a batch of queries. ``open_index=False``
+    checks the files without reading the approximate index. Raises :class:`GalleryError` with the
+    reason and what to run."""
     root = Path(dest)
     record_path = root / INDEX_FILE
     if not root.is_dir():
@@ -332,14 +338,15 @@ def load_gallery(
     if len(ids) != len(latents) or (offsets is not None and len(offsets) != len(latents) + 1):
         raise GalleryError(f"gallery {root}: ids and latents differ in number; rebuild it")
     gallery = Gallery(root, record, latents, ids)
-    if record["kind"] == APPROXIMATE:
+    if record["kind"] == APPROXIMATE and open_index:
         faiss = load_faiss()
+        faiss.omp_set_num_threads(threads)
         gallery.index = faiss.read_index(str(files["index"]))
         if gallery.index.ntotal != len(latents):
             raise GalleryError(
                 f"{files['index']} holds {gallery.index.ntotal} rows, not {len(latents)}"
             )
-    else:
+    elif record["kind"] == EXACT:
         gallery.norms = _norms(np.asarray(latents))
     return gallery
 
