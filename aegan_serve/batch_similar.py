@@ -157,20 +157,34 @@ def recall_at_10(
 ) -> float:
     """Recall@10 of ``search`` (queries, k) -> rows against exact search, on up to
     :data:`RECALL_QUERIES` gallery rows as queries, each one's own row left out of both lists."""
-    n = len(latents)
-    picked = np.random.default_rng(seed).choice(n, min(n, RECALL_QUERIES), replace=False)
-    queries = np.ascontiguousarray(latents[picked])
-    norms = np.einsum("ij,ij->i", latents, latents)
-    found = 0
-    for start in range(0, len(queries), 256):
-        block = queries[start : start + 256]
-        truth, scores = exact_search(latents, norms, block, 11)
-        truth = np.take_along_axis(truth, np.argsort(scores, axis=1), 1)
-        approx = search(block, 11)
-        for own, exact, got in zip(picked[start : start + 256], truth, approx, strict=True):
-            exact_ten = [r for r in exact.tolist() if r != own][:10]
-            found += len(set(exact_ten) & (set(got.tolist()) - {own}))
-    return found / (10 * len(queries))
+    return RecallCheck(latents, seed).recall(search)
+
+
+class RecallCheck:
+    """The exact 10 nearest neighbours of sampled gallery rows (each one's own row left out),
+    found once, to measure any number of searches against."""
+
+    def __init__(self, latents: np.ndarray, seed: int = 0) -> None:
+        n = len(latents)
+        self.picked = np.random.default_rng(seed).choice(n, min(n, RECALL_QUERIES), replace=False)
+        self.queries = np.ascontiguousarray(latents[self.picked])
+        norms = np.einsum("ij,ij->i", latents, latents)
+        self.truth: list[list[int]] = []
+        for start in range(0, len(self.queries), 256):
+            rows, scores = exact_search(latents, norms, self.queries[start : start + 256], 11)
+            rows = np.take_along_axis(rows, np.argsort(scores, axis=1), 1)
+            own = self.picked[start : start + 256].tolist()
+            for row, o in zip(rows.tolist(), own, strict=True):
+                self.truth.append([r for r in row if r != o][:10])
+
+    def recall(self, search: Callable[[np.ndarray, int], np.ndarray]) -> float:
+        found = 0
+        for start in range(0, len(self.queries), 256):
+            got = search(self.queries[start : start + 256], 11)
+            for k, row in enumerate(got.tolist()):
+                i = start + k
+                found += len(set(self.truth[i]) & (set(row) - {int(self.picked[i])}))
+        return found / sum(len(t) for t in self.truth)
 
 
 def build_hnsw(latents: np.ndarray, threads: int) -> tuple[Any, int, float]:
@@ -181,10 +195,11 @@ def build_hnsw(latents: np.ndarray, threads: int) -> tuple[Any, int, float]:
     index = faiss.IndexHNSWFlat(latents.shape[1], HNSW_M)
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add(latents)
+    check = RecallCheck(latents)
     recall = 0.0
     for ef in EF_SEARCH_STEPS:
         index.hnsw.efSearch = ef
-        recall = recall_at_10(latents, lambda q, k: index.search(q, k)[1])
+        recall = check.recall(lambda q, k: index.search(q, k)[1])
         if recall >= TARGET_RECALL:
             break
     return index, ef, recall
