@@ -237,8 +237,10 @@ class Gallery:
                 ]
             )
         else:
-            self.index.hnsw.efSearch = max(int(self.record["search"]["ef_search"]), k)
-            _, rows = self.index.search(queries, k)
+            # per call, not set on the shared index: concurrent searches may ask for other k
+            ef = max(int(self.record["search"]["ef_search"]), k)
+            params = load_faiss().SearchParametersHNSW(efSearch=ef)
+            _, rows = self.index.search(queries, k, params=params)
         return nearest_first(self.latents, queries, rows.astype(np.int64), k)
 
     def check_queries(self, queries: np.ndarray) -> np.ndarray:

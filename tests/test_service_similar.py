@@ -208,14 +208,26 @@ def test_an_empty_gallery_answers_404(image_bundle, tmp_path):
 
 
 def test_a_vector_model_searches_latents_but_not_images(vector_bundle, tmp_path):
-    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
-    dest = encode_to(tmp_path / "v.npy", vector_bundle, tmp_path / "enc")
-    build_gallery(dest, load_bundle(vector_bundle))
-    with serve(vector_bundle, AEGAN_GALLERY=str(dest), AEGAN_GALLERY_ROOT="") as vectors:
-        body = vectors.post("/similar", json={"latents": [[0.0] * 4], "k": 3}).json()
-        assert len(body["results"][0]) == 3 and body["results"][0][0]["id"].isdigit()
+    """An approximate (HNSW) gallery of 500 vectors: the service answers what exact search does
+    for most queries, and every distance it gives is exact."""
+    vectors = np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    dest = encode_to(tmp_path / "v.npy", vector_bundle, tmp_path / "enc", chunk=100)
+    build_gallery(dest, load_bundle(vector_bundle), kind="approximate")
+    latents = np.load(next(dest.glob("_index-*.latents.npy")))
+    queries = np.random.default_rng(1).normal(size=(20, 4)).round(3)
+    with serve(vector_bundle, AEGAN_GALLERY=str(dest), AEGAN_GALLERY_ROOT="") as client:
+        assert client.post("/info").json()["gallery"]["kind"] == "faiss-hnsw"
+        body = client.post("/similar", json={"latents": queries.tolist(), "k": 5}).json()
+        agree = 0
+        for q, found in zip(queries, body["results"], strict=True):
+            exact = np.linalg.norm(latents - q.astype(np.float32), axis=1)
+            rows = [int(n["id"]) for n in found]
+            np.testing.assert_allclose([n["distance"] for n in found], exact[rows], rtol=1e-5)
+            agree += len(set(rows) & set(np.argsort(exact)[:5].tolist()))
+        assert agree >= 0.9 * 5 * len(queries)
         upload = files(image_bytes(Image.new("L", (28, 28))))
-        assert "vector model" in error_of(vectors.post("/similar", files=upload), 422)
+        assert "vector model" in error_of(client.post("/similar", files=upload), 422)
 
 
 @pytest.mark.parametrize("which", ["missing", "another bundle"])
