@@ -625,7 +625,7 @@ def encode_command(
     type=click.Choice(["auto", "exact", "approximate"]),
     default="auto",
     show_default=True,
-    help="Exact search (numpy), an approximate HNSW index (faiss), or exact up to 200 000 "
+    help="Exact search (numpy), an approximate inverted-file index (faiss), or exact up to 200 000 "
     "latents and approximate above.",
 )
 @click.option(
@@ -660,8 +660,8 @@ def index_command(dest: Path, model: str | None, kind: str, threads: int | None)
     except (JobError, BundleError) as exc:
         raise click.ClickException(str(exc)) from exc
     recall = (
-        f", recall@10 {summary.recall_at_10:.3f} against exact search (efSearch "
-        f"{summary.ef_search})"
+        f", recall@10 {summary.recall_at_10:.3f} against exact search ({summary.nprobe} lists "
+        "searched a query)"
         if summary.recall_at_10 is not None
         else ""
     )

@@ -50,9 +50,12 @@ from .gallery import (
 # scans them in about a millisecond on one core; above, an approximate index (docs/SIMILAR.md).
 EXACT_MAX_ROWS = 200_000
 TARGET_RECALL = 0.95  # recall@10 against exact search the approximate index is tuned to reach
-HNSW_M = 12  # graph neighbours per node: at latent_dim 32 the index stays under 2x the latents
-HNSW_EF_CONSTRUCTION = 80  # candidates kept while building the graph
-EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # tried in order
+# The inverted file: about 4 sqrt(N) lists (k-means centroids), each of at least this many latents
+# on average, trained on at most TRAIN_PER_LIST latents a list (a random sample).
+MIN_PER_LIST = 39
+TRAIN_PER_LIST = 64
+# Lists searched per query, tried in order until recall@10 reaches TARGET_RECALL.
+NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
 RECALL_QUERIES = 1000  # gallery rows used as queries to measure recall@10
 
 Kind = Literal["auto", "exact", "approximate"]
@@ -187,22 +190,32 @@ class RecallCheck:
         return found / sum(len(t) for t in self.truth)
 
 
-def build_hnsw(latents: np.ndarray, threads: int) -> tuple[Any, int, float]:
-    """faiss HNSW over ``latents``, and the smallest efSearch of :data:`EF_SEARCH_STEPS` whose
-    recall@10 reaches :data:`TARGET_RECALL` (the largest if none does): (index, ef, recall)."""
+def ivf_lists(size: int) -> int:
+    """Lists of the inverted file of ``size`` latents: 4 sqrt(N), with at least
+    :data:`MIN_PER_LIST` latents a list on average."""
+    return max(1, min(round(4 * size**0.5), size // MIN_PER_LIST))
+
+
+def build_ivf(latents: np.ndarray, threads: int) -> tuple[Any, int, float]:
+    """faiss IVF-Flat over ``latents``, and the fewest lists searched of :data:`NPROBE_STEPS`
+    whose recall@10 reaches :data:`TARGET_RECALL` (all lists, which is exact, if none does):
+    (index, nprobe, recall)."""
     faiss = load_faiss()
     faiss.omp_set_num_threads(threads)
-    index = faiss.IndexHNSWFlat(latents.shape[1], HNSW_M)
-    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    lists = ivf_lists(len(latents))
+    index = faiss.index_factory(latents.shape[1], f"IVF{lists},Flat")
+    rng = np.random.default_rng(0)
+    sample = min(len(latents), TRAIN_PER_LIST * lists)
+    index.train(np.ascontiguousarray(latents[np.sort(rng.choice(len(latents), sample, False))]))
     index.add(latents)
     check = RecallCheck(latents)
     recall = 0.0
-    for ef in EF_SEARCH_STEPS:
-        index.hnsw.efSearch = ef
-        recall = check.recall(lambda q, k: index.search(q, k)[1])
+    for nprobe in [*(p for p in NPROBE_STEPS if p < lists), lists]:
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        recall = check.recall(lambda q, k, p=params: index.search(q, k, params=p)[1])
         if recall >= TARGET_RECALL:
             break
-    return index, ef, recall
+    return index, nprobe, recall
 
 
 @dataclass(frozen=True)
@@ -212,7 +225,7 @@ class IndexSummary:
     failed: int
     kind: str
     recall_at_10: float | None
-    ef_search: int | None
+    nprobe: int | None
     seconds: float  # build of the index
     total_seconds: float  # reading the parts and writing the files included
 
@@ -252,19 +265,19 @@ def build_gallery(
         if chosen == "approximate" and len(read.latents) < 2:
             chosen = "exact"
         built = time.perf_counter()
-        index, ef, recall = (None, None, None)
+        index, nprobe, recall = (None, None, None)
         if chosen == "approximate":
-            log(f"building the HNSW index of {len(read.latents)} latents")
-            index, ef, recall = build_hnsw(read.latents, threads)
+            log(f"building the inverted-file index of {len(read.latents)} latents")
+            index, nprobe, recall = build_ivf(read.latents, threads)
         seconds = time.perf_counter() - built
-        write_gallery(dest, bundle, read, index, ef, recall, seconds)
+        write_gallery(dest, bundle, read, index, nprobe, recall, seconds)
     return IndexSummary(
         dest,
         len(read.latents),
         read.failed,
         APPROXIMATE if index is not None else EXACT,
         recall,
-        ef,
+        nprobe,
         seconds,
         time.perf_counter() - started,
     )
@@ -275,7 +288,7 @@ def write_gallery(
     bundle: Bundle,
     read: ReadGallery,
     index: Any,
-    ef: int | None,
+    nprobe: int | None,
     recall: float | None,
     seconds: float,
 ) -> None:
@@ -314,7 +327,7 @@ def write_gallery(
             for key in ("source", "inputs", "names_sha256", "contents_sha256")
         },
         "recall_at_10": None if recall is None else round(recall, 4),
-        "search": None if index is None else {"ef_search": ef, "hnsw_m": HNSW_M},
+        "search": None if index is None else {"nlist": int(index.nlist), "nprobe": nprobe},
         "build_seconds": round(seconds, 2),
         "files": files,
     }

@@ -6,7 +6,7 @@ similar`` load it with :func:`load_gallery`. Files, all in DEST and ignored by P
 (their names start with ``_``):
 
 - ``_index.json``: what the gallery is (:data:`INDEX_VERSION`): its kind (``exact`` or
-  ``faiss-hnsw``), size, latent dimension, the bundle it was encoded by (name, SHA-256 of its
+  ``faiss-ivf``), size, latent dimension, the bundle it was encoded by (name, SHA-256 of its
   manifest and of its encoder), the ``aegan encode`` job it was read from, the search parameter
   and the recall@10 measured against exact search (approximate kind), and the name, size and
   SHA-256 of each data file below;
@@ -15,7 +15,8 @@ similar`` load it with :func:`load_gallery`. Files, all in DEST and ignored by P
 - ``_index-TAG.ids.npy`` (int64, an ``.npy`` source) or ``_index-TAG.ids.npy`` (uint8, the ids'
   UTF-8 bytes end to end) with ``_index-TAG.offsets.npy`` (int64, N + 1 offsets): the ids;
 - ``_index-TAG.order.npy``: the rows sorted by id, to find an id by bisection;
-- ``_index-TAG.faiss``: the approximate index (faiss-cpu), when the kind is ``faiss-hnsw``.
+- ``_index-TAG.faiss``: the approximate index (faiss-cpu, an inverted file of the latents
+  clustered by k-means), when the kind is ``faiss-ivf``.
 
 TAG is new for every build, and ``_index.json`` is replaced last, atomically: a reader sees the
 old gallery or the new one, whole. Searches answer Euclidean (L2) distances between latents, exact
@@ -43,7 +44,7 @@ from .errors import ClientError, RequestError
 INDEX_FILE = "_index.json"
 INDEX_VERSION = 1
 EXACT = "exact"
-APPROXIMATE = "faiss-hnsw"
+APPROXIMATE = "faiss-ivf"
 KINDS = (EXACT, APPROXIMATE)
 MAX_K = 100  # neighbours per query, at most
 
@@ -237,9 +238,8 @@ class Gallery:
                 ]
             )
         else:
-            # per call, not set on the shared index: concurrent searches may ask for other k
-            ef = max(int(self.record["search"]["ef_search"]), k)
-            params = load_faiss().SearchParametersHNSW(efSearch=ef)
+            # per call, not set on the shared index (searches run concurrently)
+            params = load_faiss().SearchParametersIVF(nprobe=int(self.record["search"]["nprobe"]))
             _, rows = self.index.search(queries, k, params=params)
         return nearest_first(self.latents, queries, rows.astype(np.int64), k)
 

@@ -18,11 +18,12 @@ Fashion-MNIST (``--gallery-images``, default the 60 000 training images; the shi
   exactly the same way.
 
 Synthetic (``--synthetic``, default 1 000 000 standard-normal latents of the bundle's size, the
-hardest case for an index: no clusters to exploit): the HNSW index ``aegan index`` builds above
-its threshold, through the same code (``build_hnsw``, the files written and loaded back):
-build time, the efSearch it picks and the recall@10 against exact search it records, query p50
-in-process one query at a time (``Gallery.search``: the index's candidates and their exact
-distances), and the index's size beside the raw latents' (N x latent_dim float32).
+hardest case for an index: no clusters to exploit): the inverted-file index ``aegan index``
+builds above its threshold, through the same code (``build_ivf``, the files written and loaded
+back): build time, the lists it searches a query (nprobe) and the recall@10 against exact search
+it records, query p50 in-process one query at a time (``Gallery.search``: the index's
+candidates and their exact distances), and the index's size beside the raw latents'
+(N x latent_dim float32).
 
 Prints the machine and its load average; writes ``--out`` (default docs/bench-similar.json).
 """
@@ -51,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aegan_serve.batch_encode import plan_job, run_job  # noqa: E402
-from aegan_serve.batch_similar import ReadGallery, build_gallery, build_hnsw, write_gallery  # noqa: E402
+from aegan_serve.batch_similar import ReadGallery, build_gallery, build_ivf, write_gallery  # noqa: E402
 from aegan_serve.bundle import load_bundle  # noqa: E402
 from aegan_serve.config import DEFAULT_MODEL_DIR, available_cpus  # noqa: E402
 from aegan_serve.gallery import exact_search, load_gallery  # noqa: E402
@@ -196,12 +197,12 @@ def synthetic(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((args.synthetic, bundle.latent_dim), dtype=np.float32)
     started = time.perf_counter()
-    index, ef, recall = build_hnsw(latents, available_cpus())
+    index, nprobe, recall = build_ivf(latents, available_cpus())
     build_s = time.perf_counter() - started
     dest = work / "synthetic"
     dest.mkdir()
     read = ReadGallery(latents, np.arange(len(latents), dtype=np.int64), 0, {})
-    write_gallery(dest, bundle, read, index, ef, recall, build_s)
+    write_gallery(dest, bundle, read, index, nprobe, recall, build_s)
     del index
     gallery = load_gallery(dest, bundle, threads=1)
     index_bytes = (dest / gallery.record["files"]["index"]["path"]).stat().st_size
@@ -216,7 +217,8 @@ def synthetic(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "latent_dim": bundle.latent_dim,
         "build_seconds": round(build_s, 1),
         "build_threads": available_cpus(),
-        "ef_search": ef,
+        "nlist": gallery.record["search"]["nlist"],
+        "nprobe": nprobe,
         "recall_at_10": round(recall, 4),
         "query": percentiles(timings),
         "index_bytes": index_bytes,

@@ -109,7 +109,7 @@ def test_step_cost_trainer_steps_with_every_loss_setting():
 @pytest.mark.slow
 @needs_fmnist
 def test_similar_bench_runs_end_to_end_at_a_small_size(tmp_path):
-    """bench/similar.py --quick: a gallery, /similar over HTTP, precision beside PCA, an HNSW
+    """bench/similar.py --quick: a gallery, /similar over HTTP, precision beside PCA, an IVF
     index; every figure is there and within its range."""
     out = tmp_path / "similar.json"
     cmd = [sys.executable, "bench/similar.py", "--quick", "--out", str(out)]

@@ -189,7 +189,8 @@ def test_a_rebuild_replaces_the_gallery_whole(gallery_dir, image_bundle, tmp_pat
 
 
 def test_an_approximate_gallery_reaches_its_recorded_recall(vector_bundle, tmp_path):
-    """3000 vectors through the vector bundle's encoder, indexed with HNSW: the recall@10 it
+    """3000 vectors through the vector bundle's encoder, indexed with an inverted file: the
+    recall@10 it
     records is what an independent check against brute force measures, and at least 0.95."""
     rng = np.random.default_rng(0)
     np.save(tmp_path / "vectors.npy", rng.normal(size=(3000, 2)).astype(np.float32))

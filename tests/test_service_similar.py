@@ -208,8 +208,8 @@ def test_an_empty_gallery_answers_404(image_bundle, tmp_path):
 
 
 def test_a_vector_model_searches_latents_but_not_images(vector_bundle, tmp_path):
-    """An approximate (HNSW) gallery of 500 vectors: the service answers what exact search does
-    for most queries, and every distance it gives is exact."""
+    """An approximate (inverted-file) gallery of 500 vectors: the service answers what exact
+    search does for most queries, and every distance it gives is exact."""
     vectors = np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32)
     np.save(tmp_path / "v.npy", vectors)
     dest = encode_to(tmp_path / "v.npy", vector_bundle, tmp_path / "enc", chunk=100)
@@ -217,7 +217,7 @@ def test_a_vector_model_searches_latents_but_not_images(vector_bundle, tmp_path)
     latents = np.load(next(dest.glob("_index-*.latents.npy")))
     queries = np.random.default_rng(1).normal(size=(20, 4)).round(3)
     with serve(vector_bundle, AEGAN_GALLERY=str(dest), AEGAN_GALLERY_ROOT="") as client:
-        assert client.post("/info").json()["gallery"]["kind"] == "faiss-hnsw"
+        assert client.post("/info").json()["gallery"]["kind"] == "faiss-ivf"
         body = client.post("/similar", json={"latents": queries.tolist(), "k": 5}).json()
         agree = 0
         for q, found in zip(queries, body["results"], strict=True):
