@@ -328,6 +328,8 @@ def default_settings() -> dict[str, str]:
         "AEGAN_BATCH_SIZE": str(defaults.batch_size),
         "AEGAN_BATCH_LATENCY_MS": str(defaults.batch_latency_ms),
         "AEGAN_MAX_QUEUE": str(defaults.max_queue),
+        "AEGAN_GALLERY": defaults.gallery,
+        "AEGAN_GALLERY_ROOT": defaults.gallery_root,
     }
     values |= {
         Limits().env_name(f.name): str(getattr(defaults.limits, f.name)) for f in fields(Limits)
