@@ -3,12 +3,14 @@ its bundle, searched exactly or approximately, rebuilt whole; and many queries s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_aegan
 from click.testing import CliRunner
 from PIL import Image
 
@@ -272,3 +274,26 @@ def test_the_runtime_encodes_as_the_gallery_was(gallery_dir, collection, image_b
     z = model.encode((pixels / 127.5 - 1.0)[None, None])
     stored = load_gallery(gallery_dir).latent_of("group-1/004.png")
     np.testing.assert_allclose(stored, z[0], atol=1e-5)
+
+
+def test_aegan_similar_encodes_the_queries_on_ray(collection, gallery_dir, image_bundle, tmp_path):
+    """``--ray``: the queries encoded by the ``aegan encode --ray`` job (a Ray started here, one
+    actor) give the same table as the local run."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the 'ray' extra is not installed (scripts/setup.sh installs it)")
+    local, on_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    common = ["--gallery", str(gallery_dir), "--model", str(image_bundle), "--k", "4"]
+    invoke("similar", collection, *common, "--out", local, "--device", "cpu")
+    result = run_aegan(
+        ["similar", str(collection), *common, "--out", str(on_ray), "--ray", "--workers", "1"],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{PICTURES + 1} queries, {PICTURES} searched, 1 errors" in result.stdout
+    ours, theirs = pq.read_table(local).to_pydict(), pq.read_table(on_ray).to_pydict()
+    assert ours["id"] == theirs["id"] and ours["neighbours"] == theirs["neighbours"]
+    assert ours["error"] == theirs["error"]
+    for a, b in zip(ours["distances"], theirs["distances"], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(a, b, atol=1e-4)
