@@ -79,6 +79,7 @@ if SETTINGS.gallery:
 if SETTINGS.gallery_root and not Path(SETTINGS.gallery_root).is_dir():
     raise SettingsError(f"AEGAN_GALLERY_ROOT={SETTINGS.gallery_root!r} is not a directory")
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
+INLINE_MAX_SEARCH_ROWS = 10_000  # searches of at most this many queries x gallery latents too
 # 422 on a vector model (/similar: when given images)
 IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate", "/similar", "/gallery/image")
 # Media types of the originals /gallery/image answers, by suffix (the formats aegan encode reads).
@@ -338,7 +339,12 @@ class AEGAN:
             z = await self.encoder(await self._load(images))
         else:
             z = check_latents(latents or [], self.bundle.latent_dim, "latents")
-        distances, rows = await self._compute(len(z), lambda: gallery.search(z, k))
+        # A small gallery is searched on the event loop; a larger one in the worker pool, so that
+        # a scan of up to EXACT_MAX_ROWS latents does not hold up the other requests.
+        if len(z) * gallery.size <= INLINE_MAX_SEARCH_ROWS:
+            distances, rows = gallery.search(z, k)
+        else:
+            distances, rows = await self._in_pool(gallery.search, z, k)
         return Similar(
             results=[
                 [Neighbour(id=gallery.ids[r], distance=d) for d, r in zip(ds, rs, strict=True)]

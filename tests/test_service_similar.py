@@ -215,7 +215,7 @@ def test_a_vector_model_searches_latents_but_not_images(vector_bundle, tmp_path)
     dest = encode_to(tmp_path / "v.npy", vector_bundle, tmp_path / "enc", chunk=100)
     build_gallery(dest, load_bundle(vector_bundle), kind="approximate")
     latents = np.load(next(dest.glob("_index-*.latents.npy")))
-    queries = np.random.default_rng(1).normal(size=(20, 4)).round(3)
+    queries = np.random.default_rng(1).normal(size=(25, 4)).round(3)  # 25 x 500: in the pool
     with serve(vector_bundle, AEGAN_GALLERY=str(dest), AEGAN_GALLERY_ROOT="") as client:
         assert client.post("/info").json()["gallery"]["kind"] == "faiss-ivf"
         body = client.post("/similar", json={"latents": queries.tolist(), "k": 5}).json()
