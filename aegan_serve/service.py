@@ -28,14 +28,10 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from . import __version__
-from .answers import answers_client_errors
-from .batching import Batcher
-from .bundle import load_bundle, resolve_bundle_dir
-from .config import Settings, SettingsError, available_cpus, gpu_visible
-from .errors import Overloaded, RequestError, WrongModelKind
-from .gallery import MAX_K, Gallery, GalleryNotFound, load_gallery
-from .images import (
+from aegan_core.bundle import load_bundle, resolve_bundle_dir
+from aegan_core.errors import Overloaded, RequestError, WrongModelKind
+from aegan_core.gallery import MAX_K, Gallery, GalleryNotFound, load_gallery
+from aegan_core.images import (
     PSNR_CAP_DB,
     encode_gif,
     encode_png,
@@ -47,7 +43,7 @@ from .images import (
     to_uint8,
     to_unit,
 )
-from .latents import (
+from aegan_core.latents import (
     LATENT_ABS_MAX,
     MAX_SEED,
     check_latents,
@@ -56,9 +52,14 @@ from .latents import (
     random_seed,
     sample_prior,
 )
+from aegan_core.runtime import ModelRuntime
+
+from . import __version__
+from .answers import answers_client_errors
+from .batching import Batcher
+from .config import Settings, SettingsError, available_cpus, gpu_visible
 from .middleware import RequestGuard
 from .openapi import OpenAPICompletion
-from .runtime import ModelRuntime
 from .ui import UI_PATH, ui_app
 
 logger = logging.getLogger("bentoml.aegan_serve")
@@ -186,7 +187,7 @@ class AEGAN:
         self.model = ModelRuntime(
             self.bundle, settings.device, settings.threads, fp16=settings.fp16
         )
-        self.prior = prior_name(self.bundle.manifest["latent_prior"])
+        self.prior = prior_name(self.bundle.spec.latent_prior)
         self.gallery: Gallery | None = None
         if settings.gallery:  # checked whole at start-up; here only the sizes of its files
             self.gallery = load_gallery(

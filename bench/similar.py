@@ -51,12 +51,11 @@ from serve import multipart, service, start  # bench/serve.py: bentoml serve, it
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aegan_serve.batch_encode import plan_job, run_job  # noqa: E402
-from aegan_serve.batch_similar import ReadGallery, build_gallery, build_ivf, write_gallery  # noqa: E402
-from aegan_serve.bundle import load_bundle  # noqa: E402
-from aegan_serve.config import DEFAULT_MODEL_DIR, available_cpus  # noqa: E402
-from aegan_serve.gallery import exact_search, load_gallery  # noqa: E402
-from aegan_serve.runtime import ModelRuntime  # noqa: E402
+from aegan_batch import plan_job, run_job  # noqa: E402
+from aegan_batch.similar import ReadGallery, build_gallery, build_ivf, write_gallery  # noqa: E402
+from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle  # noqa: E402
+from aegan_core.gallery import exact_search, load_gallery  # noqa: E402
+from aegan_core.runtime import ModelRuntime, available_cpus  # noqa: E402
 
 BOUNDARY = "aeganbenchboundary"  # bench/serve.py's multipart boundary
 

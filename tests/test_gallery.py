@@ -14,12 +14,12 @@ from cli_helpers import run_aegan
 from click.testing import CliRunner
 from PIL import Image
 
+from aegan_batch import plan_job, run_job
+from aegan_batch.similar import build_gallery, recall_at_10
 from aegan_cli import main
-from aegan_serve.batch_encode import plan_job, run_job
-from aegan_serve.batch_similar import build_gallery, recall_at_10
-from aegan_serve.bundle import load_bundle
-from aegan_serve.errors import RequestError
-from aegan_serve.gallery import (
+from aegan_core.bundle import load_bundle
+from aegan_core.errors import RequestError
+from aegan_core.gallery import (
     APPROXIMATE,
     EXACT,
     INDEX_FILE,
@@ -29,7 +29,7 @@ from aegan_serve.gallery import (
     exact_distances,
     load_gallery,
 )
-from aegan_serve.runtime import ModelRuntime
+from aegan_core.runtime import ModelRuntime
 
 pq = pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
 

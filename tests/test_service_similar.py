@@ -25,8 +25,8 @@ from service_helpers import (
 )
 from test_gallery import PICTURES, encode_to, make_collection
 
-from aegan_serve.batch_similar import build_gallery
-from aegan_serve.bundle import load_bundle
+from aegan_batch.similar import build_gallery
+from aegan_core.bundle import load_bundle
 
 pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
 

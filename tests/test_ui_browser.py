@@ -420,8 +420,8 @@ def test_similar_panel_finds_the_neighbours_of_the_selection_and_of_an_upload(
     pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
     from test_gallery import PICTURES, encode_to, make_collection
 
-    from aegan_serve.batch_similar import build_gallery
-    from aegan_serve.bundle import load_bundle
+    from aegan_batch.similar import build_gallery
+    from aegan_core.bundle import load_bundle
 
     pictures = make_collection(tmp_path / "pictures")
     gallery = encode_to(pictures, plain_bundle, tmp_path / "gallery")

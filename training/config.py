@@ -15,6 +15,8 @@ import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from aegan_core.errors import UserError
+
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_NUM_SAMPLES = 10_000  # samples ``aegan eval`` generates and compares
 FASHION_MNIST_ENV = "AEGAN_FASHION_MNIST_DIR"
@@ -263,8 +265,10 @@ def from_preset(name: str) -> RunConfig:
     return cfg
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is invalid; ``flag`` names the command-line flag (or config field) to fix."""
+
+    usage = True
 
     def __init__(self, flag: str, message: str) -> None:
         super().__init__(f"{flag}: {message}")
@@ -308,8 +312,9 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
     for name, value in (("--latent-dim", m.latent_dim), ("--width", m.width)):
         if value < 1:
             raise ConfigError(name, f"must be at least 1, not {value}")
-    if m.hidden < 1 or m.depth < 1:
-        raise ConfigError("--hidden", "hidden units and depth must be at least 1")
+    for name, value in (("model.hidden", m.hidden), ("model.depth", m.depth)):
+        if value < 1:
+            raise ConfigError(name, f"must be at least 1, not {value}")
     nonnegative = ("adv_x", "adv_x_recon", "adv_z", "recon_x", "recon_z", "encoder_noise")
     for name in (*nonnegative, "instance_noise"):
         if getattr(lo, name) < 0:
@@ -318,8 +323,9 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
         raise ConfigError("loss.recon_share", "must be a fraction in (0, 1]")
     if not 0 <= lo.recon_x_final <= 1:
         raise ConfigError("loss.recon_x_final", "must be a fraction in [0, 1]")
-    if o.lr_g <= 0 or o.lr_d <= 0:
-        raise ConfigError("--lr", "learning rates must be positive")
+    for name, value in (("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d)):
+        if value <= 0:
+            raise ConfigError(name, f"must be positive, not {value}")
     if not 0 <= o.lr_final <= 1:
         raise ConfigError("optim.lr_final", "must be a fraction in [0, 1]")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):

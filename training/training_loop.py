@@ -25,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aegan_serve.files import write_atomic
-from aegan_serve.images import save_grid
+from aegan_core.files import write_atomic
+from aegan_core.images import save_grid
 from training.checkpoint import (
     CONFIG_FILE,
     remove_temp_files,

@@ -1,6 +1,6 @@
 """Galleries: the latents of an ``aegan encode`` output, indexed for nearest-neighbour search.
 
-``aegan index DEST --model BUNDLE`` (:mod:`aegan_serve.batch_similar`) writes the gallery beside
+``aegan index DEST --model BUNDLE`` (:mod:`aegan_batch.similar`) writes the gallery beside
 the Parquet parts of DEST; the service (``AEGAN_GALLERY=DEST``, ``POST /similar``) and ``aegan
 similar`` load it with :func:`load_gallery`. Files, all in DEST and ignored by Parquet readers
 (their names start with ``_``):
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import ENCODER, MANIFEST_NAME, Bundle, sha256_file
-from .errors import ClientError, RequestError
+from .errors import ClientError, RequestError, UserError
 
 INDEX_FILE = "_index.json"
 INDEX_VERSION = 1
@@ -49,7 +49,7 @@ KINDS = (EXACT, APPROXIMATE)
 MAX_K = 100  # neighbours per query, at most
 
 
-class GalleryError(ValueError):
+class GalleryError(UserError):
     """A gallery that cannot be used as asked (missing, incomplete, another bundle's); the message
     says why and what to run."""
 
@@ -66,7 +66,7 @@ def bundle_identity(bundle: Bundle) -> dict[str, str]:
     return {
         "name": bundle.name,
         "manifest_sha256": sha256_file(bundle.path / MANIFEST_NAME),
-        "encoder_sha256": str(bundle.manifest["files"][ENCODER]["sha256"]),
+        "encoder_sha256": bundle.sha256(ENCODER),
     }
 
 
@@ -89,8 +89,8 @@ class Ids:
             and ids.dtype.kind in "iu"
             or (len(ids) and all(isinstance(i, int | np.integer) for i in ids))
         ):
-            values = np.asarray(ids, np.int64)
-            return cls(values, None, np.argsort(values, kind="stable").astype(np.int64))
+            numbers = np.asarray(ids, np.int64)
+            return cls(numbers, None, np.argsort(numbers, kind="stable").astype(np.int64))
         encoded = [str(i).encode("utf-8", "surrogatepass") for i in ids]
         offsets = np.zeros(len(encoded) + 1, np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
@@ -128,7 +128,7 @@ class Ids:
         else:
             key = id.encode("utf-8", "surrogatepass")
         keys = _Keys(self)
-        at = bisect.bisect_left(keys, key)  # type: ignore[arg-type]
+        at = bisect.bisect_left(keys, key)
         if at < len(self) and keys[at] == key:
             return int(self.order[at])
         return None
@@ -280,7 +280,8 @@ class Gallery:
 
 
 def _norms(latents: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", latents, latents, dtype=np.float32)
+    norms: np.ndarray = np.einsum("ij,ij->i", latents, latents, dtype=np.float32)
+    return norms
 
 
 def load_gallery(
@@ -368,8 +369,9 @@ def check_bundle(record: dict[str, Any], bundle: Bundle, root: Path) -> None:
 
 
 def _checked(root: Path, entry: dict[str, Any], verify: bool) -> Path:
-    path = root / entry["path"]
-    if Path(entry["path"]).name != entry["path"] or not path.is_file():
+    name = str(entry["path"])
+    path = root / name
+    if Path(name).name != name or not path.is_file():
         raise GalleryError(f"gallery {root}: {entry['path']} is missing; run `aegan index` again")
     if path.stat().st_size != entry["bytes"] or (verify and sha256_file(path) != entry["sha256"]):
         raise GalleryError(

@@ -3,7 +3,7 @@ queries searched in it.
 
 :func:`build_gallery` reads the Parquet parts of DEST (rows with an error are left out), checks
 that they are whole and were encoded by the bundle given, builds an exact or approximate index
-and writes the gallery files beside the parts (format: :mod:`aegan_serve.gallery`).
+and writes the gallery files beside the parts (format: :mod:`aegan_core.gallery`).
 :func:`run_similar` encodes a folder of images (the service's preprocessing, as ``aegan encode``)
 or reads an ``aegan encode`` output, and writes each query's neighbours to Parquet.
 
@@ -14,26 +14,19 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
-from .batch_encode import (
-    ENCODER,
-    JOB_FILE,
-    LOCK_FILE,
-    PART_NAME,
-    JobError,
-    job_record,
-)
-from .bundle import Bundle
-from .files import TEMP_PREFIX, replace_file, write_atomic
-from .gallery import (
+from aegan_core.bundle import ENCODER, Bundle
+from aegan_core.files import TEMP_PREFIX, replace_file, write_atomic
+from aegan_core.gallery import (
     APPROXIMATE,
     EXACT,
     INDEX_FILE,
@@ -45,6 +38,9 @@ from .gallery import (
     load_faiss,
     load_gallery,
 )
+
+from .inputs import JobError
+from .job import JOB_FILE, LOCK_FILE, PART_NAME
 
 # Galleries up to this many latents are searched exactly (numpy): at 32 values a latent, a query
 # scans them in about a millisecond on one core; above, an approximate index (docs/SIMILAR.md).
@@ -94,7 +90,7 @@ def read_parts(dest: Path) -> tuple[list[Any], np.ndarray, list[str | None], dic
     if not (dest / JOB_FILE).is_file():
         raise JobError(f"{dest} holds no {JOB_FILE}: not the output of `aegan encode`")
     try:
-        record = job_record(dest)
+        record = read_job_record(dest)
         inputs, chunk = int(record["inputs"]), int(record["chunk_size"])
         dim = int(record["latent_dim"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -139,10 +135,16 @@ def read_parts(dest: Path) -> tuple[list[Any], np.ndarray, list[str | None], dic
     return ids, latents, errors, record
 
 
+def read_job_record(dest: Path) -> dict[str, Any]:
+    """The ``_job.json`` of an ``aegan encode`` output."""
+    record: dict[str, Any] = json.loads((dest / JOB_FILE).read_text(encoding="utf-8"))
+    return record
+
+
 def check_encoded_by(record: dict[str, Any], bundle: Bundle, dest: Path) -> None:
     """Refuse an ``aegan encode`` output whose encoder is not the bundle's, naming both."""
     theirs = record.get("model", {})
-    ours = str(bundle.manifest["files"][ENCODER]["sha256"])
+    ours = bundle.sha256(ENCODER)
     if theirs.get("encoder_sha256") != ours:
         raise JobError(
             f"{dest} was encoded by model {theirs.get('name')!r} (encoder sha256 "
@@ -193,7 +195,7 @@ class RecallCheck:
 def ivf_lists(size: int) -> int:
     """Lists of the inverted file of ``size`` latents: 4 sqrt(N), with at least
     :data:`MIN_PER_LIST` latents a list on average."""
-    return max(1, min(round(4 * size**0.5), size // MIN_PER_LIST))
+    return max(1, min(round(4 * math.sqrt(size)), size // MIN_PER_LIST))
 
 
 def build_ivf(latents: np.ndarray, threads: int) -> tuple[Any, int, float]:
@@ -212,7 +214,12 @@ def build_ivf(latents: np.ndarray, threads: int) -> tuple[Any, int, float]:
     recall = 0.0
     for nprobe in [*(p for p in NPROBE_STEPS if p < lists), lists]:
         params = faiss.SearchParametersIVF(nprobe=nprobe)
-        recall = check.recall(lambda q, k, p=params: index.search(q, k, params=p)[1])
+
+        def search(queries: np.ndarray, k: int, params: Any = params) -> np.ndarray:
+            rows: np.ndarray = index.search(queries, k, params=params)[1]
+            return rows
+
+        recall = check.recall(search)
         if recall >= TARGET_RECALL:
             break
     return index, nprobe, recall
@@ -254,7 +261,7 @@ def build_gallery(
                 " wait for it to finish"
             ) from None
         if (dest / JOB_FILE).is_file():
-            check_encoded_by(job_record(dest), bundle, dest)
+            check_encoded_by(read_job_record(dest), bundle, dest)
         read = read_encoded(dest)
         log(f"{dest}: {len(read.latents)} latents ({read.failed} inputs with an error left out)")
         chosen = (
@@ -294,7 +301,7 @@ def write_gallery(
 ) -> None:
     """The gallery's data files under a new tag, then ``_index.json`` atomically, then the files of
     earlier builds removed."""
-    from .bundle import sha256_file
+    from aegan_core.bundle import sha256_file
 
     tag = secrets.token_hex(4)
     ids = Ids.build(read.ids)
@@ -304,7 +311,11 @@ def write_gallery(
     files: dict[str, dict[str, Any]] = {}
     for role, array in arrays.items():
         path = dest / f"_index-{tag}.{role}.npy"
-        replace_file(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
+
+        def save(f: BinaryIO, array: np.ndarray = array) -> None:
+            np.save(f, array, allow_pickle=False)
+
+        replace_file(path, save)
         files[role] = {"path": path.name}
     if index is not None:
         faiss = load_faiss()
@@ -436,10 +447,12 @@ def run_similar(
     into a temporary output beside ``out``), searched in the gallery, written to ``out``."""
     import tempfile
 
-    from .batch_encode import default_workers, plan_job, run_job, run_job_on_ray
-    from .bundle import load_bundle, resolve_bundle_dir
-    from .config import DEFAULT_MODEL_DIR
-    from .gallery import GalleryError, check_bundle
+    from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle, resolve_bundle_dir
+    from aegan_core.gallery import GalleryError, check_bundle
+
+    from .job import plan_job
+    from .local import default_workers, run_job
+    from .on_ray import run_job_on_ray
 
     started = time.perf_counter()
     gallery = open_gallery(gallery_dest)
@@ -480,7 +493,7 @@ def run_similar(
 
 
 def open_gallery(dest: Path, bundle: Bundle | None = None) -> Gallery:
-    from .gallery import GalleryError
+    from aegan_core.gallery import GalleryError
 
     try:
         return load_gallery(dest, bundle)
