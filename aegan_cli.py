@@ -1,4 +1,5 @@
-"""The ``aegan`` command: train, export, directions, eval and classifier, in one module.
+"""The ``aegan`` command: train, export, directions, eval, classifier, encode, index and similar,
+in one module.
 
 This module sits on top of the three packages and imports each stage inside its command, so
 ``aegan --help`` loads neither torch nor BentoML, and an install without the ``train`` extra gets a
@@ -614,6 +615,132 @@ def encode_command(
         f"{dest}: {summary.inputs} inputs, {summary.encoded} encoded, {summary.errors} errors, "
         f"{summary.skipped} skipped (done before), {summary.seconds:.1f} s, "
         f"{summary.images_per_s:.0f} images/s"
+    )
+
+
+# --- aegan index / aegan similar -----------------------------------------------------------
+
+
+@main.command("index")
+@click.argument("dest", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    default=None,
+    help="Bundle directory, or bentoml:NAME[:VERSION], that encoded DEST (default: the shipped "
+    "model).",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "exact", "approximate"]),
+    default="auto",
+    show_default=True,
+    help="Exact search (numpy), an approximate inverted-file index (faiss), or exact up to 200 000 "
+    "latents and approximate above.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads that build the approximate index (default: the available CPUs).",
+)
+@needs_extras
+def index_command(dest: Path, model: str | None, kind: str, threads: int | None) -> None:
+    """Make the `aegan encode` output DEST searchable: a gallery for `aegan similar` and the
+    service's /similar (AEGAN_GALLERY=DEST).
+
+    Reads every Parquet part (inputs that failed to encode are left out), refuses an output
+    encoded by another bundle than --model, and writes the index and _index.json beside the
+    parts, replacing an earlier one whole.
+    """
+    from aegan_batch.similar import build_gallery
+    from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle, resolve_bundle_dir
+    from aegan_core.runtime import available_cpus
+
+    bundle = load_bundle(resolve_bundle_dir(model or DEFAULT_MODEL_DIR))
+    summary = build_gallery(
+        dest,
+        bundle,
+        kind=kind,  # type: ignore[arg-type]
+        threads=threads or available_cpus(),
+        log=click.echo,
+    )
+    recall = (
+        f", recall@10 {summary.recall_at_10:.3f} against exact search ({summary.nprobe} lists "
+        "searched a query)"
+        if summary.recall_at_10 is not None
+        else ""
+    )
+    click.echo(
+        f"{dest}: {summary.kind} gallery of {summary.size} latents{recall}; index built in "
+        f"{summary.seconds:.1f} s ({summary.total_seconds:.1f} s in all)"
+    )
+
+
+@main.command("similar")
+@click.argument("queries", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--gallery",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An `aegan encode` output indexed by `aegan index`.",
+)
+@click.option(
+    "--k", type=click.IntRange(1, 100), default=10, show_default=True, help="Neighbours per query."
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Parquet file to write."
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Bundle that encodes QUERIES images (default: the shipped model); it must be the "
+    "gallery's.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Encoding workers or Ray actors."
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--ray", "use_ray", is_flag=True, help="Encode QUERIES on Ray Data.")
+@click.option("--ray-address", default=None, metavar="ADDR", help="Ray cluster; implies --ray.")
+@needs_extras
+def similar_command(
+    queries: Path,
+    gallery: Path,
+    k: int,
+    out: Path,
+    model: str | None,
+    workers: int | None,
+    device: str,
+    use_ray: bool,
+    ray_address: str | None,
+) -> None:
+    """The K nearest gallery images of each query, written to one Parquet file (columns id,
+    neighbours, distances, error).
+
+    QUERIES is an `aegan encode` output (its latents are used as they are) or anything `aegan
+    encode` takes (a folder of images, a list of paths, an .npy array), encoded first with the
+    gallery's bundle, locally or on Ray Data (--ray).
+    """
+    from aegan_batch.similar import run_similar
+
+    if use_ray or ray_address is not None:
+        import ray.data  # noqa: F401  (before any work: the 'ray' extra may be missing)
+    summary = run_similar(
+        queries,
+        gallery,
+        out,
+        k=k,
+        model=model,
+        workers=workers,
+        device=device,
+        ray=use_ray or ray_address is not None,
+        ray_address=ray_address,
+    )
+    click.echo(
+        f"{out}: {summary.queries} queries, {summary.searched} searched, {summary.errors} "
+        f"errors (column error), {summary.seconds:.1f} s"
     )
 
 

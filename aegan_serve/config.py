@@ -96,6 +96,8 @@ class Settings:
     cuda_arena: str  # AEGAN_CUDA_ARENA: kSameAsRequested (default) | kNextPowerOfTwo
     cuda_tf32: bool  # AEGAN_CUDA_TF32: 0 (default, fp32 parity) | 1 (TF32 matrix products)
     limits: Limits
+    gallery: str = ""  # AEGAN_GALLERY: an `aegan encode` output indexed by `aegan index` (/similar)
+    gallery_root: str = ""  # AEGAN_GALLERY_ROOT: folder of the gallery's files (its originals)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -126,6 +128,8 @@ class Settings:
             fp16=fp16 == "1",
             **cuda,
             limits=limits,
+            gallery=environ.get("AEGAN_GALLERY", "").strip(),
+            gallery_root=environ.get("AEGAN_GALLERY_ROOT", "").strip(),
         )
 
     def cuda_options(self) -> CudaOptions:

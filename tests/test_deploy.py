@@ -337,6 +337,8 @@ def default_settings(variant: str) -> dict[str, str]:
         "AEGAN_CUDA_MEM_LIMIT": str(defaults.cuda_mem_limit),
         "AEGAN_CUDA_ARENA": defaults.cuda_arena,
         "AEGAN_CUDA_TF32": "1" if defaults.cuda_tf32 else "0",
+        "AEGAN_GALLERY": defaults.gallery,
+        "AEGAN_GALLERY_ROOT": defaults.gallery_root,
     }
     values |= {
         Limits().env_name(f.name): str(getattr(defaults.limits, f.name)) for f in fields(Limits)
