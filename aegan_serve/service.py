@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from . import __version__
 from .answers import answers_client_errors
+from .auth import AccessSettings, Gate, spend_images
 from .batching import Batcher
 from .bundle import load_bundle, resolve_bundle_dir
 from .config import Settings, SettingsError, available_cpus, gpu_visible
@@ -71,9 +72,22 @@ LIMITS = SETTINGS.limits
 STARTUP_BUNDLE = load_bundle(resolve_bundle_dir(SETTINGS.model))
 if SETTINGS.device == "cuda" and not gpu_visible():
     raise SettingsError("AEGAN_DEVICE=cuda but no NVIDIA GPU is visible (no /dev/nvidiactl)")
+# API keys and quotas (aegan_serve/auth.py): a keys file or quota setting that cannot be used stops
+# the server here too.
+ACCESS = AccessSettings.from_env(workers=SETTINGS.workers)
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
 IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate")  # 422 on a vector model
 IN_USE = {"latent_dim": STARTUP_BUNDLE.latent_dim}  # the bundle of this worker
+# The scope a key needs for each endpoint (None: any valid key); aegan_serve/apikeys.py lists them.
+SCOPES = {
+    "/sample": "generate",
+    "/generate": "generate",
+    "/decode": "generate",
+    "/interpolate": "generate",
+    "/encode": "encode",
+    "/reconstruct": "encode",
+    "/info": None,
+}
 T = TypeVar("T")
 
 
@@ -199,6 +213,7 @@ class AEGAN:
         """A PNG grid of ``n`` generated images, ceil(sqrt(n)) per row. A seed makes it repeatable;
         without one a random seed is drawn. The seed used is in the ``X-Seed`` response header."""
         self._require_images("sample")
+        await spend_images(n)
         seed, latents = self._draw(n, seed, truncation)
         png = await self._compute(n, lambda: encode_png(make_grid(self.model.generate(latents))))
         return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})  # type: ignore[return-value]
@@ -210,6 +225,7 @@ class AEGAN:
     ) -> Generated:
         """``n`` samples as JSON: the seed, the latents and the images as base64 PNG (image models)
         or the vectors (vector models)."""
+        await spend_images(n)
         seed, latents = self._draw(n, seed, truncation)
         decoded = await self._compute(n, lambda: self._decode(latents))
         return Generated(seed=seed, latents=latents.tolist(), **decoded)
@@ -220,6 +236,7 @@ class AEGAN:
         """One latent per uploaded image, in upload order. Concurrent requests are encoded together
         (cross-request batching, see ``AEGAN_BATCH_SIZE``)."""
         self._require_images("encode")
+        await spend_images(len(images))
         z = await self.encoder(await self._load(images))
         return Encoded(latents=z.tolist())
 
@@ -228,6 +245,7 @@ class AEGAN:
     async def decode(self, latents: Latents) -> Decoded:
         """Latent vectors -> images as base64 PNG (image models) or vectors (vector models)."""
         z = check_latents(latents, self.bundle.latent_dim, "latents")
+        await spend_images(len(z))
         return Decoded(**await self._compute(len(z), lambda: self._decode(z)))
 
     @bentoml.api
@@ -236,6 +254,7 @@ class AEGAN:
         """G(E(x)) for each uploaded image x, with its latent and the per-image error against the
         preprocessed upload."""
         self._require_images("reconstruct")
+        await spend_images(len(images))
         x = await self._load(images)
         z = await self.encoder(x)
         return await self._compute(len(x), lambda: self._reconstructed(x, z))
@@ -267,6 +286,7 @@ class AEGAN:
             )
         if len(images) == 1:
             raise RequestError("images needs 2 uploads (the two end points); got 1")
+        await spend_images(steps)
         if images:
             ends = await self.encoder(await self._load(images))
         elif seeds is not None:
@@ -437,6 +457,10 @@ AEGAN.add_asgi_middleware(
         "image_routes": IMAGE_ONLY,
     },
 )
+
+# Keys, scopes, the request quota and one log line per 4xx, before anything else of ours
+# (aegan_serve/auth.py).
+AEGAN.add_asgi_middleware(Gate, workers=SETTINGS.workers, scopes=SCOPES)
 
 # Size and form-body checks before BentoML parses a request (see aegan_serve/middleware.py).
 AEGAN.add_asgi_middleware(
