@@ -32,7 +32,7 @@ from typing import Any
 
 from .apikeys import MAX_KEY_CHARS, ApiKey, KeyRing, KeysFileError, find_key
 from .config import SettingsError
-from .errors import ClientError
+from .errors import ClientError, RequestError
 from .quotas import Budget, Decision, Quotas, QuotaSettings, StorageDown
 from .requestlog import install_filters, log_refused
 
@@ -108,6 +108,20 @@ CALLER: ContextVar[Caller | None] = ContextVar("aegan_caller", default=None)
 IN_FORCE: dict[str, AccessSettings] = {}  # the settings of this worker's gate (for /docs.json)
 
 
+def access_in_force() -> dict[str, bool]:
+    """What the OpenAPI document says of keys and quotas (aegan_serve/openapi.py), as this
+    worker's gate applies them."""
+    settings = IN_FORCE.get("settings")
+    if settings is None:
+        return {}
+    return {
+        "keys": settings.keys_file is not None,
+        "quotas": settings.quotas_on,
+        "closed_quota_store": settings.quotas_on and settings.quotas.failure == "closed",
+        "metrics_public": settings.metrics_public,
+    }
+
+
 async def spend_images(count: int) -> None:
     """Spend ``count`` images from the current caller's image budget; :class:`QuotaExceeded`
     (429) when it does not hold them. Nothing when quotas are off."""
@@ -117,11 +131,10 @@ async def spend_images(count: int) -> None:
     budget = caller.quotas.settings.images
     if budget is None:
         return
-    if count > budget.burst:
-        raise QuotaExceeded(
+    if count > budget.burst:  # never within budget: retrying would not help
+        raise RequestError(
             f"this request makes {count} images, more than the {budget.burst} a caller may make "
-            f"at once (AEGAN_QUOTA_IMAGES_BURST); ask for fewer",
-            Decision(budget, False, 0, 0.0),
+            f"at once (AEGAN_QUOTA_IMAGES_BURST); ask for fewer"
         )
     try:
         decision = await caller.quotas.spend(budget, caller.who, count)

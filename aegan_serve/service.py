@@ -23,13 +23,13 @@ import numpy as np
 from annotated_types import Ge, Le, Len
 from bentoml.validators import ContentType, FileSchema
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, Strict
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from . import __version__
 from .answers import answers_client_errors
-from .auth import AccessSettings, Gate, spend_images
+from .auth import AccessSettings, Gate, access_in_force, spend_images
 from .batching import Batcher
 from .bundle import load_bundle, resolve_bundle_dir
 from .config import Settings, SettingsError, available_cpus, gpu_visible
@@ -120,15 +120,18 @@ class InMemoryFile(FileSchema):
 
 
 # Request field types: their bounds are in the OpenAPI schema and checked before any work is done.
-Count = Annotated[int, Ge(1), Le(LIMITS.max_n)]
-Seed = Annotated[int, Ge(0), Le(MAX_SEED)]
-Truncation = Annotated[float, Ge(0.0), Le(1.0)]
-Coordinate = Annotated[float, Field(allow_inf_nan=False, ge=-LATENT_ABS_MAX, le=LATENT_ABS_MAX)]
+# Strict: a number is a JSON number (not `true`, not "0.5"), as the document says.
+Count = Annotated[int, Strict(), Ge(1), Le(LIMITS.max_n)]
+Seed = Annotated[int, Strict(), Ge(0), Le(MAX_SEED)]
+Truncation = Annotated[float, Strict(), Ge(0.0), Le(1.0)]
+Coordinate = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, ge=-LATENT_ABS_MAX, le=LATENT_ABS_MAX)
+]
 Latents = Annotated[list[list[Coordinate]], Len(1, LIMITS.max_n)]
 UploadedFile = Annotated[Upload, InMemoryFile()]
 Uploads = Annotated[list[UploadedFile], Len(1, LIMITS.max_images)]
-Steps = Annotated[int, Ge(2), Le(LIMITS.max_steps)]
-FrameMs = Annotated[int, Ge(20), Le(10_000)]
+Steps = Annotated[int, Strict(), Ge(2), Le(LIMITS.max_steps)]
+FrameMs = Annotated[int, Strict(), Ge(20), Le(10_000)]
 
 
 class Decoded(BaseModel):
@@ -455,6 +458,7 @@ AEGAN.add_asgi_middleware(
         "api_routes": [api.route for api in AEGAN.apis.values()],
         "upload_routes": [a.route for a in AEGAN.apis.values() if a.input_spec.multipart_fields],
         "image_routes": IMAGE_ONLY,
+        **access_in_force(),
     },
 )
 
