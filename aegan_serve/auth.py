@@ -27,11 +27,12 @@ import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from .apikeys import MAX_KEY_CHARS, ApiKey, KeyRing, KeysFileError, find_key
-from .config import SettingsError
+from .config import Settings, SettingsError
 from .errors import ClientError, RequestError
 from .quotas import Budget, Decision, Quotas, QuotaSettings, StorageDown
 from .requestlog import install_filters, log_refused
@@ -52,7 +53,7 @@ KEY_CHARS = re.compile(rb"[A-Za-z0-9._~+/-]+=*")  # RFC 6750's b64token
 class QuotaExceeded(ClientError):
     """429: the caller has spent its budget; retry after ``Retry-After``."""
 
-    error_code = 429  # type: ignore[assignment]
+    error_code = HTTPStatus.TOO_MANY_REQUESTS
 
     def __init__(self, message: str, decision: Decision) -> None:
         super().__init__(message)
@@ -159,8 +160,9 @@ class Gate:
     read from the environment when a worker builds its app.
     """
 
-    def __init__(self, app: Any, *, workers: int, scopes: Mapping[str, str | None]) -> None:
+    def __init__(self, app: Any, *, scopes: Mapping[str, str | None]) -> None:
         self.app = app
+        workers = Settings.from_env().workers  # this server's, for the `local` failure mode
         self.settings = settings = AccessSettings.from_env(workers=workers)
         IN_FORCE["settings"] = settings
         self.scopes = dict(scopes)

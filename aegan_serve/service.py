@@ -464,7 +464,7 @@ AEGAN.add_asgi_middleware(
 
 # Keys, scopes, the request quota and one log line per 4xx, before anything else of ours
 # (aegan_serve/auth.py).
-AEGAN.add_asgi_middleware(Gate, workers=SETTINGS.workers, scopes=SCOPES)
+AEGAN.add_asgi_middleware(Gate, scopes=SCOPES)
 
 # Size and form-body checks before BentoML parses a request (see aegan_serve/middleware.py).
 AEGAN.add_asgi_middleware(

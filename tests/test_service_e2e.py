@@ -141,6 +141,10 @@ def test_served_encode_is_exact_under_many_concurrent_clients(server, image_bund
         ("tampered", "does not match its manifest"),
         ("AEGAN_MAX_N=many", "AEGAN_MAX_N='many' is not an integer"),
         ("AEGAN_MODEL=/nonexistent/bundle", "/nonexistent/bundle"),
+        ("AEGAN_API_KEYS_FILE=/nonexistent/keys.json", "cannot read the keys file"),
+        ("AEGAN_API_KEYS_FILE=bad-keys", "is not JSON"),
+        ("AEGAN_RATE_LIMIT_STORAGE=redis://cache:port", "AEGAN_RATE_LIMIT_STORAGE"),
+        ("AEGAN_QUOTA_IMAGES_PER_S=lots", "AEGAN_QUOTA_IMAGES_PER_S='lots' is not a number"),
     ],
 )
 def test_a_misconfigured_server_exits_with_the_reason(image_bundle, tmp_path, setting, message):
@@ -153,6 +157,9 @@ def test_a_misconfigured_server_exits_with_the_reason(image_bundle, tmp_path, se
     else:
         key, value = setting.split("=", 1)
         env[key] = value
+        if value == "bad-keys":
+            env[key] = str(tmp_path / "keys.json")
+            (tmp_path / "keys.json").write_text('{"version": 1, "keys": [')
     started = time.monotonic()
     serve = bentoml_serve("aegan_serve.service:AEGAN", env=env, log=tmp_path / "serve.log")
     with pytest.raises(ServerExited) as exited, serve:
