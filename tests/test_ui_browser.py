@@ -61,7 +61,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @contextmanager
-def in_process(bundle: Path) -> Iterator[str]:
+def in_process(bundle: Path, **env: str) -> Iterator[str]:
     """The service on ``bundle`` under uvicorn in a thread of this process (starts in about a
     second, where ``bentoml serve`` takes several)."""
     import uvicorn
@@ -72,6 +72,8 @@ def in_process(bundle: Path) -> Iterator[str]:
         mp.setenv("BENTOML_CONFIG_OPTIONS", f"services.{AEGAN.name}.metrics.enabled=false")
         mp.setenv("AEGAN_MODEL", str(bundle))
         mp.setenv("AEGAN_DEVICE", "cpu")
+        for name, value in env.items():
+            mp.setenv(name, value)
         listener = socket.socket()  # bound here, before the server starts: no port to lose
         listener.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -408,3 +410,30 @@ def test_vector_model_is_shown_as_a_plot_and_a_table(vector_bundle, browser, sho
         assert len(driver.find_elements("css selector", "#vector-table tbody tr")) == 16
         assert console_problems(driver) == []
         screenshot(driver, shots / "vector.png")
+
+
+def test_with_keys_on_the_page_asks_for_a_key_and_keeps_it_for_the_tab(
+    image_bundle, browser, tmp_path
+):
+    from selenium.webdriver.support import expected_conditions
+
+    from aegan_serve.apikeys import create_key
+
+    keys = tmp_path / "keys.json"
+    key = create_key(keys, "explorer", ["generate", "encode"])
+    driver = browser
+    with in_process(image_bundle, AEGAN_API_KEYS_FILE=str(keys)) as url:
+        driver.get(f"{url}/ui/")
+        prompt = wait_for(driver, expected_conditions.alert_is_present(), "the key prompt")
+        assert "needs an API key" in prompt.text
+        prompt.send_keys("aegan_wrong")
+        prompt.accept()
+        again = wait_for(driver, expected_conditions.alert_is_present(), "the second prompt")
+        assert "refused" in again.text
+        again.send_keys(key)
+        again.accept()
+        wait_for(driver, lambda d: len(d.find_elements("css selector", ".tile")) == 16, "grid")
+        assert driver.execute_script("return sessionStorage.getItem('aegan-api-key')") == key
+        assert driver.execute_script("return localStorage.length") == 0
+        assert key not in driver.execute_script("return document.cookie")
+        driver.execute_script("sessionStorage.clear()")
