@@ -199,7 +199,12 @@ class Gate:
         """None when the request may go on, else (status, message, headers) of the refusal."""
         path = scope["path"]
         route = path in self.scopes
-        if self.keyring is not None and not _is_public(path, self.settings.metrics_public):
+        # CORS preflights (OPTIONS) carry no credentials, and answer no data.
+        if (
+            self.keyring is not None
+            and scope.get("method") != "OPTIONS"
+            and not _is_public(path, self.settings.metrics_public)
+        ):
             refusal = await self._authenticate(scope, caller, client)
             if refusal is not None:
                 return refusal
