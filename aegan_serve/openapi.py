@@ -157,6 +157,7 @@ def complete_spec(
             operation["security"] = [{"bearer": []}, {"apiKey": []}]
             operation.setdefault("responses", {})["401"] = _error("no valid API key")
             operation["responses"]["403"] = _error("the API key lacks the admin scope")
+            operation["responses"]["429"] = _error("too many wrong keys from this address", True)
     _bound_latents(spec.get("paths", {}), latent_dim)
     _bound_latents(schemas, latent_dim)
     return spec

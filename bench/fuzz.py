@@ -10,6 +10,12 @@ are accepted (docs/RELIABILITY.md).
 
     .venv/bin/python bench/fuzz.py                      # about 14 000 requests, 25 minutes
     .venv/bin/python bench/fuzz.py --max-examples 100   # a quick look
+    .venv/bin/python bench/fuzz.py --keys               # with API keys on (an admin key sent)
+
+With ``--keys`` the server has API keys and a request quota far above the load (so the document
+declares the keys, 401, 403 and the RateLimit headers, and schemathesis' "ignored auth" check
+sends requests without the key), and the failed-key limit is raised so that those requests do not
+lock the address out.
 
 Writes docs/bench-fuzz.json and prints the summary.
 """
@@ -21,11 +27,14 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve as bench  # noqa: E402
+
+from aegan_serve.apikeys import create_key  # noqa: E402
 
 UPLOAD_PATHS = "^/(encode|reconstruct|interpolate)$"
 PASSES = {  # name: the arguments that select its operations and checks
@@ -45,17 +54,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-examples", type=int, default=2000, help="per operation and phase")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=bench.REPO / "docs" / "bench-fuzz.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default docs/bench-fuzz[-keys].json"
+    )
+    parser.add_argument("--keys", action="store_true", help="API keys and quotas on")
     args = parser.parse_args()
+    name = "bench-fuzz-keys.json" if args.keys else "bench-fuzz.json"
+    args.out = args.out or bench.REPO / "docs" / name
 
-    command, env, port = bench.service({})
-    passes = {}
-    with bench.start("service", command, env, port) as server:
-        started = time.perf_counter()
-        for name, selection in PASSES.items():
-            passes[name] = run_pass(server.base, selection, args.max_examples, args.seed)
-        seconds = time.perf_counter() - started
-        rss = server.rss_mib()
+    settings, headers = {}, []
+    with tempfile.TemporaryDirectory(prefix="aegan-fuzz-") as folder:
+        if args.keys:
+            keys_file = Path(folder) / "keys.json"
+            key = create_key(keys_file, "fuzz", ["admin"])
+            settings = {
+                "AEGAN_API_KEYS_FILE": str(keys_file),
+                "AEGAN_AUTH_FAILURES_PER_MIN": "1000000",
+                "AEGAN_QUOTA_REQUESTS_PER_S": "100000",
+            }
+            headers = ["--header", f"Authorization: Bearer {key}"]
+        command, env, port = bench.service(settings)
+        passes = {}
+        with bench.start("service", command, env, port) as server:
+            started = time.perf_counter()
+            for name, selection in PASSES.items():
+                passes[name] = run_pass(
+                    server.base, selection + headers, args.max_examples, args.seed
+                )
+            seconds = time.perf_counter() - started
+            rss = server.rss_mib()
     failures: dict[str, int] = {}
     for result in passes.values():
         for check, n in result["failures"].items():
@@ -64,6 +91,7 @@ def main() -> None:
     report = {
         "command": " ".join(sys.argv),
         "max_examples": args.max_examples,
+        "keys": args.keys,
         "seed": args.seed,
         "generated_requests": sum(r["generated_requests"] or 0 for r in passes.values()),
         "failures": failures,
@@ -105,7 +133,9 @@ def run_pass(base: str, selection: list[str], max_examples: int, seed: int) -> d
     output = run.stdout + run.stderr
     generated = re.search(r"(\d+) generated", output)
     return {
-        "arguments": selection,
+        "arguments": [
+            a if not a.startswith("Authorization") else "Authorization: …" for a in selection
+        ],
         "generated_requests": int(generated.group(1)) if generated else None,
         "failures": {name: int(n) for name, n in re.findall(r"❌ (ST\d+ [^:]+): (\d+)", output)},
         "exit_code": run.returncode,
