@@ -240,7 +240,7 @@ class Gate:
         assert self.keyring is not None and self.quotas is not None
         address = f"address:{client}"
         left = await self.quotas.failures_left(address)
-        if not left.allowed:
+        if left is not None and not left.allowed:
             return (
                 429,
                 f"too many wrong API keys from this address ({self.settings.quotas.auth_failures} "

@@ -1,10 +1,14 @@
 """Per-caller quotas: a budget of requests and one of images, each a rate per second with a burst,
-counted by the ``limits`` library's moving window in memory (per worker) or in Redis (shared by all
-workers and replicas).
+counted by the ``limits`` library in memory (per worker) or in Redis (shared by all workers and
+replicas).
 
 A budget of rate R per second with a burst of B is "at most B in any window of B/R seconds": a
 caller may spend B at once, then R per second on average. The window must be a whole number of
-seconds (``limits`` counts in seconds), so B must be R times a whole number.
+seconds (``limits`` counts in seconds), so B must be R times a whole number. The windows are
+counted by ``limits``' sliding window counter: the count of the current fixed window plus that of
+the previous one weighted by how much of it still lies within the last B/R seconds. Two counters
+per caller and budget, so a check costs the same whatever the budget (an exact moving window
+keeps one entry per unit spent: a budget of thousands of images would cost thousands of entries).
 
 When Redis cannot be reached, ``AEGAN_RATE_LIMIT_FAILURE`` says what happens (never a 5xx other
 than the documented 503 of ``closed``):
@@ -20,6 +24,7 @@ request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,6 +42,7 @@ STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 REDIS_TIMEOUT_S = 0.25  # a Redis that does not answer within this is taken as down
 RETRY_DOWN_S = 1.0  # while Redis is down, try it again at most this often
 AUTH_FAILURE_WINDOW_S = 60  # failed key attempts per client address are counted over a minute
+MAX_TRACKED_ADDRESSES = 100_000  # addresses with recent failed keys kept before pruning
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,7 @@ class Quotas:
 
     def __init__(self, settings: QuotaSettings) -> None:
         from limits.aio.storage import MemoryStorage
-        from limits.aio.strategies import MovingWindowRateLimiter
+        from limits.aio.strategies import SlidingWindowCounterRateLimiter
         from limits.storage import storage_from_string
 
         self.settings = settings
@@ -215,11 +221,13 @@ class Quotas:
             )
         else:
             storage = MemoryStorage()
-        self.limiter = MovingWindowRateLimiter(storage)
-        self.local = MovingWindowRateLimiter(MemoryStorage())  # while Redis is down (`local`)
+        self.limiter = SlidingWindowCounterRateLimiter(storage)
+        # Each worker's own counters: failed keys, and the budgets while Redis is down (`local`).
+        self.local = SlidingWindowCounterRateLimiter(MemoryStorage())
         self.down_until = 0.0  # Redis is not tried again before this (time.monotonic)
         self.down = False
         self.auth_budget = Budget("auth-failures", settings.auth_failures, AUTH_FAILURE_WINDOW_S)
+        self.failed_at: dict[str, float] = {}  # address -> time of its last failed key
 
     async def spend(self, budget: Budget, who: str, cost: int = 1) -> Decision | None:
         """Spend ``cost`` from ``who``'s ``budget``; None when nothing is counted (Redis down and
@@ -238,15 +246,20 @@ class Quotas:
 
     async def spend_failure(self, who: str) -> None:
         """Count a failed key attempt of ``who`` (in this worker's memory)."""
+        if len(self.failed_at) > MAX_TRACKED_ADDRESSES:  # forget those out of the window
+            horizon = time.monotonic() - AUTH_FAILURE_WINDOW_S
+            self.failed_at = {k: t for k, t in self.failed_at.items() if t > horizon}
+        self.failed_at[who] = time.monotonic()
         await _spend(self.local, self.auth_budget, who, 1)
 
-    async def failures_left(self, who: str) -> Decision:
-        """``who``'s failed key attempts left (in this worker's memory), without spending."""
-        from limits import RateLimitItemPerSecond
-
+    async def failures_left(self, who: str) -> Decision | None:
+        """``who``'s failed key attempts left (in this worker's memory), without spending; None
+        when it has had none within the window (the common case, answered without a lookup)."""
+        last = self.failed_at.get(who)
+        if last is None or time.monotonic() - last > AUTH_FAILURE_WINDOW_S:
+            return None
         budget = self.auth_budget
-        item = RateLimitItemPerSecond(budget.burst, budget.window_s, namespace=budget.name)
-        stats = await self.local.get_window_stats(item, who)
+        stats = await self.local.get_window_stats(_item(budget), who)
         reset = max(0.0, stats.reset_time - time.time())
         return Decision(budget, stats.remaining > 0, stats.remaining, reset)
 
@@ -273,10 +286,16 @@ class Quotas:
         self.down_until = time.monotonic() + RETRY_DOWN_S
 
 
-async def _spend(limiter: object, budget: Budget, who: str, cost: int) -> Decision:
+@functools.cache
+def _item(budget: Budget) -> object:
+    """The ``limits`` item of ``budget``: ``burst`` per ``window_s`` seconds."""
     from limits import RateLimitItemPerSecond
 
-    item = RateLimitItemPerSecond(budget.burst, budget.window_s, namespace=budget.name)
+    return RateLimitItemPerSecond(budget.burst, budget.window_s, namespace=budget.name)
+
+
+async def _spend(limiter: object, budget: Budget, who: str, cost: int) -> Decision:
+    item = _item(budget)
     allowed = await limiter.hit(item, who, cost=cost)  # type: ignore[attr-defined]
     stats = await limiter.get_window_stats(item, who)  # type: ignore[attr-defined]
     return Decision(budget, allowed, stats.remaining, max(0.0, stats.reset_time - time.time()))
