@@ -7,7 +7,8 @@ request without a valid key costs a header check and nothing more.
   without the scope of the endpoint: 403. ``/livez``, ``/readyz`` and ``/healthz`` stay open, and
   so do the pages that hold no data (``/``, ``/docs.json``, ``/ui``); ``/metrics`` needs the
   ``admin`` scope unless ``AEGAN_METRICS_PUBLIC=1``. After ``AEGAN_AUTH_FAILURES_PER_MIN`` wrong
-  keys in a minute, a client address is answered 429 until the minute has passed.
+  keys in a minute, a client address is answered 429 (with ``Retry-After``) until its count over
+  the last minute falls below that again.
 - Quotas (aegan_serve/quotas.py): each request to an endpoint spends one from the caller's request
   budget here, and the endpoint spends its images (:func:`spend_images`). The caller is the key's
   name, or the client address when keys are off. Over budget: 429 with ``Retry-After``; every

@@ -206,7 +206,10 @@ class Quotas:
 
     def __init__(self, settings: QuotaSettings) -> None:
         from limits.aio.storage import MemoryStorage
-        from limits.aio.strategies import SlidingWindowCounterRateLimiter
+        from limits.aio.strategies import (
+            MovingWindowRateLimiter,
+            SlidingWindowCounterRateLimiter,
+        )
         from limits.storage import storage_from_string
 
         self.settings = settings
@@ -222,8 +225,10 @@ class Quotas:
         else:
             storage = MemoryStorage()
         self.limiter = SlidingWindowCounterRateLimiter(storage)
-        # Each worker's own counters: failed keys, and the budgets while Redis is down (`local`).
+        # This worker's own counters: the budgets while Redis is down (`local`); failed keys, in an
+        # exact moving window (a few entries, only for addresses that failed).
         self.local = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self.failures = MovingWindowRateLimiter(MemoryStorage())
         self.down_until = 0.0  # Redis is not tried again before this (time.monotonic)
         self.down = False
         self.auth_budget = Budget("auth-failures", settings.auth_failures, AUTH_FAILURE_WINDOW_S)
@@ -250,7 +255,7 @@ class Quotas:
             horizon = time.monotonic() - AUTH_FAILURE_WINDOW_S
             self.failed_at = {k: t for k, t in self.failed_at.items() if t > horizon}
         self.failed_at[who] = time.monotonic()
-        await _spend(self.local, self.auth_budget, who, 1)
+        await _spend(self.failures, self.auth_budget, who, 1)
 
     async def failures_left(self, who: str) -> Decision | None:
         """``who``'s failed key attempts left (in this worker's memory), without spending; None
@@ -259,7 +264,7 @@ class Quotas:
         if last is None or time.monotonic() - last > AUTH_FAILURE_WINDOW_S:
             return None
         budget = self.auth_budget
-        stats = await self.local.get_window_stats(_item(budget), who)
+        stats = await self.failures.get_window_stats(_item(budget), who)
         reset = max(0.0, stats.reset_time - time.time())
         return Decision(budget, stats.remaining > 0, stats.remaining, reset)
 
