@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +23,6 @@ from training.config import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_PRESET,
     PRESETS,
-    ConfigError,
     RunConfig,
     apply_assignment,
     from_preset,
@@ -72,7 +70,24 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler()])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The ``aegan`` group: a :class:`~aegan_core.errors.UserError` raised anywhere in a command
+    (a bad bundle, run, data set, setting or flag) is shown as click shows its own errors, one
+    line and no traceback: exit status 2 with the usage line for a command-line problem, 1 for
+    the others. Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from aegan_core.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if exc.usage:
+                raise click.UsageError(str(exc), ctx=click.get_current_context()) from exc
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train, export and evaluate autoencoding GANs (AEGAN)."""
 
@@ -176,30 +191,27 @@ def train(
 
         run_training(None, resume, resume=True, steps=steps, eval_hook=eval_hook_for_run(resume))
         return
-    try:
-        cfg = _train_config(
-            preset,
-            {
-                ("data", "source"): source,
-                ("data", "image_size"): image_size,
-                ("data", "channels"): channels,
-                ("data", "on_bad_file"): on_bad_file,
-                ("data", "limit"): limit,
-                ("data", "fashion_mnist_dir"): fashion_mnist_dir,
-                ("model", "arch"): arch,
-                ("model", "latent_dim"): latent_dim,
-                ("model", "width"): width,
-                ("loss", "mode"): mode,
-                ("train", "steps"): steps,
-                ("train", "batch_size"): batch_size,
-                ("train", "seed"): seed,
-                ("train", "threads"): threads,
-                ("train", "progress"): False if no_progress else None,
-            },
-            assignments,
-        )
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+    cfg = _train_config(
+        preset,
+        {
+            ("data", "source"): source,
+            ("data", "image_size"): image_size,
+            ("data", "channels"): channels,
+            ("data", "on_bad_file"): on_bad_file,
+            ("data", "limit"): limit,
+            ("data", "fashion_mnist_dir"): fashion_mnist_dir,
+            ("model", "arch"): arch,
+            ("model", "latent_dim"): latent_dim,
+            ("model", "width"): width,
+            ("loss", "mode"): mode,
+            ("train", "steps"): steps,
+            ("train", "batch_size"): batch_size,
+            ("train", "seed"): seed,
+            ("train", "threads"): threads,
+            ("train", "progress"): False if no_progress else None,
+        },
+        assignments,
+    )
     out = out or Path("runs") / f"{cfg.preset}-{cfg.loss.mode}-seed{cfg.train.seed}"
     if dry_run:
         click.echo(json.dumps({"run_dir": str(out), **cfg.to_dict()}, indent=2))
@@ -268,25 +280,20 @@ def export_command(
     checkpoint file. The networks are rebuilt from the checkpoint's own config; each graph is
     checked against PyTorch with ONNX Runtime before the bundle is written.
     """
-    from aegan_serve.bundle import BundleError, load_bundle
+    from aegan_core.bundle import load_bundle
     from export.bundle_writer import export_bundle, read_metrics_file
-    from export.onnx_export import ExportError
-    from training.checkpoint import CheckpointError
 
-    try:
-        metrics = read_metrics_file(metrics_json) if metrics_json is not None else None
-        bundle_dir = export_bundle(
-            source,
-            out,
-            name=name,
-            fp16=not no_fp16,
-            metrics=metrics,
-            bentoml_name=bentoml_name,
-            force=force,
-        )
-        bundle = load_bundle(bundle_dir)
-    except (CheckpointError, ExportError, BundleError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    metrics = read_metrics_file(metrics_json) if metrics_json is not None else None
+    bundle_dir = export_bundle(
+        source,
+        out,
+        name=name,
+        fp16=not no_fp16,
+        metrics=metrics,
+        bentoml_name=bentoml_name,
+        force=force,
+    )
+    bundle = load_bundle(bundle_dir)
 
     m = bundle.manifest
     shape = "x".join(str(d) for d in bundle.data_shape)
@@ -342,22 +349,18 @@ def directions_command(
     """
     from dataclasses import replace
 
-    from aegan_serve.bundle import BundleError, load_bundle
+    from aegan_core.bundle import load_bundle
     from export.directions import add_directions, bundle_data_config, training_samples
     from training.config import DataConfig
-    from training.data import DataError
 
-    try:
-        bundle = load_bundle(bundle_dir)
-        cfg = bundle_data_config(bundle) if data is None else DataConfig(source=data)
-        if fashion_mnist_dir is not None:
-            cfg = replace(cfg, fashion_mnist_dir=str(fashion_mnist_dir))
-        if limit is not None:
-            cfg = replace(cfg, limit=limit)
-        samples, described = training_samples(cfg)
-        bundle = add_directions(bundle_dir, samples, described)
-    except (BundleError, DataError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    bundle = load_bundle(bundle_dir)
+    cfg = bundle_data_config(bundle) if data is None else DataConfig(source=data)
+    if fashion_mnist_dir is not None:
+        cfg = replace(cfg, fashion_mnist_dir=str(fashion_mnist_dir))
+    if limit is not None:
+        cfg = replace(cfg, limit=limit)
+    samples, described = training_samples(cfg)
+    bundle = add_directions(bundle_dir, samples, described)
     d = bundle.directions
     assert d is not None
     share = d.variances / max(d.total_variance, 1e-30)
@@ -401,10 +404,16 @@ def directions_command(
 @click.option(
     "--data",
     default=None,
-    help="Held-out data for vector models: an .npy of vectors (with FILE.modes.json beside it, "
-    "the mode metrics too) or 'mixture:NAME'.",
+    help="Held-out data: a folder of images (the run's own training folder: its held-out split), "
+    "an .npy of vectors (with FILE.modes.json beside it, the mode metrics too) or 'mixture:NAME'.",
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option(
+    "--compare",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A second run or bundle (a plain GAN, say) measured on the same data beside SOURCE.",
+)
 @click.option("--list", "list_metrics", is_flag=True, help="List the metrics and exit.")
 @needs_extras
 def eval_command(
@@ -415,28 +424,26 @@ def eval_command(
     seed: int,
     data: str | None,
     threads: int | None,
+    compare: Path | None,
     list_metrics: bool,
 ) -> None:
     """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
-    precision, recall, class coverage, reconstruction; energy distance for vector data, and mode
-    coverage where the data declares its modes."""
-    from training.evaluate import EvalError, print_report, run_evaluation
-    from training.metrics import UnknownMetricError, check_metric_names, result_meanings
+    precision, recall, class coverage, reconstruction and the latents' k-NN and linear-probe
+    accuracy beside a PCA of the same size; for a model of an image folder, reconstruction of its
+    held-out images and sample quality in their PCA space; energy distance for vector data, and
+    mode coverage where the data declares its modes."""
+    from training.evaluate import print_report, run_evaluation
+    from training.metrics import check_metric_names, result_meanings
 
     if list_metrics:
         for key, meaning in result_meanings().items():
             click.echo(f"{key}: {meaning}")
         return
-    try:  # before anything is loaded: a typo fails in milliseconds
-        names = check_metric_names(metrics.split(",")) if metrics is not None else None
-    except UnknownMetricError as exc:
-        raise click.BadParameter(str(exc), param_hint="--metrics") from exc
+    # before anything is loaded: a typo fails in milliseconds
+    names = check_metric_names(metrics.split(",")) if metrics is not None else None
     if source is None:
         raise click.UsageError("Missing argument 'SOURCE' (a run directory, checkpoint or bundle).")
-    try:
-        report = run_evaluation(source, names, num_samples, seed, data, threads)
-    except EvalError as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = run_evaluation(source, names, num_samples, seed, data, threads, compare)
     print_report(report, f"{source} (step {report.get('step')}, {num_samples} samples)")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -537,22 +544,17 @@ def encode_command(
         TimeRemainingColumn,
     )
 
-    from aegan_serve.batch_encode import (
-        JobError,
+    from aegan_batch import (
         default_workers,
         plan_job,
         run_job,
         run_job_on_ray,
     )
-    from aegan_serve.bundle import BundleError
-    from aegan_serve.config import DEFAULT_MODEL_DIR
+    from aegan_core.bundle import DEFAULT_MODEL_DIR
 
     if use_ray or ray_address is not None:
         import ray.data  # noqa: F401  (before any work: the 'ray' extra may be missing)
-    try:
-        plan = plan_job(source, model or DEFAULT_MODEL_DIR, dest, chunk_size)
-    except (JobError, BundleError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    plan = plan_job(source, model or DEFAULT_MODEL_DIR, dest, chunk_size)
     done = len(plan.inputs) - plan.pending_inputs
     if done:
         click.echo(
@@ -594,8 +596,6 @@ def encode_command(
                     pool=pool,  # type: ignore[arg-type]
                     progress=advance,
                 )
-        except JobError as exc:
-            raise click.ClickException(str(exc)) from exc
         finally:
             plan.release()
     for name, message in summary.error_examples:
@@ -738,27 +738,8 @@ def keys_revoke(name: str, keys_file: Path) -> None:
 
 
 def run() -> None:
-    """Entry point: problems with the user's files or settings become one line and exit 2."""
-    try:
-        main(standalone_mode=True)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe the user's data, checkpoints or settings, not a bug. Only those of
-    modules already imported: an error class of a module never imported cannot have been raised."""
-    kinds: list[type[BaseException]] = [ConfigError]
-    for module, name in (
-        ("training.data", "DataError"),
-        ("training.checkpoint", "CheckpointError"),
-    ):
-        if module in sys.modules:
-            kinds.append(getattr(sys.modules[module], name))
-    return tuple(kinds)
+    """Entry point of the ``aegan`` console script."""
+    main()
 
 
 if __name__ == "__main__":

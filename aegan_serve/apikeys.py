@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .files import write_atomic
+from aegan_core.errors import UserError
+from aegan_core.files import write_atomic
 
 FORMAT_VERSION = 1
 # What each scope lets a key call; `admin` is every scope and /metrics.
@@ -40,7 +41,7 @@ MAX_KEY_CHARS = 256  # longer presented keys are refused before hashing
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # safe to print in a log line
 
 
-class KeysFileError(ValueError):
+class KeysFileError(UserError, ValueError):
     """The keys file cannot be read or used; the message names the file and the problem."""
 
 

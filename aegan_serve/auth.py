@@ -32,9 +32,10 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from aegan_core.errors import ClientError, RequestError
+
 from .apikeys import MAX_KEY_CHARS, ApiKey, KeyRing, KeysFileError, find_key
 from .config import Settings, SettingsError
-from .errors import ClientError, RequestError
 from .quotas import Budget, Decision, Quotas, QuotaSettings, StorageDown
 from .requestlog import install_filters, log_refused
 

@@ -6,20 +6,19 @@ cannot be parsed stops the server at start-up with a message naming the variable
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-# The shipped bundle, found relative to this package (repository root, Bento or container image).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist"
+from aegan_core.bundle import DEFAULT_MODEL_DIR
+from aegan_core.errors import UserError
+from aegan_core.images import UploadLimits
+from aegan_core.runtime import available_cpus, gpu_visible
+
 DEVICES = ("auto", "cuda", "cpu")
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "QUOTA PERIOD" or "max PERIOD"
-NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """An environment variable holds a value the server cannot use."""
 
 
@@ -41,8 +40,8 @@ class Limits:
     """Per-request limits. Each violation is answered with a 4xx that names the limit."""
 
     max_images: int = 64  # AEGAN_MAX_IMAGES: uploaded images per request (/encode, /reconstruct)
-    max_upload_bytes: int = 8 << 20  # AEGAN_MAX_UPLOAD_BYTES: bytes per uploaded file
-    max_pixels: int = 4096 * 4096  # AEGAN_MAX_PIXELS: width x height of one upload (pre-decode)
+    max_upload_bytes: int = UploadLimits.max_upload_bytes  # AEGAN_MAX_UPLOAD_BYTES: bytes per file
+    max_pixels: int = UploadLimits.max_pixels  # AEGAN_MAX_PIXELS: width x height of one upload
     max_n: int = 64  # AEGAN_MAX_N: images or vectors made per request (/sample, /generate, /decode)
     max_steps: int = 64  # AEGAN_MAX_STEPS: frames per /interpolate answer
     max_request_bytes: int = 64 << 20  # AEGAN_MAX_REQUEST_BYTES: whole body of a form (uploads)
@@ -115,25 +114,3 @@ class Settings:
             fp16=fp16 == "1",
             limits=limits,
         )
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: its CPU affinity (e.g. a container's cpuset), bounded by a cgroup
-    v2 CPU quota (e.g. a container's CPU limit), rounded up; at least 1."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):  # no cgroup v2 CPU controller here
-        pass
-    return max(1, cpus)
-
-
-def gpu_visible() -> bool:
-    """An NVIDIA GPU's device node is present (no driver call: this runs when the service module
-    is imported, before any worker starts)."""
-    return any(Path(node).exists() for node in NVIDIA_DEVICE_NODES)

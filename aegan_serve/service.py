@@ -27,14 +27,9 @@ from pydantic import BaseModel, Field, Strict
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from . import __version__
-from .answers import answers_client_errors
-from .auth import AccessSettings, Gate, access_in_force, spend_images
-from .batching import Batcher
-from .bundle import load_bundle, resolve_bundle_dir
-from .config import Settings, SettingsError, available_cpus, gpu_visible
-from .errors import Overloaded, RequestError, WrongModelKind
-from .images import (
+from aegan_core.bundle import load_bundle, resolve_bundle_dir
+from aegan_core.errors import Overloaded, RequestError, WrongModelKind
+from aegan_core.images import (
     PSNR_CAP_DB,
     encode_gif,
     encode_png,
@@ -46,7 +41,7 @@ from .images import (
     to_uint8,
     to_unit,
 )
-from .latents import (
+from aegan_core.latents import (
     LATENT_ABS_MAX,
     MAX_SEED,
     check_latents,
@@ -55,9 +50,15 @@ from .latents import (
     random_seed,
     sample_prior,
 )
+from aegan_core.runtime import ModelRuntime
+
+from . import __version__
+from .answers import answers_client_errors
+from .auth import AccessSettings, Gate, access_in_force, spend_images
+from .batching import Batcher
+from .config import Settings, SettingsError, available_cpus, gpu_visible
 from .middleware import RequestGuard
 from .openapi import OpenAPICompletion
-from .runtime import ModelRuntime
 from .ui import UI_PATH, ui_app
 
 logger = logging.getLogger("bentoml.aegan_serve")
@@ -171,7 +172,7 @@ class AEGAN:
         self.model = ModelRuntime(
             self.bundle, settings.device, settings.threads, fp16=settings.fp16
         )
-        self.prior = prior_name(self.bundle.manifest["latent_prior"])
+        self.prior = prior_name(self.bundle.spec.latent_prior)
         # Decoding uploads, running the generator and encoding PNGs: a pool bounded by the CPUs.
         self.pool_size = max(1, available_cpus() // settings.workers)
         self.workers = ThreadPoolExecutor(self.pool_size, thread_name_prefix="aegan-work")

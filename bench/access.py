@@ -50,8 +50,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from redis_helpers import Redis, free_port  # noqa: E402
 
+from aegan_core.runtime import available_cpus  # noqa: E402
 from aegan_serve.apikeys import create_key  # noqa: E402
-from aegan_serve.config import available_cpus  # noqa: E402
 
 BIN = Path(sys.executable).parent
 KEYS = 8

@@ -27,9 +27,10 @@ pytest.importorskip(
 )
 from kubernetes.client import ApiClient  # noqa: E402
 
+from aegan_core.bundle import DEFAULT_MODEL_DIR  # noqa: E402
 from aegan_serve.apikeys import create_key  # noqa: E402
 from aegan_serve.auth import AccessSettings  # noqa: E402
-from aegan_serve.config import DEFAULT_MODEL_DIR, Limits, Settings, SettingsError  # noqa: E402
+from aegan_serve.config import Limits, Settings, SettingsError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"

@@ -29,9 +29,9 @@ from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from service_helpers import BENTOML, REPO, ServerExited, bentoml_serve, gradient, image_bytes
 
-from aegan_serve.bundle import load_bundle
-from aegan_serve.images import load_uploads
-from aegan_serve.runtime import ModelRuntime
+from aegan_core.bundle import load_bundle
+from aegan_core.images import load_uploads
+from aegan_core.runtime import ModelRuntime
 
 SERVER_PIDS: dict[str, int] = {}  # base URL -> pid of its `bentoml serve` process
 

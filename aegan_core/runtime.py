@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +27,18 @@ from .bundle import (
     Bundle,
     BundleError,
 )
+from .errors import UserError
 
 logger = logging.getLogger("bentoml.aegan_serve")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _ORT_DEFAULT_LOG_SEVERITY = 2  # warnings and above
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "QUOTA PERIOD" or "max PERIOD"
+NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """The requested device cannot be used (e.g. ``AEGAN_DEVICE=cuda`` without a working GPU)."""
 
 
@@ -61,12 +66,12 @@ class Graph:
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.device_id is None:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0])
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, batch)
         binding.bind_output(self.output_name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return np.asarray(binding.copy_outputs_to_cpu()[0])
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -193,3 +198,25 @@ class ModelRuntime:
             )
         if not (np.isfinite(x).all() and np.isfinite(z).all()):
             raise BundleError(f"{self.bundle.path}: graphs produce non-finite values on zeros")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity (e.g. a container's cpuset), bounded by a cgroup
+    v2 CPU quota (e.g. a container's CPU limit), rounded up; at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here
+        pass
+    return max(1, cpus)
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA GPU's device node is present (no driver call: this runs when the service module
+    is imported, before any worker starts)."""
+    return any(Path(node).exists() for node in NVIDIA_DEVICE_NODES)
