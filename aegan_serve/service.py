@@ -24,7 +24,7 @@ import numpy as np
 from annotated_types import Ge, Le, Len
 from bentoml.validators import ContentType, FileSchema
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, Strict
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
@@ -56,6 +56,7 @@ from aegan_core.runtime import ModelRuntime
 
 from . import __version__
 from .answers import answers_client_errors
+from .auth import AccessSettings, Gate, access_in_force, spend_images
 from .batching import Batcher
 from .config import Settings, SettingsError, available_cpus, cuda_unusable_reason
 from .middleware import RequestGuard
@@ -84,6 +85,9 @@ if SETTINGS.gallery:
     load_gallery(SETTINGS.gallery, STARTUP_BUNDLE, open_index=False)
 if SETTINGS.gallery_root and not Path(SETTINGS.gallery_root).is_dir():
     raise SettingsError(f"AEGAN_GALLERY_ROOT={SETTINGS.gallery_root!r} is not a directory")
+# API keys and quotas (aegan_serve/auth.py): a keys file or quota setting that cannot be used stops
+# the server here too.
+ACCESS = AccessSettings.from_env(workers=SETTINGS.workers)
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
 INLINE_MAX_SEARCH_ROWS = 10_000  # searches of at most this many queries x gallery latents too
 # 422 on a vector model (/similar: when given images)
@@ -98,6 +102,18 @@ ORIGINAL_TYPES = {
     ".bmp": "image/bmp",
 }
 IN_USE = {"latent_dim": STARTUP_BUNDLE.latent_dim}  # the bundle of this worker
+# The scope a key needs for each endpoint (None: any valid key); aegan_serve/apikeys.py lists them.
+SCOPES = {
+    "/sample": "generate",
+    "/generate": "generate",
+    "/decode": "generate",
+    "/interpolate": "generate",
+    "/encode": "encode",
+    "/reconstruct": "encode",
+    "/similar": "search",
+    "/gallery/image": "search",
+    "/info": None,
+}
 T = TypeVar("T")
 
 
@@ -130,17 +146,20 @@ class InMemoryFile(FileSchema):
 
 
 # Request field types: their bounds are in the OpenAPI schema and checked before any work is done.
-Count = Annotated[int, Ge(1), Le(LIMITS.max_n)]
-Seed = Annotated[int, Ge(0), Le(MAX_SEED)]
-Truncation = Annotated[float, Ge(0.0), Le(1.0)]
-Coordinate = Annotated[float, Field(allow_inf_nan=False, ge=-LATENT_ABS_MAX, le=LATENT_ABS_MAX)]
+# Strict: a number is a JSON number (not `true`, not "0.5"), as the document says.
+Count = Annotated[int, Strict(), Ge(1), Le(LIMITS.max_n)]
+Seed = Annotated[int, Strict(), Ge(0), Le(MAX_SEED)]
+Truncation = Annotated[float, Strict(), Ge(0.0), Le(1.0)]
+Coordinate = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, ge=-LATENT_ABS_MAX, le=LATENT_ABS_MAX)
+]
 Latents = Annotated[list[list[Coordinate]], Len(1, LIMITS.max_n)]
 UploadedFile = Annotated[Upload, InMemoryFile()]
 Uploads = Annotated[list[UploadedFile], Len(1, LIMITS.max_images)]
-Steps = Annotated[int, Ge(2), Le(LIMITS.max_steps)]
-Neighbours = Annotated[int, Ge(1), Le(MAX_K)]
+Steps = Annotated[int, Strict(), Ge(2), Le(LIMITS.max_steps)]
+Neighbours = Annotated[int, Strict(), Ge(1), Le(MAX_K)]
 GalleryId = Annotated[str, Len(1, 4096)]
-FrameMs = Annotated[int, Ge(20), Le(10_000)]
+FrameMs = Annotated[int, Strict(), Ge(20), Le(10_000)]
 
 
 class Decoded(BaseModel):
@@ -251,6 +270,7 @@ class AEGAN:
         """A PNG grid of ``n`` generated images, ceil(sqrt(n)) per row. A seed makes it repeatable;
         without one a random seed is drawn. The seed used is in the ``X-Seed`` response header."""
         self._require_images("sample")
+        await spend_images(n)
         seed, latents = self._draw(n, seed, truncation)
         png = await self._compute(n, lambda: encode_png(make_grid(self.model.generate(latents))))
         return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})  # type: ignore[return-value]
@@ -262,6 +282,7 @@ class AEGAN:
     ) -> Generated:
         """``n`` samples as JSON: the seed, the latents and the images as base64 PNG (image models)
         or the vectors (vector models)."""
+        await spend_images(n)
         seed, latents = self._draw(n, seed, truncation)
         decoded = await self._compute(n, lambda: self._decode(latents))
         return Generated(seed=seed, latents=latents.tolist(), **decoded)
@@ -272,6 +293,7 @@ class AEGAN:
         """One latent per uploaded image, in upload order. Concurrent requests are encoded together
         (cross-request batching, see ``AEGAN_BATCH_SIZE``)."""
         self._require_images("encode")
+        await spend_images(len(images))
         z = await self.encoder(await self._load(images))
         return Encoded(latents=z.tolist())
 
@@ -280,6 +302,7 @@ class AEGAN:
     async def decode(self, latents: Latents) -> Decoded:
         """Latent vectors -> images as base64 PNG (image models) or vectors (vector models)."""
         z = check_latents(latents, self.bundle.latent_dim, "latents")
+        await spend_images(len(z))
         return Decoded(**await self._compute(len(z), lambda: self._decode(z)))
 
     @bentoml.api
@@ -288,6 +311,7 @@ class AEGAN:
         """G(E(x)) for each uploaded image x, with its latent and the per-image error against the
         preprocessed upload."""
         self._require_images("reconstruct")
+        await spend_images(len(images))
         x = await self._load(images)
         z = await self.encoder(x)
         return await self._compute(len(x), lambda: self._reconstructed(x, z))
@@ -319,6 +343,7 @@ class AEGAN:
             )
         if len(images) == 1:
             raise RequestError("images needs 2 uploads (the two end points); got 1")
+        await spend_images(steps)
         if images:
             ends = await self.encoder(await self._load(images))
         elif seeds is not None:
@@ -350,6 +375,7 @@ class AEGAN:
             raise RequestError(f"give exactly one of: images (uploads) or latents; got {given}")
         if images:
             self._require_images("similar")
+            await spend_images(len(images))
             z = await self.encoder(await self._load(images))
         else:
             z = check_latents(latents or [], self.bundle.latent_dim, "latents")
@@ -379,6 +405,7 @@ class AEGAN:
         self._require_images("gallery/image")
         z = gallery.latent_of(id)[None]
         if source == "decoded":
+            await spend_images(1)
             png = self._decode_png(z)
             return Response(png, media_type="image/png")  # type: ignore[return-value]
         path = self._original(id)
@@ -593,8 +620,13 @@ AEGAN.add_asgi_middleware(
         "api_routes": [api.route for api in AEGAN.apis.values()],
         "upload_routes": [a.route for a in AEGAN.apis.values() if a.input_spec.multipart_fields],
         "image_routes": IMAGE_ONLY,
+        **access_in_force(),
     },
 )
+
+# Keys, scopes, the request quota and one log line per 4xx, before anything else of ours
+# (aegan_serve/auth.py).
+AEGAN.add_asgi_middleware(Gate, scopes=SCOPES)
 
 # Size and form-body checks before BentoML parses a request (see aegan_serve/middleware.py).
 AEGAN.add_asgi_middleware(

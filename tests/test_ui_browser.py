@@ -474,3 +474,30 @@ def test_similar_panel_finds_the_neighbours_of_the_selection_and_of_an_upload(
         wait_for(driver, lambda d: shown(d, "error"), "the error message")
         assert "/similar refused the request" in by_id(driver, "error-text").text
         assert "not a readable image" in by_id(driver, "similar-status").text
+
+
+def test_with_keys_on_the_page_asks_for_a_key_and_keeps_it_for_the_tab(
+    image_bundle, browser, tmp_path
+):
+    from selenium.webdriver.support import expected_conditions
+
+    from aegan_serve.apikeys import create_key
+
+    keys = tmp_path / "keys.json"
+    key = create_key(keys, "explorer", ["generate", "encode"])
+    driver = browser
+    with in_process(image_bundle, AEGAN_API_KEYS_FILE=str(keys)) as url:
+        driver.get(f"{url}/ui/")
+        prompt = wait_for(driver, expected_conditions.alert_is_present(), "the key prompt")
+        assert "needs an API key" in prompt.text
+        prompt.send_keys("aegan_wrong")
+        prompt.accept()
+        again = wait_for(driver, expected_conditions.alert_is_present(), "the second prompt")
+        assert "refused" in again.text
+        again.send_keys(key)
+        again.accept()
+        wait_for(driver, lambda d: len(d.find_elements("css selector", ".tile")) == 16, "grid")
+        assert driver.execute_script("return sessionStorage.getItem('aegan-api-key')") == key
+        assert driver.execute_script("return localStorage.length") == 0
+        assert key not in driver.execute_script("return document.cookie")
+        driver.execute_script("sessionStorage.clear()")

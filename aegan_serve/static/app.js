@@ -26,17 +26,40 @@ const api = (name) => new URL(`../${name}`, document.baseURI).href;
 
 class ApiError extends Error {}
 
+// A server with API keys on answers 401 without one: the page asks for the key and keeps it for
+// this tab only (sessionStorage: gone when the tab closes, never sent to another origin).
+const KEY_ITEM = "aegan-api-key";
+
+function askForKey(refused) {
+  const key = window.prompt(
+    refused ? "That API key was refused. API key:" : "This server needs an API key. API key:"
+  );
+  if (key) sessionStorage.setItem(KEY_ITEM, key.trim());
+  else sessionStorage.removeItem(KEY_ITEM);
+  return Boolean(key);
+}
+
 async function call(name, body, as = "json") {
   const isForm = body instanceof FormData;
   let response;
-  try {
-    response = await fetch(api(name), {
-      method: "POST",
-      headers: isForm ? {} : { "Content-Type": "application/json" },
-      body: isForm ? body : JSON.stringify(body ?? {}),
-    });
-  } catch (err) {
-    throw new ApiError(`/${name}: the service did not answer (${err.message}).`);
+  for (let attempt = 0; ; attempt++) {
+    const headers = isForm ? {} : { "Content-Type": "application/json" };
+    const key = sessionStorage.getItem(KEY_ITEM);
+    if (key) headers.Authorization = `Bearer ${key}`;
+    try {
+      response = await fetch(api(name), {
+        method: "POST",
+        headers,
+        body: isForm ? body : JSON.stringify(body ?? {}),
+      });
+    } catch (err) {
+      throw new ApiError(`/${name}: the service did not answer (${err.message}).`);
+    }
+    if (response.status !== 401 || attempt >= 2) break;
+    // Another call of the page may have asked for the key meanwhile: try the one it stored.
+    const stored = sessionStorage.getItem(KEY_ITEM);
+    if (stored && stored !== key) continue;
+    if (!askForKey(Boolean(key))) break;
   }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
