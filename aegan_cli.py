@@ -822,17 +822,14 @@ def keys_group() -> None:
     multiple=True,
     default=("generate",),
     show_default=True,
-    help="A scope of the key, repeatable: generate, encode or admin (all).",
+    help="A scope of the key, repeatable: generate, encode, search or admin (all).",
 )
 @KEYS_FILE_OPTION
 def keys_create(name: str, scopes: tuple[str, ...], keys_file: Path) -> None:
     """Add a key NAME; prints the key, the only time it is shown."""
-    from aegan_serve.apikeys import KeysFileError, create_key
+    from aegan_serve.apikeys import create_key
 
-    try:
-        key = create_key(keys_file, name, scopes)
-    except KeysFileError as exc:
-        raise click.ClickException(str(exc)) from None
+    key = create_key(keys_file, name, scopes)
     click.echo(key)
     click.echo(
         f"key {name!r} ({', '.join(sorted(set(scopes)))}) added to {keys_file}; it is shown only "
@@ -845,12 +842,9 @@ def keys_create(name: str, scopes: tuple[str, ...], keys_file: Path) -> None:
 @KEYS_FILE_OPTION
 def keys_list(keys_file: Path) -> None:
     """The keys of the file: name, scopes, creation time (never a key)."""
-    from aegan_serve.apikeys import KeysFileError, read_keys
+    from aegan_serve.apikeys import read_keys
 
-    try:
-        keys = read_keys(keys_file)
-    except KeysFileError as exc:
-        raise click.ClickException(str(exc)) from None
+    keys = read_keys(keys_file)
     for key in keys:
         click.echo(f"{key.name}\t{','.join(sorted(key.scopes))}\t{key.created}")
 
@@ -860,12 +854,9 @@ def keys_list(keys_file: Path) -> None:
 @KEYS_FILE_OPTION
 def keys_revoke(name: str, keys_file: Path) -> None:
     """Remove the key NAME; the service refuses it as soon as it sees the file change."""
-    from aegan_serve.apikeys import KeysFileError, revoke_key
+    from aegan_serve.apikeys import revoke_key
 
-    try:
-        revoke_key(keys_file, name)
-    except KeysFileError as exc:
-        raise click.ClickException(str(exc)) from None
+    revoke_key(keys_file, name)
     click.echo(f"key {name!r} revoked in {keys_file}", err=True)
 
 

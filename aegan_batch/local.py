@@ -35,9 +35,11 @@ Pending = Future[Result]
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(bundle_dir: str, device: str, threads: int, reader: Reader) -> None:
+def _start_worker(
+    bundle_dir: str, device: str, threads: int, reader: Reader, batch_size: int
+) -> None:
     bundle = load_bundle(bundle_dir)
-    _WORKER["model"] = ModelRuntime(bundle, device, threads, fp16=True)
+    _WORKER["model"] = ModelRuntime(bundle, device, threads, fp16=True, max_rows=batch_size)
     _WORKER["reader"] = reader
 
 
@@ -83,7 +85,7 @@ def run_job(
         read: Reader = reader or plan.reader(limits)
         batches = (b for index in plan.missing for b in chunk_batches(plan, index, batch_size))
         if workers == 1 or pool == "threads":
-            model = ModelRuntime(plan.bundle, device, available_cpus())
+            model = ModelRuntime(plan.bundle, device, available_cpus(), max_rows=batch_size)
 
             def task(items: Sequence[Item]) -> tuple[np.ndarray, list[str | None]]:
                 return encode_items(model, read, items)
@@ -102,6 +104,7 @@ def run_job(
                         device,
                         max(1, available_cpus() // count),
                         read,
+                        batch_size,
                     ),
                 )
 

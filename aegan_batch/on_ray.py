@@ -45,7 +45,7 @@ class RayChunkEncoder:
                 f"{bundle.path} on this node holds another encoder ({found[:12]}) than the "
                 "driver's: the bundle must be the same at the same path on every node"
             )
-        self.model = ModelRuntime(bundle, device, threads=1)
+        self.model = ModelRuntime(bundle, device, threads=1, max_rows=batch_size)
         self.reader = self.plan.reader(limits)
         self.batch_size = batch_size
 

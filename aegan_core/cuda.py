@@ -260,8 +260,17 @@ def check_in_subprocess(options: CudaOptions = CudaOptions()) -> str | None:
     if reason is not None:
         return reason
     command = [sys.executable, "-m", __name__, json.dumps(asdict(options))]
+    # The child finds this package wherever the server was started from (not only from its root).
+    where = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (where, os.environ.get("PYTHONPATH", "")) if p)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=CHECK_TIMEOUT_S,
+            env={**os.environ, "PYTHONPATH": path},
+        )
     except subprocess.TimeoutExpired:
         return f"the CUDA check did not finish in {CHECK_TIMEOUT_S} s"
     try:

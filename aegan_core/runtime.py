@@ -1,7 +1,7 @@
 """ONNX Runtime sessions for a bundle's generator and encoder, created once per server worker.
 
 Device choice (``AEGAN_DEVICE``): ``auto`` uses the CUDA execution provider when it works here (see
-aegan_serve/cuda.py: the libraries load, a session keeps the provider and computes), else the CPU
+aegan_core/cuda.py: the libraries load, a session keeps the provider and computes), else the CPU
 provider, with the reason logged and shown in ``/info``; ``cuda`` requires CUDA and fails at
 start-up otherwise, with the reason; ``cpu`` never tries CUDA.
 

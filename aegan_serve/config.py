@@ -90,7 +90,7 @@ class Settings:
     batch_latency_ms: int  # AEGAN_BATCH_LATENCY_MS: most wait for the encoder or a worker thread
     max_queue: int  # AEGAN_MAX_QUEUE: most images waiting for the encoder; more are refused (429)
     fp16: bool  # AEGAN_FP16: 1 (default) runs the bundle's fp16 graphs on CUDA if present, 0 not
-    # The CUDA provider's options (aegan_serve/cuda.py, CudaOptions, says what each does):
+    # The CUDA provider's options (aegan_core/cuda.py, CudaOptions, says what each does):
     cuda_algo_search: str  # AEGAN_CUDA_ALGO_SEARCH: HEURISTIC (default) | EXHAUSTIVE | DEFAULT
     cuda_mem_limit: int  # AEGAN_CUDA_MEM_LIMIT: bytes of GPU memory the arena may hold (0: all)
     cuda_arena: str  # AEGAN_CUDA_ARENA: kSameAsRequested (default) | kNextPowerOfTwo
@@ -185,7 +185,7 @@ def cuda_options(cuda: Mapping[str, Any]) -> CudaOptions:
 
 def cuda_unusable_reason(options: CudaOptions) -> str | None:
     """None when ONNX Runtime's CUDA provider works here with ``options``, else why not (checked
-    once per process, in a child process: aegan_serve/cuda.py)."""
+    once per process, in a child process: aegan_core/cuda.py)."""
     return check_in_subprocess(options)
 
 

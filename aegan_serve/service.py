@@ -74,7 +74,7 @@ LIMITS = SETTINGS.limits
 # non-zero exit status, instead of workers failing and being restarted forever behind an open port.
 STARTUP_BUNDLE = load_bundle(resolve_bundle_dir(SETTINGS.model))
 # Whether a worker will run on CUDA, decided by making a CUDA session (in a child process, once;
-# aegan_serve/cuda.py): the worker layout, the declared resources and AEGAN_DEVICE=cuda follow it.
+# aegan_core/cuda.py): the worker layout, the declared resources and AEGAN_DEVICE=cuda follow it.
 CUDA_REASON = "AEGAN_DEVICE=cpu" if SETTINGS.device == "cpu" else None
 if SETTINGS.device != "cpu":
     CUDA_REASON = cuda_unusable_reason(SETTINGS.cuda_options())

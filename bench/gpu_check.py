@@ -54,8 +54,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aegan_core.bundle import ENCODER, GENERATOR, load_bundle  # noqa: E402
-from aegan_serve.config import DEFAULT_MODEL_DIR  # noqa: E402
+from aegan_core.bundle import DEFAULT_MODEL_DIR, ENCODER, GENERATOR, load_bundle  # noqa: E402
 
 BUDGET_S = 480  # the whole check: 8 minutes
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the service's CUDA buckets up to its GPU batch
