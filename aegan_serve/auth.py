@@ -36,6 +36,7 @@ from aegan_core.errors import ClientError, RequestError
 
 from .apikeys import MAX_KEY_CHARS, ApiKey, KeyRing, KeysFileError, find_key
 from .config import Settings, SettingsError
+from .middleware import reject
 from .quotas import Budget, Decision, Quotas, QuotaSettings, StorageDown
 from .requestlog import install_filters, log_refused
 
@@ -186,9 +187,9 @@ class Gate:
         try:
             refusal = await self._admit(scope, caller, client)
         except StorageDown as exc:
-            return await _answer(send, 503, str(exc), [(b"retry-after", b"1")])
+            return await reject(send, 503, str(exc), [(b"retry-after", b"1")])
         if refusal is not None:
-            return await _answer(send, *refusal)
+            return await reject(send, *refusal)
         token = CALLER.set(caller)
         try:
             await self.app(scope, receive, self._with_headers(send, caller))
@@ -331,24 +332,6 @@ def _presented_key(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str 
     if len(token) > MAX_KEY_CHARS or not KEY_CHARS.fullmatch(token):
         return None, "the API key is malformed (a key is letters, digits and -._~+/=)"
     return token.decode("ascii"), None
-
-
-async def _answer(
-    send: Any, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()
-) -> None:
-    body = json.dumps({"error": message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def _logging_send(send: Any, scope: dict[str, Any], caller: Caller, client: str) -> Any:

@@ -212,7 +212,7 @@ class RequestGuard:
         for key, value in scope["headers"]:
             name = key.decode("latin-1").lower()
             if name in headers and name in SINGLE_HEADERS:  # which one would the parser read?
-                return await _reject(send, 400, f"the request has more than one {name} header")
+                return await reject(send, 400, f"the request has more than one {name} header")
             headers[name] = value
         media_type, options = parse_options_header(headers.get("content-type"))
         is_form = media_type in (b"multipart/form-data", b"application/x-www-form-urlencoded")
@@ -226,17 +226,17 @@ class RequestGuard:
         too_large = f"request body is larger than {limit} bytes ({setting})"
         length = headers.get("content-length", b"").strip()
         if length.isdigit() and int(length) > limit:
-            return await _reject(send, 413, too_large)
+            return await reject(send, 413, too_large)
         # Bodies held at once by this worker: announced ones count from the start, so excess
         # load is refused before any of it is read.
         reserved = int(length) if length.isdigit() else 0
         if self.inflight_bytes + reserved > self.max_inflight_bytes:
-            return await _reject(send, 429, self._busy(), [(b"retry-after", RETRY_AFTER_S)])
+            return await reject(send, 429, self._busy(), [(b"retry-after", RETRY_AFTER_S)])
         self.inflight_bytes += reserved
         check: _MultipartCheck | _UrlencodedCheck | None = None
         if media_type == b"multipart/form-data":
             if b"boundary" not in options:
-                return await _reject(send, 400, "multipart/form-data without a boundary")
+                return await reject(send, 400, "multipart/form-data without a boundary")
             check = _MultipartCheck(options[b"boundary"], file_fields)
         elif media_type == b"application/x-www-form-urlencoded":
             check = _UrlencodedCheck(file_fields)
@@ -278,9 +278,10 @@ class RequestGuard:
         )
 
 
-async def _reject(
+async def reject(
     send: Any, status: int, message: str, extra_headers: list[tuple[bytes, bytes]] = ()
 ) -> None:
+    """Answer ``status`` with ``{"error": message}`` (the guard's refusals and the gate's)."""
     body = json.dumps({"error": message}).encode()
     await send(
         {
