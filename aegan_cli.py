@@ -101,6 +101,13 @@ def main() -> None:
 )
 @click.option("--arch", type=click.Choice(["conv", "mlp"]), default=None, help="Network family.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps.")
+@click.option(
+    "--encoder-stage-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Steps of E alone against the frozen EMA generator after the joint steps "
+    "(train.encoder_stage_steps); with --resume, adds or lengthens the stage of a run.",
+)
 @click.option("--batch-size", type=int, default=None, help="Samples per step per process.")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation, data order, noise.")
 @click.option("--latent-dim", type=int, default=None, help="Dimension of z.")
@@ -145,6 +152,7 @@ def train(
     mode: str | None,
     arch: str | None,
     steps: int | None,
+    encoder_stage_steps: int | None,
     batch_size: int | None,
     seed: int | None,
     latent_dim: int | None,
@@ -173,7 +181,14 @@ def train(
         from training.evaluate import eval_hook_for_run
         from training.training_loop import train as run_training
 
-        run_training(None, resume, resume=True, steps=steps, eval_hook=eval_hook_for_run(resume))
+        run_training(
+            None,
+            resume,
+            resume=True,
+            steps=steps,
+            eval_hook=eval_hook_for_run(resume),
+            encoder_stage_steps=encoder_stage_steps,
+        )
         return
     try:
         cfg = _train_config(
@@ -190,6 +205,7 @@ def train(
                 ("model", "width"): width,
                 ("loss", "mode"): mode,
                 ("train", "steps"): steps,
+                ("train", "encoder_stage_steps"): encoder_stage_steps,
                 ("train", "batch_size"): batch_size,
                 ("train", "seed"): seed,
                 ("train", "threads"): threads,

@@ -286,13 +286,17 @@ def train(
     resume: bool = False,
     steps: int | None = None,
     eval_hook: EvalHook | None = None,
+    encoder_stage_steps: int | None = None,
 ) -> Path | None:
     """Train the run in ``run_dir``, or resume it (``resume=True``, ``cfg=None``: the config comes
-    from its newest loadable checkpoint; ``steps`` may extend it). Returns the final checkpoint
-    path on rank 0, None on other ranks."""
+    from its newest loadable checkpoint; ``steps`` may extend it, and ``encoder_stage_steps`` give
+    a finished run an encoder stage or lengthen its stage: neither changes the steps before).
+    Returns the final checkpoint path on rank 0, None on other ranks."""
     run_dir = Path(run_dir)
     rank, world, device = setup_distributed()
     cfg, state = _run_config(cfg, run_dir, resume, steps, world)
+    if encoder_stage_steps is not None:
+        cfg.train.encoder_stage_steps = encoder_stage_steps
     if resume and rank == 0:
         log.info("resuming %s from step %d", run_dir, state["step"] if state else 0)
     t = cfg.train
