@@ -1,4 +1,5 @@
-"""The AEGAN HTTP service: sample, generate, encode, decode, reconstruct, interpolate and info.
+"""The AEGAN HTTP service: sample, generate, encode, decode, reconstruct, interpolate, info, and
+similar with the pictures of its gallery.
 
 Start it from the repository root with ``bentoml serve`` (the service is named in bentofile.yaml);
 ``AEGAN_MODEL`` selects the bundle. Settings and limits: aegan_serve/config.py. Endpoint reference
@@ -27,13 +28,10 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from . import __version__
-from .answers import answers_client_errors
-from .batching import Batcher
-from .bundle import load_bundle, resolve_bundle_dir
-from .config import Settings, SettingsError, available_cpus, gpu_visible
-from .errors import Overloaded, RequestError, WrongModelKind
-from .images import (
+from aegan_core.bundle import load_bundle, resolve_bundle_dir
+from aegan_core.errors import Overloaded, RequestError, WrongModelKind
+from aegan_core.gallery import MAX_K, Gallery, GalleryNotFound, load_gallery
+from aegan_core.images import (
     PSNR_CAP_DB,
     encode_gif,
     encode_png,
@@ -45,7 +43,7 @@ from .images import (
     to_uint8,
     to_unit,
 )
-from .latents import (
+from aegan_core.latents import (
     LATENT_ABS_MAX,
     MAX_SEED,
     check_latents,
@@ -54,9 +52,14 @@ from .latents import (
     random_seed,
     sample_prior,
 )
+from aegan_core.runtime import ModelRuntime
+
+from . import __version__
+from .answers import answers_client_errors
+from .batching import Batcher
+from .config import Settings, SettingsError, available_cpus, cuda_unusable_reason
 from .middleware import RequestGuard
 from .openapi import OpenAPICompletion
-from .runtime import ModelRuntime
 from .ui import UI_PATH, ui_app
 
 logger = logging.getLogger("bentoml.aegan_serve")
@@ -69,10 +72,31 @@ LIMITS = SETTINGS.limits
 # (missing, altered, not a bundle) or a bad AEGAN_* value above stops it here with the reason and a
 # non-zero exit status, instead of workers failing and being restarted forever behind an open port.
 STARTUP_BUNDLE = load_bundle(resolve_bundle_dir(SETTINGS.model))
-if SETTINGS.device == "cuda" and not gpu_visible():
-    raise SettingsError("AEGAN_DEVICE=cuda but no NVIDIA GPU is visible (no /dev/nvidiactl)")
+# Whether a worker will run on CUDA, decided by making a CUDA session (in a child process, once;
+# aegan_serve/cuda.py): the worker layout, the declared resources and AEGAN_DEVICE=cuda follow it.
+CUDA_REASON = "AEGAN_DEVICE=cpu" if SETTINGS.device == "cpu" else None
+if SETTINGS.device != "cpu":
+    CUDA_REASON = cuda_unusable_reason(SETTINGS.cuda_options())
+    if SETTINGS.device == "cuda" and CUDA_REASON is not None:
+        raise SettingsError(f"AEGAN_DEVICE=cuda but CUDA is not usable here: {CUDA_REASON}")
+# A gallery that is missing, altered or encoded by another bundle stops it the same way.
+if SETTINGS.gallery:
+    load_gallery(SETTINGS.gallery, STARTUP_BUNDLE, open_index=False)
+if SETTINGS.gallery_root and not Path(SETTINGS.gallery_root).is_dir():
+    raise SettingsError(f"AEGAN_GALLERY_ROOT={SETTINGS.gallery_root!r} is not a directory")
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
-IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate")  # 422 on a vector model
+INLINE_MAX_SEARCH_ROWS = 10_000  # searches of at most this many queries x gallery latents too
+# 422 on a vector model (/similar: when given images)
+IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate", "/similar", "/gallery/image")
+# Media types of the originals /gallery/image answers, by suffix (the formats aegan encode reads).
+ORIGINAL_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+}
 IN_USE = {"latent_dim": STARTUP_BUNDLE.latent_dim}  # the bundle of this worker
 T = TypeVar("T")
 
@@ -114,6 +138,8 @@ Latents = Annotated[list[list[Coordinate]], Len(1, LIMITS.max_n)]
 UploadedFile = Annotated[Upload, InMemoryFile()]
 Uploads = Annotated[list[UploadedFile], Len(1, LIMITS.max_images)]
 Steps = Annotated[int, Ge(2), Le(LIMITS.max_steps)]
+Neighbours = Annotated[int, Ge(1), Le(MAX_K)]
+GalleryId = Annotated[str, Len(1, 4096)]
 FrameMs = Annotated[int, Ge(20), Le(10_000)]
 
 
@@ -138,10 +164,22 @@ class Reconstructed(BaseModel):
     psnr: list[float] = Field(description=f"PSNR per image in dB (peak 1, at most {PSNR_CAP_DB:g})")
 
 
+class Neighbour(BaseModel):
+    id: str = Field(description="the gallery image's id: its path in the encoded collection")
+    distance: float = Field(description="Euclidean distance between the two latents")
+
+
+class Similar(BaseModel):
+    results: list[list[Neighbour]] = Field(
+        description="one list per query, in order, nearest first (at most k, and at most the "
+        "gallery's size)"
+    )
+
+
 @bentoml.service(
     name="aegan",
     workers=SETTINGS.workers,
-    resources={"cpu": "2", "memory": "2Gi"},
+    resources=SETTINGS.resources(gpu=CUDA_REASON is None),
     traffic={"timeout": 60},
 )
 class AEGAN:
@@ -151,10 +189,23 @@ class AEGAN:
         settings = Settings.from_env()
         self.bundle = load_bundle(resolve_bundle_dir(settings.model))  # verifies SHA-256
         IN_USE["latent_dim"] = self.bundle.latent_dim  # for the OpenAPI document
+        fallbacks = cuda_fallback_counter()  # at /metrics from the start, 0 until a fallback
         self.model = ModelRuntime(
-            self.bundle, settings.device, settings.threads, fp16=settings.fp16
+            self.bundle,
+            settings.device,
+            settings.threads,
+            fp16=settings.fp16,
+            cuda=settings.cuda_options(),
+            max_rows=settings.largest_batch(),  # CUDA warms up every batch size it will run
+            on_fallback=lambda reason: fallbacks.inc(),
         )
-        self.prior = prior_name(self.bundle.manifest["latent_prior"])
+        self.prior = prior_name(self.bundle.spec.latent_prior)
+        self.gallery: Gallery | None = None
+        if settings.gallery:  # checked whole at start-up; here only the sizes of its files
+            self.gallery = load_gallery(
+                settings.gallery, self.bundle, verify=False, threads=settings.threads
+            )
+        self.gallery_root = Path(settings.gallery_root).resolve() if settings.gallery_root else None
         # Decoding uploads, running the generator and encoding PNGs: a pool bounded by the CPUs.
         self.pool_size = max(1, available_cpus() // settings.workers)
         self.workers = ThreadPoolExecutor(self.pool_size, thread_name_prefix="aegan-work")
@@ -176,7 +227,7 @@ class AEGAN:
             inline_rows=INLINE_MAX_IMAGES,
         )
         logger.info(
-            "model %r from %s: %s %s, latent_dim %d; ONNX Runtime %s (%s, %d threads)",
+            "model %r from %s: %s %s, latent_dim %d; ONNX Runtime %s (%s, %d threads)%s",
             self.bundle.name,
             self.bundle.path,
             self.bundle.kind,
@@ -185,6 +236,7 @@ class AEGAN:
             self.model.provider,
             self.model.precision,
             self.model.threads,
+            f"; CUDA not used: {self.model.cuda_reason}" if self.model.cuda_reason else "",
         )
 
     # The image endpoints answer a ready Response with the PNG/GIF bytes they made in a worker
@@ -280,6 +332,62 @@ class AEGAN:
 
     @bentoml.api
     @answers_client_errors
+    async def similar(
+        self,
+        images: Annotated[list[UploadedFile], Len(0, LIMITS.max_images)] = Field(
+            default_factory=list
+        ),
+        latents: Annotated[list[list[Coordinate]] | None, Len(1, LIMITS.max_n)] = None,
+        k: Neighbours = 10,
+    ) -> Similar:
+        """The ``k`` nearest gallery images (``AEGAN_GALLERY``) to each query, given as exactly
+        one of: uploaded images (encoded as /encode does) or latents. Distances are Euclidean
+        between latents. A neighbour's picture: /gallery/image with its id. 404 when the server
+        has no gallery."""
+        gallery = self._require_gallery()
+        if bool(images) == (latents is not None):
+            given = "both" if images else "neither"
+            raise RequestError(f"give exactly one of: images (uploads) or latents; got {given}")
+        if images:
+            self._require_images("similar")
+            z = await self.encoder(await self._load(images))
+        else:
+            z = check_latents(latents or [], self.bundle.latent_dim, "latents")
+        # A small gallery is searched on the event loop; a larger one in the worker pool, so that
+        # a scan of up to EXACT_MAX_ROWS latents does not hold up the other requests.
+        if len(z) * gallery.size <= INLINE_MAX_SEARCH_ROWS:
+            distances, rows = gallery.search(z, k)
+        else:
+            distances, rows = await self._in_pool(gallery.search, z, k)
+        return Similar(
+            results=[
+                [Neighbour(id=gallery.ids[r], distance=d) for d, r in zip(ds, rs, strict=True)]
+                for ds, rs in zip(distances.tolist(), rows.tolist(), strict=True)
+            ]
+        )
+
+    @bentoml.api(route="/gallery/image")
+    @answers_client_errors
+    async def gallery_image(
+        self, id: GalleryId, source: Literal["decoded", "original"] = "decoded"
+    ) -> Annotated[Path, ContentType("image/*")]:
+        """The picture of gallery image ``id`` (an id /similar answered): ``decoded``, its stored
+        latent through the generator (PNG; needs no source files), or ``original``, the file
+        itself from ``AEGAN_GALLERY_ROOT`` (404 when that is not set, 400 when the id would
+        lead outside it)."""
+        gallery = self._require_gallery()
+        self._require_images("gallery/image")
+        z = gallery.latent_of(id)[None]
+        if source == "decoded":
+            png = self._decode_png(z)
+            return Response(png, media_type="image/png")  # type: ignore[return-value]
+        path = self._original(id)
+        data = await self._in_pool(path.read_bytes)
+        media_type = ORIGINAL_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        return Response(data, media_type=media_type)  # type: ignore[return-value]
+
+    @bentoml.api
+    @answers_client_errors
     def info(self) -> dict[str, Any]:
         """The model (name, shapes, prior, metrics measured at export), the execution provider in
         use, the request limits and the encoder batches run so far by this worker."""
@@ -301,6 +409,9 @@ class AEGAN:
                 "precision": self.model.precision,
                 "threads": self.model.threads,
                 "workers": SETTINGS.workers,
+                "cuda_unused_reason": self.model.cuda_reason,  # null on CUDA
+                "cuda_fallbacks": self.model.fallbacks,
+                "fp16_max_abs_error": self.model.fp16_error,  # fp16 on CUDA against fp32 CPU
             },
             "limits": {
                 **{LIMITS.env_name(k): v for k, v in asdict(LIMITS).items()},
@@ -313,6 +424,9 @@ class AEGAN:
                 "largest": max(sizes, default=0),
                 "sizes": {str(k): v for k, v in sorted(sizes.items())},
             },
+            # The gallery /similar searches (AEGAN_GALLERY); null when there is none.
+            "gallery": self.gallery
+            and {**self.gallery.describe(), "originals": self.gallery_root is not None},
             "version": __version__,
         }
 
@@ -325,6 +439,36 @@ class AEGAN:
                 f"{list(self.bundle.data_shape)}), and /{endpoint} works with images only; "
                 "/generate and /decode return its vectors"
             )
+
+    def _require_gallery(self) -> Gallery:
+        if self.gallery is None:
+            raise GalleryNotFound(
+                "this server has no gallery: index an `aegan encode` output with `aegan index "
+                "DEST` and start the server with AEGAN_GALLERY=DEST"
+            )
+        return self.gallery
+
+    def _decode_png(self, z: np.ndarray) -> bytes:
+        return encode_png(to_uint8(self.model.generate(z))[0])
+
+    def _original(self, id: str) -> Path:
+        """The file of gallery image ``id`` under ``AEGAN_GALLERY_ROOT``; never one outside it."""
+        if self.gallery_root is None:
+            raise GalleryNotFound(
+                "the originals are not served (AEGAN_GALLERY_ROOT is not set); ask for "
+                "source=decoded"
+            )
+        try:
+            path = (self.gallery_root / id).resolve()
+        except (ValueError, OSError) as exc:  # a NUL byte, a link loop
+            raise RequestError(f"id {id[:200]!r} is not a usable path ({exc})") from None
+        if not path.is_relative_to(self.gallery_root):
+            raise RequestError(
+                f"id {id[:200]!r} leads outside AEGAN_GALLERY_ROOT; its original is not served"
+            )
+        if not path.is_file():
+            raise GalleryNotFound(f"id {id[:200]!r} has no file under AEGAN_GALLERY_ROOT")
+        return path
 
     def _draw(self, n: int, seed: int | None, truncation: float) -> tuple[int, np.ndarray]:
         seed = random_seed() if seed is None else seed
@@ -402,6 +546,20 @@ class AEGAN:
 
 
 _ENCODER_BATCH_HISTOGRAM: Any = None
+_CUDA_FALLBACKS: Any = None
+
+
+def cuda_fallback_counter() -> Any:
+    """The Prometheus counter of times a worker in auto mode left CUDA for the CPU (at start-up
+    with a GPU present, or after a failed run); the reason is in the log and /info."""
+    global _CUDA_FALLBACKS
+    if _CUDA_FALLBACKS is None:
+        from prometheus_client import Counter
+
+        _CUDA_FALLBACKS = Counter(
+            "aegan_cuda_fallbacks", "Times a worker left CUDA for the CPU provider"
+        )
+    return _CUDA_FALLBACKS
 
 
 def encoder_batch_histogram() -> Any:

@@ -25,7 +25,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from aegan_serve.runtime import cuda_unavailable_reason
+from aegan_core.cuda import CudaOptions, preload_libraries
+from aegan_core.errors import UserError
+from aegan_core.runtime import cuda_unavailable_reason
 
 OPSET = 18  # ONNX opset of every graph; ONNX Runtime >= 1.14 runs it.
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -44,7 +46,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export cannot proceed, or what it produced is not fit to ship; the message says why."""
 
 
@@ -192,7 +194,11 @@ def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
     """An ONNX Runtime session on exactly ``provider`` (raises if it cannot be created there)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+    providers: list = [provider]
+    if provider == CUDA:  # the service's CUDA settings: libraries preloaded, TF32 off
+        preload_libraries()
+        providers = [(CUDA, CudaOptions().provider_options())]
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     if sess.get_providers()[0] != provider:
         raise RuntimeError(f"ONNX Runtime could not create the {provider} (missing libraries?)")
     return sess

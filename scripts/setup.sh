@@ -29,4 +29,10 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[train,dev,batch,ray]"
+extras="train,dev,batch,ray"
+# A machine whose NVIDIA driver lists a GPU also gets the CUDA and cuDNN libraries for ONNX Runtime
+# (the gpu extra, several GB); without them the service would serve on the CPU.
+if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    extras="$extras,gpu"
+fi
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"

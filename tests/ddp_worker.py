@@ -1,7 +1,10 @@
-"""Run under torchrun by test_distributed.py: a tiny two-process run on the CPU (gloo)."""
+"""Run under torchrun by test_distributed.py: a tiny two-process run on the CPU (gloo), also on a
+host with GPUs: the device is set, not left to auto. Each rank prints its backend and device."""
 
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 from training.config import from_preset
 from training.training_loop import train
@@ -14,4 +17,6 @@ cfg.train.image_every = 2
 cfg.train.log_every = 2
 cfg.train.progress = False
 cfg.train.threads = 1
+cfg.train.device = "cpu"
 train(cfg, Path(sys.argv[1]))
+print(f"rank {dist.get_rank()}: backend {dist.get_backend()}, device {cfg.train.device}")

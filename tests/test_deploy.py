@@ -27,7 +27,9 @@ pytest.importorskip(
 )
 from kubernetes.client import ApiClient  # noqa: E402
 
-from aegan_serve.config import DEFAULT_MODEL_DIR, Limits, Settings, SettingsError  # noqa: E402
+from aegan_core.bundle import DEFAULT_MODEL_DIR  # noqa: E402
+from aegan_serve import config  # noqa: E402
+from aegan_serve.config import Limits, Settings, SettingsError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -318,9 +320,12 @@ def test_service_variables_are_what_config_py_reads() -> None:
     )
 
 
-def default_settings() -> dict[str, str]:
-    """Each variable's default where it does not depend on the machine, as in the image."""
-    defaults = Settings.from_env({"AEGAN_WORKERS": "1", "AEGAN_THREADS": "1"})
+def default_settings(variant: str) -> dict[str, str]:
+    """Each variable's default where it does not depend on the machine, as in the image, on a
+    machine where CUDA is usable (gpu) or not (cpu)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "gpu_usable", lambda options: variant == "gpu")
+        defaults = Settings.from_env({"AEGAN_WORKERS": "1", "AEGAN_THREADS": "1"})
     image_model = Path(dockerfile()["workdir"]) / DEFAULT_MODEL_DIR.relative_to(ROOT)
     values = {
         "AEGAN_MODEL": str(image_model),
@@ -328,6 +333,12 @@ def default_settings() -> dict[str, str]:
         "AEGAN_BATCH_SIZE": str(defaults.batch_size),
         "AEGAN_BATCH_LATENCY_MS": str(defaults.batch_latency_ms),
         "AEGAN_MAX_QUEUE": str(defaults.max_queue),
+        "AEGAN_CUDA_ALGO_SEARCH": defaults.cuda_algo_search,
+        "AEGAN_CUDA_MEM_LIMIT": str(defaults.cuda_mem_limit),
+        "AEGAN_CUDA_ARENA": defaults.cuda_arena,
+        "AEGAN_CUDA_TF32": "1" if defaults.cuda_tf32 else "0",
+        "AEGAN_GALLERY": defaults.gallery,
+        "AEGAN_GALLERY_ROOT": defaults.gallery_root,
     }
     values |= {
         Limits().env_name(f.name): str(getattr(defaults.limits, f.name)) for f in fields(Limits)
@@ -345,7 +356,7 @@ def test_settings_are_the_services_with_their_defaults(variant: str) -> None:
     assert "env" not in container
     data = objects["ConfigMap"]["data"]
     assert set(data) == service_variables()
-    defaults = default_settings()
+    defaults = default_settings(variant)
     assert set(defaults) == service_variables() - POD_SPECIFIC
     assert {k: v for k, v in data.items() if k not in POD_SPECIFIC} == defaults
     try:
@@ -356,17 +367,24 @@ def test_settings_are_the_services_with_their_defaults(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_resources_are_the_services_and_workers_fill_them(variant: str) -> None:
-    from aegan_serve.service import AEGAN
+    """The pod asks for what one worker declares to BentoML (aegan_serve/service.py declares
+    Settings.resources: the GPU's when CUDA is usable), the GPU as the device plugin's resource."""
+    from aegan_serve.service import AEGAN, SETTINGS
 
-    declared = AEGAN.config["resources"]
     objects = objects_of(variant)
     resources = pod_spec(objects["Deployment"])["containers"][0]["resources"]
-    assert resources["requests"] == declared
-    assert {k: v for k, v in resources["limits"].items() if k != "nvidia.com/gpu"} == declared
     settings = Settings.from_env(objects["ConfigMap"]["data"])
+    declared = SETTINGS.resources(gpu=variant == "gpu")
+    if variant == "cpu":
+        assert declared == AEGAN.config["resources"]  # this machine has no usable GPU
+    gpus = declared.pop("gpu", None)
+    for kind in ("requests", "limits"):
+        assert {k: v for k, v in resources[kind].items() if k != "nvidia.com/gpu"} == declared
     if variant == "gpu":
-        assert resources["limits"]["nvidia.com/gpu"] == "1"
+        assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
+        assert resources["limits"]["nvidia.com/gpu"] == str(gpus) == "1"
         assert (settings.device, settings.workers) == ("cuda", 1)
+        assert settings.batch_size == config.GPU_BATCH_SIZE
     else:
         assert "nvidia.com/gpu" not in resources["limits"]
         assert (settings.device, settings.workers) == ("cpu", int(declared["cpu"]))
@@ -415,4 +433,36 @@ def test_service_autoscaler_and_budget_select_the_deployment(variant: str) -> No
     assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
     assert hpa["metrics"][0]["resource"]["target"]["type"] == "Utilization"
     assert "replicas" not in deployment["spec"]  # the autoscaler's to set
-    assert hpa["minReplicas"] > objects["PodDisruptionBudget"]["spec"]["maxUnavailable"]
+    if variant == "cpu":  # one pod can be drained while another serves
+        assert hpa["minReplicas"] > objects["PodDisruptionBudget"]["spec"]["maxUnavailable"]
+    else:  # one GPU is enough to start (test_the_gpu_variant_runs_on_one_plain_gpu)
+        assert hpa["minReplicas"] == 1 <= hpa["maxReplicas"]
+
+
+def test_the_gpu_variant_runs_on_one_plain_gpu() -> None:
+    """Schedulable with the NVIDIA device plugin alone, on a cluster with a single GPU: the GPU is
+    requested as a resource, no node label of GPU feature discovery is required, GPU taints are
+    tolerated, the autoscaler starts at one pod and a rollout needs no second GPU. Memory covers
+    the CUDA libraries."""
+    objects = objects_of("gpu")
+    spec = pod_spec(objects["Deployment"])
+    resources = spec["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+    assert "nodeSelector" not in spec and "affinity" not in spec
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    memory = resources["limits"]["memory"]
+    assert memory.endswith("Gi") and int(memory[:-2]) >= 4, memory
+    assert objects["HorizontalPodAutoscaler"]["spec"]["minReplicas"] == 1
+    assert objects["Deployment"]["spec"]["strategy"]["rollingUpdate"] == {
+        "maxSurge": 0,
+        "maxUnavailable": 1,
+    }
+    startup = spec["containers"][0]["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # CUDA start and warm-up
+    cpu = pod_spec(objects_of("cpu")["Deployment"])
+    assert (
+        "tolerations" not in cpu
+        and "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
+    )

@@ -22,6 +22,8 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    reports = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert reports == [f"rank {r}: backend gloo, device cpu" for r in (0, 1)], result.stdout
 
     # exactly one checkpoint set, written by rank 0
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-0000002.pt", "step-0000004.pt"]

@@ -34,9 +34,10 @@ from schemathesis.specs.openapi.checks import (
 )
 from service_helpers import BENTOML, REPO, ServerExited, bentoml_serve, gradient, image_bytes
 
-from aegan_serve.bundle import load_bundle
-from aegan_serve.images import load_uploads
-from aegan_serve.runtime import ModelRuntime
+from aegan_core.bundle import load_bundle
+from aegan_core.cuda import check_in_subprocess
+from aegan_core.images import load_uploads
+from aegan_core.runtime import ModelRuntime
 
 SERVER_PIDS: dict[str, int] = {}  # base URL -> pid of its `bentoml serve` process
 
@@ -93,6 +94,8 @@ def test_served_endpoints_through_the_python_client(server, tmp_path):
         info = client.info()
         assert info["model"]["name"] == "tiny-test"
         assert info["runtime"]["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+        on_cpu = info["runtime"]["provider"] == "CPUExecutionProvider"
+        assert bool(info["runtime"]["cuda_unused_reason"]) == on_cpu  # AEGAN_DEVICE=auto: why
         assert info["limits"]["AEGAN_MAX_IMAGES"] == 3  # read from the environment
 
         with pytest.raises(BentoMLException) as too_many:
@@ -146,10 +149,13 @@ def test_served_encode_is_exact_under_many_concurrent_clients(server, image_bund
         ("tampered", "does not match its manifest"),
         ("AEGAN_MAX_N=many", "AEGAN_MAX_N='many' is not an integer"),
         ("AEGAN_MODEL=/nonexistent/bundle", "/nonexistent/bundle"),
+        ("AEGAN_DEVICE=cuda", "AEGAN_DEVICE=cuda but CUDA is not usable here: "),
     ],
 )
 def test_a_misconfigured_server_exits_with_the_reason(image_bundle, tmp_path, setting, message):
     """Not a crash loop of workers behind an open port: the process ends, non-zero, and says why."""
+    if setting == "AEGAN_DEVICE=cuda" and check_in_subprocess() is None:
+        pytest.skip("CUDA is usable here")
     bundle = tmp_path / "bundle"
     shutil.copytree(image_bundle, bundle)
     env = {**os.environ, "AEGAN_MODEL": str(bundle), "AEGAN_DEVICE": "cpu"}
@@ -178,6 +184,8 @@ def test_served_health_and_metrics(server):
     assert 'endpoint="/generate"' in metrics
     count = re.search(r"^aegan_encoder_batch_images_count(?:\{[^}]*\})? (\S+)$", metrics, re.M)
     assert count and float(count.group(1)) > 0, metrics[-2000:]  # the encoder runs of every worker
+    fallbacks = re.search(r"^aegan_cuda_fallbacks_total(?:\{[^}]*\})? (\S+)$", metrics, re.M)
+    assert fallbacks and float(fallbacks.group(1)) == 0, metrics[-2000:]  # no GPU failed here
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from aegan_serve.files import TEMP_PREFIX, replace_file
+from aegan_core.errors import UserError
+from aegan_core.files import TEMP_PREFIX, replace_file
 from training.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ CONFIG_FILE = "config.json"  # The resolved config of a run, written before its 
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file is missing, truncated, or not an AEGAN checkpoint; the message names it."""
 
 

@@ -11,9 +11,12 @@ import copy
 import json
 import math
 import os
+import re
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from aegan_core.errors import UserError
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_NUM_SAMPLES = 10_000  # samples ``aegan eval`` generates and compares
@@ -22,6 +25,8 @@ FASHION_MNIST_ENV = "AEGAN_FASHION_MNIST_DIR"
 Arch = Literal["conv", "mlp"]
 Mode = Literal["aegan", "gan"]
 OnBadFile = Literal["fail", "skip"]
+Precision = Literal["fp32", "bf16", "fp16"]
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 CONV_IMAGE_SIZES = (28, 32, 64)  # square sides the conv networks are built for
 
 
@@ -118,6 +123,20 @@ class TrainConfig:
     # a generator seeded by the run's seed alone); 0: the EMA keeps the live networks' statistics.
     bn_recompute_batches: int = 0
     progress: bool = True  # Show a live progress bar.
+    # Where to train: 'auto' (CUDA when torch sees a GPU for every local rank, else the CPU),
+    # 'cpu', 'cuda' (under torchrun each rank takes GPU LOCAL_RANK) or 'cuda:N' (one process).
+    device: str = "auto"
+    # Bit-exact runs and resumes on CUDA: deterministic kernels (torch.use_deterministic_algorithms,
+    # cuDNN's deterministic algorithms, CUBLAS_WORKSPACE_CONFIG); slower. The CPU is deterministic
+    # without it.
+    deterministic: bool = False
+    cudnn_benchmark: bool = False  # CUDA: let cuDNN time its algorithms for the fixed batch shape.
+    # Autocast of the forward passes: 'fp32' (off), 'bf16' (CUDA since Ampere, or the CPU), or
+    # 'fp16' (CUDA; gradients scaled by a GradScaler, whose state the checkpoints keep).
+    precision: Precision = "fp32"
+    # CUDA: copy the whole dataset to the GPU once (batches are gathered there); false: each batch
+    # is gathered on the CPU, pinned and copied without blocking.
+    data_on_device: bool = True
 
 
 @dataclass
@@ -282,8 +301,10 @@ def from_preset(name: str) -> RunConfig:
     return cfg
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is invalid; ``flag`` names the command-line flag (or config field) to fix."""
+
+    usage = True
 
     def __init__(self, flag: str, message: str) -> None:
         super().__init__(f"{flag}: {message}")
@@ -329,8 +350,9 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
     for name, value in (("--latent-dim", m.latent_dim), ("--width", m.width)):
         if value < 1:
             raise ConfigError(name, f"must be at least 1, not {value}")
-    if m.hidden < 1 or m.depth < 1:
-        raise ConfigError("--hidden", "hidden units and depth must be at least 1")
+    for name, value in (("model.hidden", m.hidden), ("model.depth", m.depth)):
+        if value < 1:
+            raise ConfigError(name, f"must be at least 1, not {value}")
     nonnegative = ("adv_x", "adv_x_recon", "adv_z", "recon_x", "recon_z", "encoder_noise")
     for name in (*nonnegative, "instance_noise"):
         if getattr(lo, name) < 0:
@@ -339,8 +361,9 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
         raise ConfigError("loss.recon_share", "must be a fraction in (0, 1]")
     if not 0 <= lo.recon_x_final <= 1:
         raise ConfigError("loss.recon_x_final", "must be a fraction in [0, 1]")
-    if o.lr_g <= 0 or o.lr_d <= 0:
-        raise ConfigError("--lr", "learning rates must be positive")
+    for name, value in (("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d)):
+        if value <= 0:
+            raise ConfigError(name, f"must be positive, not {value}")
     if not 0 <= o.lr_final <= 1:
         raise ConfigError("optim.lr_final", "must be a fraction in [0, 1]")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
@@ -369,6 +392,14 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
         raise ConfigError("train.bn_recompute_batches", "must be >= 0")
     if t.threads is not None and t.threads < 1:
         raise ConfigError("--threads", "must be at least 1")
+    if not re.fullmatch(DEVICE_PATTERN, t.device):
+        raise ConfigError("--device", f"must be auto, cpu, cuda or cuda:N, not {t.device!r}")
+    if t.precision not in get_args(Precision):
+        raise ConfigError("train.precision", f"must be {describe_type(Precision)}")
+    if t.deterministic and t.cudnn_benchmark:
+        raise ConfigError(
+            "train.cudnn_benchmark", "cuDNN's benchmark picks kernels by timing: not deterministic"
+        )
     if data is not None:
         _validate_data(cfg, data)
     return cfg

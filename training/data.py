@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aegan_serve.images import to_model_input
+from aegan_core.errors import UserError
+from aegan_core.images import to_model_input
 from training.config import DataConfig, fashion_mnist_dir
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data at a path cannot be used; the message names the path and the problem."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from aegan_core.errors import UserError
 from training.config import (
     DEFAULT_NUM_SAMPLES,
     ConfigError,
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 EVAL_PREFIX = "eval/"  # metrics.jsonl fields written by the training-time hook
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """The model, bundle or classifier of an evaluation cannot be used."""
 
 
@@ -90,8 +91,8 @@ def load_bundle_model(
     path: Path, threads: int | None = None
 ) -> tuple[GenerativeModel, dict[str, Any]]:
     """The generator and encoder graphs of a bundle, run on the CPU by the service's runtime."""
-    from aegan_serve.bundle import load_bundle
-    from aegan_serve.runtime import ModelRuntime
+    from aegan_core.bundle import load_bundle
+    from aegan_core.runtime import ModelRuntime
 
     bundle = load_bundle(path)
     runtime = ModelRuntime(bundle, device="cpu", threads=threads or 0)  # 0: ONNX Runtime's default
@@ -104,7 +105,7 @@ def load_bundle_model(
 
 
 def load_model(source: Path, threads: int | None = None) -> tuple[GenerativeModel, dict[str, Any]]:
-    from aegan_serve.bundle import MANIFEST_NAME
+    from aegan_core.bundle import MANIFEST_NAME
 
     if source.is_dir() and (source / MANIFEST_NAME).is_file():
         return load_bundle_model(source, threads)
@@ -365,7 +366,7 @@ def run_evaluation(
     bundle or classifier that cannot be used."""
     import torch
 
-    from aegan_serve.bundle import BundleError
+    from aegan_core.bundle import BundleError
     from training.metrics.classifier import ClassifierError
 
     if threads:

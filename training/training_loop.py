@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aegan_serve.files import write_atomic
-from aegan_serve.images import save_grid
+from aegan_core.files import write_atomic
+from aegan_core.images import save_grid
 from training.checkpoint import (
     CONFIG_FILE,
     remove_temp_files,
@@ -35,7 +36,15 @@ from training.checkpoint import (
     run_config,
     save_checkpoint,
 )
-from training.config import ConfigError, DataFacts, LossConfig, OptimConfig, RunConfig, validate
+from training.config import (
+    ConfigError,
+    DataFacts,
+    LossConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    validate,
+)
 from training.data import load_dataset
 from training.losses import (
     discriminator_loss,
@@ -59,19 +68,85 @@ ENCODER_STAGE = "E_stage"  # the optimiser of E in the encoder stage
 # --- process group --------------------------------------------------------------------------
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun, joins the process group (NCCL on GPUs, gloo)."""
+def setup_distributed(device_setting: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun, joins the process group: NCCL on GPUs, gloo on
+    the CPU (:func:`backend_for`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = resolve_device(device_setting, local_rank, local_world, world)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device))
     return rank, world, device
+
+
+def resolve_device(setting: str, local_rank: int, local_world: int, world: int) -> torch.device:
+    """The device of this process for ``train.device``. ``auto`` takes CUDA only when there is a
+    GPU for every process on this host (two ranks on a one-GPU host train on the CPU, all of them:
+    the ranks of one run share one backend)."""
+    if setting == "cpu":
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if setting == "auto":
+        return torch.device("cuda", local_rank) if gpus >= local_world else torch.device("cpu")
+    if gpus == 0:
+        raise ConfigError(
+            "--device",
+            f"{setting}: torch sees no CUDA device (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}: install torch's CUDA build, docs/SERVING.md)",
+        )
+    if ":" in setting and world > 1:
+        raise ConfigError(
+            "--device", f"{setting} is for one process; under torchrun use cuda (GPU LOCAL_RANK)"
+        )
+    index = int(setting.partition(":")[2] or local_rank)
+    if index >= gpus:
+        raise ConfigError("--device", f"{setting}: GPU {index} asked for, torch sees {gpus}")
+    return torch.device("cuda", index)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@contextmanager
+def backend_settings(t: TrainConfig) -> Iterator[None]:
+    """The run's determinism and cuDNN settings (process-wide in torch), put back afterwards."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    if t.deterministic:
+        # cuBLAS needs a fixed workspace for reproducible results; read when its handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1:]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``: to a GPU through pinned memory, without blocking the host."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """Mixed precision of the forward passes for ``train.precision`` (``fp32``: off)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _unwrap(net: nn.Module) -> nn.Module:
@@ -149,6 +224,8 @@ def restore(
     for k, opt in model.optimizers.items():
         if k in state["optim"]:  # the encoder stage's is saved once the run has one
             opt.load_state_dict(state["optim"][k])
+    if "scaler" in state:  # fp16 runs
+        model.scaler.load_state_dict(state["scaler"])
     gen.set_state(state["rng"]["data"][rank])
     torch.set_rng_state(state["rng"]["torch"][rank])
     cuda = state["rng"].get("cuda", [None] * (rank + 1))[rank]  # absent before it was saved
@@ -206,6 +283,7 @@ class Networks:
     ema: dict[str, nn.Module]  # exponential moving averages of G (and E): what is exported
     # "D" (Dx, Dz), "GE" (G, E) and, for a run with an encoder stage, ENCODER_STAGE (E alone)
     optimizers: dict[str, torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler  # fp16: scales the losses of both steps; otherwise a no-op
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device) -> Networks:
@@ -225,13 +303,15 @@ class Networks:
         }
         if cfg.train.encoder_stage_steps > 0 and "E" in nets:
             optimizers[ENCODER_STAGE] = adam(("E",), cfg.optim.lr_encoder_stage)
-        return cls(nets, ema, optimizers)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        return cls(nets, ema, optimizers, scaler)
 
     def state(self) -> dict[str, Any]:
         return {
             "nets": {k: _unwrap(v).state_dict() for k, v in self.nets.items()},
             "ema": {k: v.state_dict() for k, v in self.ema.items()},
             "optim": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
 
 
@@ -285,21 +365,40 @@ def train(
     *,
     resume: bool = False,
     steps: int | None = None,
+    device: str | None = None,
     eval_hook: EvalHook | None = None,
     encoder_stage_steps: int | None = None,
 ) -> Path | None:
     """Train the run in ``run_dir``, or resume it (``resume=True``, ``cfg=None``: the config comes
-    from its newest loadable checkpoint; ``steps`` may extend it, and ``encoder_stage_steps`` give
-    a finished run an encoder stage or lengthen its stage: neither changes the steps before).
-    Returns the final checkpoint path on rank 0, None on other ranks."""
+    from its newest loadable checkpoint; ``steps`` may extend it, ``device`` move it, and
+    ``encoder_stage_steps`` give a finished run an encoder stage or lengthen its stage: neither
+    changes the steps before). Returns the final checkpoint path on rank 0, None on other ranks."""
     run_dir = Path(run_dir)
-    rank, world, device = setup_distributed()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, state = _run_config(cfg, run_dir, resume, steps, world)
     if encoder_stage_steps is not None:
         cfg.train.encoder_stage_steps = encoder_stage_steps
+        validate(cfg)
+    if device is not None:
+        cfg.train.device = device
+        validate(cfg)
+    with backend_settings(cfg.train):
+        return _train(cfg, state, run_dir, resume, eval_hook)
+
+
+def _train(
+    cfg: RunConfig,
+    state: dict[str, Any] | None,
+    run_dir: Path,
+    resume: bool,
+    eval_hook: EvalHook | None,
+) -> Path | None:
+    rank, world, device = setup_distributed(cfg.train.device)
     if resume and rank == 0:
         log.info("resuming %s from step %d", run_dir, state["step"] if state else 0)
     t = cfg.train
+    if rank == 0:
+        log.info("training on %s (%s, %s)", device, t.precision, backend_for(device))
     if t.threads:
         torch.set_num_threads(t.threads)
 
@@ -323,7 +422,11 @@ def train(
         t.grid_size, cfg.model.latent_dim, generator=torch.Generator().manual_seed(t.seed)
     ).to(device)
     fixed_x = data.samples[:32].to(device)
-    samples = data.samples  # kept on the CPU; batches move to the device
+    # On a GPU the dataset is copied there once (train.data_on_device), or batches go through
+    # pinned memory; on the CPU batches are gathered in place.
+    on_device = device.type == "cuda" and t.data_on_device
+    samples = data.samples.to(device) if on_device else data.samples
+    scaler = model.scaler
 
     writer = rank == 0
     if writer:
@@ -363,21 +466,26 @@ def train(
 
             # (1) Fetch a batch of data and prior noise.
             idx = torch.randint(len(samples), (t.batch_size,), generator=gen)
-            x = samples[idx].to(device, non_blocking=True)
-            z = torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen).to(device)
-            passes = forward(nets, x, z, n_recon, cfg.loss.encoder_noise, cfg.loss.recon_in_g_batch)
+            x = samples[to_device(idx, device)] if on_device else to_device(samples[idx], device)
+            z = to_device(torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen), device)
+            with autocast(t.precision, device):
+                passes = forward(
+                    nets, x, z, n_recon, cfg.loss.encoder_noise, cfg.loss.recon_in_g_batch
+                )
 
-            # (2) Update Dx and Dz on real vs generated (generator side detached).
-            d_terms = discriminator_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
+                # (2) Update Dx and Dz on real vs generated (generator side detached).
+                d_terms = discriminator_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
             opt_d.zero_grad(set_to_none=True)
-            weighted_total(d_terms, cfg.loss).backward()
-            opt_d.step()
+            scaler.scale(weighted_total(d_terms, cfg.loss)).backward()
+            scaler.step(opt_d)
 
             # (3) Update G and E together: fool the updated discriminators, reconstruct x and z.
-            ge_terms = generator_encoder_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
+            with autocast(t.precision, device):
+                ge_terms = generator_encoder_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
             opt_ge.zero_grad(set_to_none=True)
-            weighted_total(ge_terms, cfg.loss, recon_x_weight).backward()
-            opt_ge.step()
+            scaler.scale(weighted_total(ge_terms, cfg.loss, recon_x_weight)).backward()
+            scaler.step(opt_ge)
+            scaler.update()
 
             # (4) Exponential moving average of G and E. Under DDP, batch-norm statistics are
             # first taken from rank 0 (as DDP does at each forward) so every rank averages alike.

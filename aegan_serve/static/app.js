@@ -1,5 +1,6 @@
 // The latent explorer. Plain JavaScript, no dependencies: every request goes to the service's
-// public HTTP API (/info, /generate, /decode, /reconstruct, /interpolate) on the page's own origin.
+// public HTTP API (/info, /generate, /decode, /reconstruct, /interpolate, /similar, /gallery/image)
+// on the page's own origin.
 "use strict";
 
 const SLIDERS = 8; // directions shown in Edit
@@ -15,6 +16,7 @@ const state = {
   ends: { a: null, b: null }, // {latent, image, label}
   decode: { pending: null, busy: false },
   downloads: [], // object URLs to release on the next interpolation
+  neighbourUrls: [], // object URLs of the neighbours shown in Similar
 };
 
 const $ = (id) => document.getElementById(id);
@@ -196,6 +198,7 @@ function select(latent, image, label) {
     s.nextElementSibling.textContent = "0.0";
   });
   ["reset-sliders", "use-a", "use-b"].forEach((id) => ($(id).disabled = false));
+  $("similar-selection").disabled = !state.info.gallery;
   const img = $("selected-image");
   img.src = image;
   img.hidden = false;
@@ -322,6 +325,64 @@ async function drawAsModelSees(file) {
   }
 }
 
+// --- Similar ----------------------------------------------------------------------------------
+
+function describeGallery(gallery) {
+  if (!gallery) {
+    return "This server has no gallery to search. Encode a collection (aegan encode), index it " +
+      "(aegan index) and start the server with AEGAN_GALLERY set to it.";
+  }
+  const search = gallery.kind === "exact" ? "exact search" : `approximate search (recall@10 ${gallery.recall_at_10})`;
+  return `Gallery: ${gallery.size} images (${search}). Search with the selection in Edit, or with an image of your own; ` +
+    "neighbours are shown decoded from their stored latents, nearest first, with the distance between the latents.";
+}
+
+// The k nearest gallery images of a query: {latents: [z]} or a FormData with the upload.
+async function searchSimilar(query, what) {
+  const k = Number($("similar-k").value);
+  $("similar-status").textContent = `Searching for ${what}…`;
+  $("similar-status").className = "";
+  let out;
+  if (query instanceof FormData) {
+    query.append("k", String(k));
+    out = await call("similar", query);
+  } else {
+    out = await call("similar", { ...query, k });
+  }
+  const neighbours = out.results[0];
+  const pictures = await Promise.all(neighbours.map((n) => call("gallery/image", { id: n.id }, "blob")));
+  state.neighbourUrls.forEach((u) => URL.revokeObjectURL(u));
+  state.neighbourUrls = pictures.map((blob) => URL.createObjectURL(blob));
+  const box = $("similar-results");
+  box.replaceChildren();
+  neighbours.forEach((n, i) => {
+    const figure = document.createElement("figure");
+    figure.className = "neighbour";
+    const img = document.createElement("img");
+    img.className = "thumb";
+    img.src = state.neighbourUrls[i];
+    img.alt = `neighbour ${i + 1}: ${n.id}`;
+    const caption = document.createElement("figcaption");
+    caption.textContent = `${n.id} · ${n.distance.toFixed(3)}`;
+    figure.append(img, caption);
+    box.append(figure);
+  });
+  $("similar-status").textContent = `${neighbours.length} nearest gallery images to ${what}.`;
+}
+
+async function similarToFile(file) {
+  if (!file) return;
+  const form = new FormData();
+  form.append("images", file, file.name);
+  try {
+    await searchSimilar(form, file.name);
+  } catch (err) {
+    $("similar-status").textContent = `${file.name} was not searched: ${err.message}`;
+    $("similar-status").className = "bad";
+    throw err;
+  }
+}
+
 // --- Interpolate ------------------------------------------------------------------------------
 
 async function runInterpolation() {
@@ -442,6 +503,16 @@ async function start() {
   $("use-a").addEventListener("click", action(() => useAs("a")));
   $("use-b").addEventListener("click", action(() => useAs("b")));
   $("interpolate-form").addEventListener("submit", action(runInterpolation));
+  $("similar-note").textContent = describeGallery(info.gallery);
+  $("similar-file").disabled = !info.gallery;
+  $("similar-form").addEventListener("submit", action(() => searchSimilar({ latents: [state.current] }, $("selected-caption").textContent)));
+  $("similar-file").addEventListener("change", action(async () => {
+    try {
+      await similarToFile($("similar-file").files[0]);
+    } finally {
+      $("similar-file").value = "";
+    }
+  }));
   $("file-input").addEventListener("change", action(async () => {
     try {
       await upload($("file-input").files[0]);

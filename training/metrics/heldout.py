@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aegan_serve.images import per_sample_mse, psnr, to_unit
+from aegan_core.images import per_sample_mse, psnr, to_unit
 from training.metrics.frechet import frechet_distance, mean_cov
 from training.metrics.latents import fit_pca
 from training.metrics.precision_recall import K, precision_recall

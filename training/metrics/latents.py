@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aegan_serve.images import per_sample_mse, psnr, to_unit
+from aegan_core.images import per_sample_mse, psnr, to_unit
 from training.metrics.registry import EvalContext, Reference, batched, register_metric
 
 K_NEIGHBOURS = 10

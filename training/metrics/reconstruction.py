@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aegan_serve.images import per_sample_mse, psnr, to_unit
+from aegan_core.images import per_sample_mse, psnr, to_unit
 from training.metrics.registry import EvalContext, batched, register_metric
 
 

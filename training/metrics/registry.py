@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from aegan_core.errors import UserError
+
 # --- the model under evaluation -------------------------------------------------------------
 
 
@@ -183,8 +185,10 @@ REPORT_ORDER = (
 )
 
 
-class UnknownMetricError(ValueError):
+class UnknownMetricError(UserError, ValueError):
     """A metric name is not registered; the message lists the known ones."""
+
+    usage = True
 
 
 def register_metric(

@@ -1,0 +1,346 @@
+"""The CUDA path on a machine without a GPU: ONNX Runtime's CUDA provider is stood in for by CPU
+sessions that report it (and go through IO binding as a CUDA session does), so what the runtime
+does with a provider that works, that never initialised, or that fails after start-up is checked
+here, each with the providers the sessions really report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from aegan_core import cuda, runtime
+from aegan_core.bundle import load_bundle
+from aegan_core.cuda import CPU, CUDA, CudaOptions, DeviceError
+from aegan_core.runtime import ModelRuntime, buckets
+from aegan_serve import config
+from aegan_serve.config import Settings, SettingsError
+
+LIBRARY_ERROR = (
+    "[E:onnxruntime:Default, provider_bridge_ort.cc:2000 TryGetProviderInfo_CUDA] Failed to load "
+    "library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared "
+    "object file: No such file or directory\n"
+)
+RealSession = ort.InferenceSession
+
+
+class StandIn:
+    """What the stand-in CUDA provider does: which providers its sessions keep, what fails, and
+    what it saw (options, batch sizes, concurrent runs)."""
+
+    def __init__(self) -> None:
+        self.keeps_cuda = True  # False: the provider "did not initialise" (libraries missing)
+        self.creation_error: str | None = None
+        self.run_error: str | None = None  # raised by every CUDA run from now on
+        self.nan_roles: set[str] = set()  # model files whose CUDA runs give NaN
+        self.options: list[dict[str, str]] = []
+        self.sizes: dict[str, list[int]] = {}
+        self.active = 0
+        self.most_active = 0
+        self.delay_s = 0.0
+
+
+class FakeBinding:
+    def __init__(self, session: FakeCudaSession) -> None:
+        self.session, self.inputs, self.outputs = session, {}, []
+
+    def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
+        self.inputs[name] = array
+
+    def bind_output(self, name: str, device: str, device_id: int) -> None:
+        assert device == "cuda"
+        self.outputs.append(name)
+
+    def copy_outputs_to_cpu(self) -> list[np.ndarray]:
+        return self.results
+
+
+class FakeCudaSession:
+    """A CPU session that reports the CUDA provider and is run through IO binding."""
+
+    def __init__(self, model: Any, stand_in: StandIn, **kwargs: Any) -> None:
+        self.cpu = RealSession(model, sess_options=kwargs.get("sess_options"), providers=[CPU])
+        self.stand_in = stand_in
+        self.name = Path(model).name.removesuffix(".onnx") if isinstance(model, str) else "check"
+
+    def get_providers(self) -> list[str]:
+        return [CUDA, CPU] if self.stand_in.keeps_cuda else [CPU]
+
+    def io_binding(self) -> FakeBinding:
+        return FakeBinding(self)
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.cpu.run(outputs, feeds)
+
+    def run_with_iobinding(self, binding: FakeBinding) -> None:
+        s = self.stand_in
+        s.active += 1
+        s.most_active = max(s.most_active, s.active)
+        try:
+            time.sleep(s.delay_s)
+            if s.run_error:
+                raise RuntimeError(s.run_error)
+            (batch,) = binding.inputs.values()
+            s.sizes.setdefault(self.name, []).append(len(batch))
+            results = self.cpu.run(binding.outputs, binding.inputs)
+            if self.name in s.nan_roles:
+                results = [np.full_like(r, np.nan) for r in results]
+            binding.results = results
+        finally:
+            s.active -= 1
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> StandIn:
+    """CUDA "works" here: the driver reports a GPU and sessions asked for CUDA report it."""
+    state = StandIn()
+
+    def session(model: Any, sess_options: Any = None, providers: Any = None) -> Any:
+        first = providers[0] if providers else CPU
+        if first == CPU:
+            return RealSession(model, sess_options=sess_options, providers=providers)
+        name, options = first
+        assert name == CUDA
+        state.options.append(options)
+        os.write(2, LIBRARY_ERROR.encode() if not state.keeps_cuda else b"")
+        if state.creation_error:
+            raise RuntimeError(state.creation_error)
+        return FakeCudaSession(model, state, sess_options=sess_options)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(runtime, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda, "driver_reason", lambda: None)
+    return state
+
+
+# --- the check ------------------------------------------------------------------------------------
+
+
+def test_the_check_graph_is_a_valid_model_computing_what_it_says():
+    session = RealSession(cuda.check_graph(), providers=[CPU])
+    x = np.random.default_rng(1).standard_normal((5, 1, 4, 4)).astype(np.float32)
+    y = session.run(None, {"x": x})[0]
+    assert y.shape == (5, 4)
+    np.testing.assert_allclose(y, cuda.check_expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_check_uses_cuda_when_a_session_keeps_it_and_computes(stand_in, monkeypatch):
+    preloaded: list[str] = []
+    monkeypatch.setattr(cuda, "preload_libraries", lambda: preloaded.append("yes"))
+    cuda.check(CudaOptions(algo_search="EXHAUSTIVE", mem_limit=1 << 30, tf32=True))
+    assert preloaded == ["yes"]  # before the session
+    assert stand_in.options == [
+        {
+            "device_id": "0",
+            "cudnn_conv_algo_search": "EXHAUSTIVE",
+            "arena_extend_strategy": "kSameAsRequested",
+            "use_tf32": "1",
+            "gpu_mem_limit": str(1 << 30),
+        }
+    ]
+
+
+def test_check_says_why_when_the_provider_did_not_initialise(stand_in):
+    stand_in.keeps_cuda = False  # what onnxruntime-gpu does without the CUDA/cuDNN libraries
+    with pytest.raises(DeviceError, match="did not initialise") as caught:
+        cuda.check()
+    assert "libcudnn.so.9: cannot open shared object file" in str(caught.value)  # not hidden
+    assert caught.value.gpu_present
+
+
+def test_check_reports_a_session_that_fails_or_computes_wrongly(stand_in, monkeypatch):
+    stand_in.creation_error = "CUDA failure 100: no CUDA-capable device is detected"
+    with pytest.raises(DeviceError, match="failed to start: .*no CUDA-capable device"):
+        cuda.check()
+    stand_in.creation_error = None
+    monkeypatch.setattr(cuda, "check_expected", lambda x: np.zeros((len(x), 4)))
+    with pytest.raises(DeviceError, match="wrong result"):
+        cuda.check()
+
+
+def test_without_a_driver_no_child_process_is_started(monkeypatch):
+    cuda.check_in_subprocess.cache_clear()
+    monkeypatch.setattr(cuda, "driver_reason", lambda: "no NVIDIA driver on this machine")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a child was started"))
+    assert cuda.check_in_subprocess(CudaOptions()) == "no NVIDIA driver on this machine"
+    cuda.check_in_subprocess.cache_clear()
+
+
+def test_the_child_process_check_reports_its_reason(monkeypatch):
+    """The parent's driver check stood in for: the child runs the real check, which finds no
+    driver on this machine (on a GPU machine it would make the CUDA session)."""
+    real = cuda.driver_reason()
+    if real is None:
+        pytest.skip("a GPU is here: the child would make a real CUDA session")
+    cuda.check_in_subprocess.cache_clear()
+    monkeypatch.setattr(cuda, "driver_reason", lambda: None)
+    try:
+        assert cuda.check_in_subprocess(CudaOptions(tf32=True)) == real
+    finally:
+        cuda.check_in_subprocess.cache_clear()
+
+
+def test_preload_runs_once_and_its_failures_are_text(monkeypatch):
+    calls: list[int] = []
+
+    def preload() -> None:
+        calls.append(1)
+        print("Failed to load libcublasLt.so.13: cannot open shared object file")
+
+    cuda.preload_libraries.cache_clear()
+    monkeypatch.setattr(ort, "preload_dlls", preload, raising=False)
+    try:
+        first = cuda.preload_libraries()
+        assert cuda.preload_libraries() == first and calls == [1]
+    finally:
+        cuda.preload_libraries.cache_clear()
+    assert "libcublasLt.so.13" in first
+
+
+# --- the worker's runtime -------------------------------------------------------------------------
+
+
+def test_on_cuda_every_batch_size_is_warmed_up_and_requests_are_padded_to_them(
+    stand_in, image_bundle
+):
+    bundle = load_bundle(image_bundle)
+    options = CudaOptions(algo_search="HEURISTIC", arena="kNextPowerOfTwo")
+    model = ModelRuntime(bundle, "cuda", cuda=options, max_rows=40)
+    assert model.provider == CUDA and model.cuda_reason is None and model.precision == "fp32"
+    assert model.generator.session.get_providers()[0] == CUDA  # what the session reports
+    assert model.buckets == buckets(40) == (1, 2, 4, 8, 16, 32, 64)
+    for name in ("generator", "encoder"):
+        assert sorted(set(stand_in.sizes[name])) == list(model.buckets)
+    assert {o["cudnn_conv_algo_search"] for o in stand_in.options} == {"HEURISTIC"}
+    assert {o["arena_extend_strategy"] for o in stand_in.options} == {"kNextPowerOfTwo"}
+    assert {o["use_tf32"] for o in stand_in.options} == {"0"}  # parity unless asked
+
+    stand_in.sizes.clear()
+    z = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    x = model.generate(z)
+    assert stand_in.sizes == {"generator": [4]}  # a warmed-up shape, not a new one
+    cpu = ModelRuntime(bundle, "cpu")
+    np.testing.assert_allclose(x, cpu.generate(z), atol=1e-6)
+    assert model.encode(x).shape == (3, 32)
+
+
+def test_auto_falls_back_to_the_cpu_when_cuda_fails_after_start(stand_in, image_bundle):
+    reasons: list[str] = []
+    model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
+    assert model.provider == CUDA and model.fallbacks == 0
+    z = np.zeros((5, 32), np.float32)
+    expected = ModelRuntime(load_bundle(image_bundle), "cpu").generate(z)
+
+    stand_in.run_error = "CUDA error: out of memory"
+    np.testing.assert_allclose(model.generate(z), expected, atol=1e-6)  # answered all the same
+    assert model.provider == CPU and model.fallbacks == 1
+    assert model.generator.session.get_providers() == [CPU]
+    assert "out of memory" in model.cuda_reason and reasons == [model.cuda_reason]
+
+
+def test_non_finite_cuda_output_falls_back_too(stand_in, image_bundle):
+    model = ModelRuntime(load_bundle(image_bundle), "auto")
+    stand_in.nan_roles = {"encoder"}
+    z = model.encode(np.zeros((2, 1, 28, 28), np.float32))
+    assert np.isfinite(z).all() and model.provider == CPU
+    assert "non-finite" in model.cuda_reason
+
+
+def test_in_cuda_mode_a_failure_is_an_error_not_a_silent_fallback(stand_in, image_bundle):
+    model = ModelRuntime(load_bundle(image_bundle), "cuda")
+    stand_in.run_error = "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"
+    with pytest.raises(RuntimeError, match="CUDNN_STATUS_EXECUTION_FAILED"):
+        model.generate(np.zeros((1, 32), np.float32))
+    assert model.provider == CUDA
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_provider_that_never_initialised_is_reported_with_the_library_text(
+    stand_in, image_bundle, device
+):
+    stand_in.keeps_cuda = False
+    bundle = load_bundle(image_bundle)
+    if device == "cuda":
+        with pytest.raises(DeviceError, match="AEGAN_DEVICE=cuda but .*did not initialise"):
+            ModelRuntime(bundle, device)
+        return
+    reasons: list[str] = []
+    model = ModelRuntime(bundle, device, on_fallback=reasons.append)
+    assert model.provider == CPU and model.fallbacks == 1 and len(reasons) == 1
+    assert "libcudnn.so.9: cannot open shared object file" in model.cuda_reason
+
+
+def test_fp16_graphs_that_fail_on_cuda_give_way_to_the_fp32_graphs(stand_in, rgb_bundle):
+    bundle = load_bundle(rgb_bundle)
+    model = ModelRuntime(bundle, "auto")
+    assert model.provider == CUDA and model.precision == "fp16"
+    assert set(model.fp16_error) == {"generator", "encoder"}
+    assert all(0 <= e < runtime.FP16_MAX_ABS_ERROR for e in model.fp16_error.values())
+    stand_in.nan_roles = {"generator.fp16"}
+    model = ModelRuntime(bundle, "auto")
+    assert model.provider == CUDA and model.precision == "fp32" and model.fallbacks == 0
+
+
+def test_gpu_work_of_a_worker_is_serialised(stand_in, image_bundle):
+    model = ModelRuntime(load_bundle(image_bundle), "cuda")
+    stand_in.most_active, stand_in.delay_s = 0, 0.02
+    z = np.zeros((2, 32), np.float32)
+    threads = [threading.Thread(target=model.generate, args=(z,)) for _ in range(6)]
+    threads += [
+        threading.Thread(target=model.encode, args=(np.zeros((2, 1, 28, 28), np.float32),))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert stand_in.most_active == 1
+
+
+def test_without_a_gpu_cuda_is_not_used_and_no_fallback_is_counted(image_bundle):
+    reasons: list[str] = []
+    model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
+    if model.provider == CUDA:
+        pytest.skip("CUDA works here")
+    assert model.cuda_reason and model.fallbacks == 0 and reasons == []
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+def test_worker_layout_follows_a_usable_provider_not_device_files(monkeypatch):
+    monkeypatch.setattr(config, "available_cpus", lambda: 4)
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: True)  # device files, no usable provider
+    monkeypatch.setattr(config, "cuda_unusable_reason", lambda options: "libcudnn.so.9 missing")
+    settings = Settings.from_env({})
+    assert settings.workers == 4 and settings.batch_size == 64
+    assert settings.resources(gpu=False) == {"cpu": "2", "memory": "2Gi"}
+    asked: list[CudaOptions] = []
+    monkeypatch.setattr(config, "cuda_unusable_reason", lambda options: asked.append(options))
+    settings = Settings.from_env({"AEGAN_CUDA_TF32": "1", "AEGAN_CUDA_ALGO_SEARCH": "exhaustive"})
+    assert settings.workers == 1 and settings.batch_size == config.GPU_BATCH_SIZE
+    assert asked == [CudaOptions(algo_search="EXHAUSTIVE", tf32=True)]
+    assert settings.cuda_options() == asked[0]
+    assert settings.resources(gpu=True)["gpu"] == 1
+    assert settings.largest_batch() == config.GPU_BATCH_SIZE
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"AEGAN_CUDA_ALGO_SEARCH": "fast"}, "AEGAN_CUDA_ALGO_SEARCH='FAST' must be one of"),
+        ({"AEGAN_CUDA_ARENA": "grow"}, "AEGAN_CUDA_ARENA='grow' must be one of"),
+        ({"AEGAN_CUDA_TF32": "on"}, "AEGAN_CUDA_TF32='on' must be 0 or 1"),
+        ({"AEGAN_CUDA_MEM_LIMIT": "-1"}, "AEGAN_CUDA_MEM_LIMIT=-1 must be at least 0"),
+    ],
+)
+def test_bad_cuda_settings_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
