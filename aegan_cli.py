@@ -117,6 +117,13 @@ def main() -> None:
 )
 @click.option("--arch", type=click.Choice(["conv", "mlp"]), default=None, help="Network family.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps.")
+@click.option(
+    "--encoder-stage-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Steps of E alone against the frozen EMA generator after the joint steps "
+    "(train.encoder_stage_steps); with --resume, adds or lengthens the stage of a run.",
+)
 @click.option("--batch-size", type=int, default=None, help="Samples per step per process.")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation, data order, noise.")
 @click.option("--latent-dim", type=int, default=None, help="Dimension of z.")
@@ -167,6 +174,7 @@ def train(
     mode: str | None,
     arch: str | None,
     steps: int | None,
+    encoder_stage_steps: int | None,
     batch_size: int | None,
     seed: int | None,
     latent_dim: int | None,
@@ -197,7 +205,15 @@ def train(
         from training.training_loop import train as run_training
 
         hook = eval_hook_for_run(resume)
-        run_training(None, resume, resume=True, steps=steps, device=device, eval_hook=hook)
+        run_training(
+            None,
+            resume,
+            resume=True,
+            steps=steps,
+            device=device,
+            eval_hook=hook,
+            encoder_stage_steps=encoder_stage_steps,
+        )
         return
     cfg = _train_config(
         preset,
@@ -213,6 +229,7 @@ def train(
             ("model", "width"): width,
             ("loss", "mode"): mode,
             ("train", "steps"): steps,
+            ("train", "encoder_stage_steps"): encoder_stage_steps,
             ("train", "batch_size"): batch_size,
             ("train", "seed"): seed,
             ("train", "threads"): threads,

@@ -144,23 +144,26 @@ def plan() -> list[Run]:
     # ENCODER_STAGE_STEPS steps of E alone against the frozen EMA generator. Its checkpoint at the
     # end of the joint steps is evaluated too (eval-joint.json): the same G, so FD-FMNIST is the
     # same, and the reconstruction and latent measures show what the stage adds.
-    runs.append(
-        Run(
-            f"stage-joint{ENCODER_STAGE_JOINT}-stage{ENCODER_STAGE_STEPS}-seed0",
-            "aegan",
-            0,
-            ("train.keep_checkpoints=20",),
-            "aegan, then the encoder stage",
-            ENCODER_STAGE_JOINT,
-            0,  # no periodic evaluation: the two final ones are the comparison
-            ENCODER_STAGE_STEPS,
+    # The joint steps do not depend on the stage's length (same seed, same draws), so a longer
+    # stage may start from a copy of a shorter one's joint checkpoint: `run` resumes it.
+    for stage_steps in ENCODER_STAGE_STEPS:
+        runs.append(
+            Run(
+                f"stage-joint{ENCODER_STAGE_JOINT}-stage{stage_steps}-seed0",
+                "aegan",
+                0,
+                ("train.keep_checkpoints=20",),
+                "aegan, then the encoder stage",
+                ENCODER_STAGE_JOINT,
+                0,  # no periodic evaluation: the two final ones are the comparison
+                stage_steps,
+            )
         )
-    )
     return runs
 
 
 ENCODER_STAGE_JOINT = 800  # joint steps of the encoder-stage run (what the shared CPU allowed)
-ENCODER_STAGE_STEPS = 400
+ENCODER_STAGE_STEPS = (400, 2000)
 
 
 CHEAP_VARIANTS = {  # settings -> seeds
@@ -233,10 +236,12 @@ def execute(run: Run, threads: int) -> None:
             cmd = train_command(run, threads)
             if (run.dir / "checkpoints").is_dir() and any((run.dir / "checkpoints").iterdir()):
                 cmd = ["aegan", "train", "--resume", str(run.dir), "--no-progress"]
+                if run.stage_steps:
+                    cmd += ["--encoder-stage-steps", str(run.stage_steps)]
             print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(cmd)}", flush=True)
             subprocess.run(_python(cmd), cwd=ROOT, stdout=log, stderr=log, check=True)
         cmds = [eval_command(run, threads)]
-        if run.stage_steps:
+        if run.stage_steps and not (run.dir / "eval-joint.json").is_file():
             cmds.insert(0, joint_eval_command(run, threads))
         for cmd in cmds:
             print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(cmd)}", flush=True)

@@ -200,3 +200,14 @@ def test_training_passes_recon_in_g_batch_to_the_passes(tmp_path):
     assert not same(
         state_of(final, "nets", "G"), state_of(train(tiny_config(), tmp_path / "b"), "nets", "G")
     )
+
+
+@needs_fmnist
+def test_a_finished_run_gets_an_encoder_stage_on_resume(tmp_path):
+    joint = train(tiny_config(), tmp_path)
+    generator = state_of(joint, "ema", "G")
+    staged = train(None, tmp_path, resume=True, encoder_stage_steps=2)
+    assert staged.name == "step-0000006.pt"
+    assert same(generator, state_of(staged, "ema", "G"))
+    assert load_checkpoint(staged)["config"]["train"]["encoder_stage_steps"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["encoder_stage_steps"] == 2

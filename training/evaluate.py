@@ -348,7 +348,8 @@ def print_report(report: dict[str, Any], title: str) -> None:
     for note in report["notes"]:
         console.print(f"note: {note}")
     for note in other["notes"] if other is not None else []:
-        console.print(f"note ({other['source']}): {note}")
+        if note not in report["notes"]:  # the caveats of both are the same
+            console.print(f"note ({other['source']}): {note}")
 
 
 def run_evaluation(

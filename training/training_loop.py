@@ -367,13 +367,18 @@ def train(
     steps: int | None = None,
     device: str | None = None,
     eval_hook: EvalHook | None = None,
+    encoder_stage_steps: int | None = None,
 ) -> Path | None:
     """Train the run in ``run_dir``, or resume it (``resume=True``, ``cfg=None``: the config comes
-    from its newest loadable checkpoint; ``steps`` may extend it, ``device`` move it). Returns the
-    final checkpoint path on rank 0, None on other ranks."""
+    from its newest loadable checkpoint; ``steps`` may extend it, ``device`` move it, and
+    ``encoder_stage_steps`` give a finished run an encoder stage or lengthen its stage: neither
+    changes the steps before). Returns the final checkpoint path on rank 0, None on other ranks."""
     run_dir = Path(run_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, state = _run_config(cfg, run_dir, resume, steps, world)
+    if encoder_stage_steps is not None:
+        cfg.train.encoder_stage_steps = encoder_stage_steps
+        validate(cfg)
     if device is not None:
         cfg.train.device = device
         validate(cfg)

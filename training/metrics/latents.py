@@ -181,7 +181,8 @@ def pca_scores(reference: Reference, size: int, n: int) -> dict[str, float]:
         "training pixels, Euclidean",
         "pca_knn_cosine": "10-NN accuracy of that PCA, cosine",
         "pca_probe": "linear-probe test accuracy on that PCA's codes",
-        "pca_recon_mse": "MSE of that PCA's reconstruction of the test images (compare recon_mse)",
+        "pca_recon_mse": "MSE of a PCA of the latent's size, fitted on the training images, "
+        "reconstructing the held-out (test) images (compare recon_mse)",
         "pca_recon_psnr": "mean PSNR of that PCA's reconstruction, dB (compare recon_psnr)",
     },
 )
