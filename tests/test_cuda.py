@@ -343,3 +343,18 @@ def test_worker_layout_follows_a_usable_provider_not_device_files(monkeypatch):
 def test_bad_cuda_settings_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_failures_of_concurrent_requests_are_one_fallback(stand_in, image_bundle):
+    reasons: list[str] = []
+    model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
+    stand_in.run_error, stand_in.delay_s = "CUDA error: an illegal memory access", 0.02
+    z = np.zeros((2, 32), np.float32)
+    results: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: results.append(model.generate(z))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and all(r.shape == (2, 1, 28, 28) for r in results)
+    assert model.fallbacks == 1 and len(reasons) == 1 and model.provider == CPU
