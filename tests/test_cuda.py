@@ -5,8 +5,10 @@ here, each with the providers the sessions really report."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -358,3 +360,30 @@ def test_failures_of_concurrent_requests_are_one_fallback(stand_in, image_bundle
         t.join()
     assert len(results) == 6 and all(r.shape == (2, 1, 28, 28) for r in results)
     assert model.fallbacks == 1 and len(reasons) == 1 and model.provider == CPU
+
+
+def test_the_service_declares_a_gpu_where_cuda_is_usable():
+    """Imported where the CUDA check says yes (stood in for): one worker, the GPU and the GPU's
+    memory in the resources BentoML gets; where it says no, as on this machine, the CPU's."""
+    code = (
+        "import json, sys\n"
+        "from aegan_serve import config\n"
+        "if sys.argv[1] == 'usable':\n"
+        "    config.cuda_unusable_reason = lambda options: None\n"
+        "from aegan_serve.service import AEGAN, CUDA_REASON\n"
+        "print(json.dumps([AEGAN.config['resources'], AEGAN.config['workers'], CUDA_REASON]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AEGAN_")}
+    env["AEGAN_DEVICE"] = "auto"
+    found = {}
+    for case in ("usable", "as-is"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, case], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        found[case] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["usable"] == [{"cpu": "2", "memory": config.GPU_MEMORY, "gpu": 1}, 1, None]
+    if cuda.check_in_subprocess() is not None:  # no usable CUDA here
+        resources, workers, reason = found["as-is"]
+        assert resources == {"cpu": "2", "memory": "2Gi"} and reason
+        assert workers == config.available_cpus()
