@@ -74,6 +74,9 @@ class FakeCudaSession:
     def get_providers(self) -> list[str]:
         return [CUDA, CPU] if self.stand_in.keeps_cuda else [CPU]
 
+    def get_inputs(self) -> list[Any]:
+        return self.cpu.get_inputs()
+
     def io_binding(self) -> FakeBinding:
         return FakeBinding(self)
 
@@ -387,3 +390,31 @@ def test_the_service_declares_a_gpu_where_cuda_is_usable():
         resources, workers, reason = found["as-is"]
         assert resources == {"cpu": "2", "memory": "2Gi"} and reason
         assert workers == config.available_cpus()
+
+
+def test_the_gpu_checks_onnx_runtime_steps_rehearsed_with_the_stand_in(stand_in):
+    """bench/gpu_check.py's ONNX Runtime steps, on the shipped bundle, against the stand-in CUDA
+    provider: their code runs and reports what the runtime saw (not GPU figures)."""
+    import importlib.util
+
+    from aegan_serve.config import DEFAULT_MODEL_DIR
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    ctx = {"bundle": load_bundle(DEFAULT_MODEL_DIR), "ort_cuda_reason": gpu_check.ort_cuda_reason()}
+    assert ctx["ort_cuda_reason"] is None  # the service's check passes on the stand-in
+    provider = gpu_check.step_ort_provider(ctx)
+    assert provider["fp32"]["provider"] == CUDA and provider["fp32"]["io_binding"]
+    assert provider["fp16"]["precision"] == "fp16" and provider["fp16"]["fp16_max_abs_error_vs_cpu"]
+    parity = gpu_check.step_ort_parity(ctx)
+    assert parity["fp32_within_1e-4"] and set(parity) >= {"fp32", "fp32_tf32", "fp16"}
+    cold = gpu_check.step_ort_cold_start(ctx)
+    assert set(cold) == {
+        f"{role}-{search}"
+        for role in ("generator", "encoder")
+        for search in ("HEURISTIC", "EXHAUSTIVE")
+    }
+    assert set(cold["encoder-EXHAUSTIVE"]) == {str(n) for n in gpu_check.BATCH_SIZES}
+    assert {o["cudnn_conv_algo_search"] for o in stand_in.options} >= {"HEURISTIC", "EXHAUSTIVE"}
