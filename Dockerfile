@@ -30,6 +30,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin aegan
 WORKDIR /app
+COPY aegan_core/ aegan_core/
 COPY aegan_serve/ aegan_serve/
 COPY models/ models/
 

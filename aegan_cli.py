@@ -1,4 +1,5 @@
-"""The ``aegan`` command: train, export, directions, eval and classifier, in one module.
+"""The ``aegan`` command: train, export, directions, eval, classifier, encode, index, similar
+and keys, in one module.
 
 This module sits on top of the three packages and imports each stage inside its command, so
 ``aegan --help`` loads neither torch nor BentoML, and an install without the ``train`` extra gets a
@@ -12,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,6 @@ from training.config import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_PRESET,
     PRESETS,
-    ConfigError,
     RunConfig,
     apply_assignment,
     from_preset,
@@ -71,7 +70,24 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler()])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The ``aegan`` group: a :class:`~aegan_core.errors.UserError` raised anywhere in a command
+    (a bad bundle, run, data set, setting or flag) is shown as click shows its own errors, one
+    line and no traceback: exit status 2 with the usage line for a command-line problem, 1 for
+    the others. Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from aegan_core.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if exc.usage:
+                raise click.UsageError(str(exc), ctx=click.get_current_context()) from exc
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train, export and evaluate autoencoding GANs (AEGAN)."""
 
@@ -183,31 +199,28 @@ def train(
         hook = eval_hook_for_run(resume)
         run_training(None, resume, resume=True, steps=steps, device=device, eval_hook=hook)
         return
-    try:
-        cfg = _train_config(
-            preset,
-            {
-                ("data", "source"): source,
-                ("data", "image_size"): image_size,
-                ("data", "channels"): channels,
-                ("data", "on_bad_file"): on_bad_file,
-                ("data", "limit"): limit,
-                ("data", "fashion_mnist_dir"): fashion_mnist_dir,
-                ("model", "arch"): arch,
-                ("model", "latent_dim"): latent_dim,
-                ("model", "width"): width,
-                ("loss", "mode"): mode,
-                ("train", "steps"): steps,
-                ("train", "batch_size"): batch_size,
-                ("train", "seed"): seed,
-                ("train", "threads"): threads,
-                ("train", "device"): device,
-                ("train", "progress"): False if no_progress else None,
-            },
-            assignments,
-        )
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+    cfg = _train_config(
+        preset,
+        {
+            ("data", "source"): source,
+            ("data", "image_size"): image_size,
+            ("data", "channels"): channels,
+            ("data", "on_bad_file"): on_bad_file,
+            ("data", "limit"): limit,
+            ("data", "fashion_mnist_dir"): fashion_mnist_dir,
+            ("model", "arch"): arch,
+            ("model", "latent_dim"): latent_dim,
+            ("model", "width"): width,
+            ("loss", "mode"): mode,
+            ("train", "steps"): steps,
+            ("train", "batch_size"): batch_size,
+            ("train", "seed"): seed,
+            ("train", "threads"): threads,
+            ("train", "device"): device,
+            ("train", "progress"): False if no_progress else None,
+        },
+        assignments,
+    )
     out = out or Path("runs") / f"{cfg.preset}-{cfg.loss.mode}-seed{cfg.train.seed}"
     if dry_run:
         click.echo(json.dumps({"run_dir": str(out), **cfg.to_dict()}, indent=2))
@@ -276,25 +289,20 @@ def export_command(
     checkpoint file. The networks are rebuilt from the checkpoint's own config; each graph is
     checked against PyTorch with ONNX Runtime before the bundle is written.
     """
-    from aegan_serve.bundle import BundleError, load_bundle
+    from aegan_core.bundle import load_bundle
     from export.bundle_writer import export_bundle, read_metrics_file
-    from export.onnx_export import ExportError
-    from training.checkpoint import CheckpointError
 
-    try:
-        metrics = read_metrics_file(metrics_json) if metrics_json is not None else None
-        bundle_dir = export_bundle(
-            source,
-            out,
-            name=name,
-            fp16=not no_fp16,
-            metrics=metrics,
-            bentoml_name=bentoml_name,
-            force=force,
-        )
-        bundle = load_bundle(bundle_dir)
-    except (CheckpointError, ExportError, BundleError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    metrics = read_metrics_file(metrics_json) if metrics_json is not None else None
+    bundle_dir = export_bundle(
+        source,
+        out,
+        name=name,
+        fp16=not no_fp16,
+        metrics=metrics,
+        bentoml_name=bentoml_name,
+        force=force,
+    )
+    bundle = load_bundle(bundle_dir)
 
     m = bundle.manifest
     shape = "x".join(str(d) for d in bundle.data_shape)
@@ -350,22 +358,18 @@ def directions_command(
     """
     from dataclasses import replace
 
-    from aegan_serve.bundle import BundleError, load_bundle
+    from aegan_core.bundle import load_bundle
     from export.directions import add_directions, bundle_data_config, training_samples
     from training.config import DataConfig
-    from training.data import DataError
 
-    try:
-        bundle = load_bundle(bundle_dir)
-        cfg = bundle_data_config(bundle) if data is None else DataConfig(source=data)
-        if fashion_mnist_dir is not None:
-            cfg = replace(cfg, fashion_mnist_dir=str(fashion_mnist_dir))
-        if limit is not None:
-            cfg = replace(cfg, limit=limit)
-        samples, described = training_samples(cfg)
-        bundle = add_directions(bundle_dir, samples, described)
-    except (BundleError, DataError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    bundle = load_bundle(bundle_dir)
+    cfg = bundle_data_config(bundle) if data is None else DataConfig(source=data)
+    if fashion_mnist_dir is not None:
+        cfg = replace(cfg, fashion_mnist_dir=str(fashion_mnist_dir))
+    if limit is not None:
+        cfg = replace(cfg, limit=limit)
+    samples, described = training_samples(cfg)
+    bundle = add_directions(bundle_dir, samples, described)
     d = bundle.directions
     assert d is not None
     share = d.variances / max(d.total_variance, 1e-30)
@@ -409,10 +413,16 @@ def directions_command(
 @click.option(
     "--data",
     default=None,
-    help="Held-out data for vector models: an .npy of vectors (with FILE.modes.json beside it, "
-    "the mode metrics too) or 'mixture:NAME'.",
+    help="Held-out data: a folder of images (the run's own training folder: its held-out split), "
+    "an .npy of vectors (with FILE.modes.json beside it, the mode metrics too) or 'mixture:NAME'.",
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option(
+    "--compare",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A second run or bundle (a plain GAN, say) measured on the same data beside SOURCE.",
+)
 @click.option("--list", "list_metrics", is_flag=True, help="List the metrics and exit.")
 @needs_extras
 def eval_command(
@@ -423,28 +433,26 @@ def eval_command(
     seed: int,
     data: str | None,
     threads: int | None,
+    compare: Path | None,
     list_metrics: bool,
 ) -> None:
     """Measure a run (EMA weights of its newest checkpoint) or an ONNX bundle: FD-FMNIST,
-    precision, recall, class coverage, reconstruction; energy distance for vector data, and mode
-    coverage where the data declares its modes."""
-    from training.evaluate import EvalError, print_report, run_evaluation
-    from training.metrics import UnknownMetricError, check_metric_names, result_meanings
+    precision, recall, class coverage, reconstruction and the latents' k-NN and linear-probe
+    accuracy beside a PCA of the same size; for a model of an image folder, reconstruction of its
+    held-out images and sample quality in their PCA space; energy distance for vector data, and
+    mode coverage where the data declares its modes."""
+    from training.evaluate import print_report, run_evaluation
+    from training.metrics import check_metric_names, result_meanings
 
     if list_metrics:
         for key, meaning in result_meanings().items():
             click.echo(f"{key}: {meaning}")
         return
-    try:  # before anything is loaded: a typo fails in milliseconds
-        names = check_metric_names(metrics.split(",")) if metrics is not None else None
-    except UnknownMetricError as exc:
-        raise click.BadParameter(str(exc), param_hint="--metrics") from exc
+    # before anything is loaded: a typo fails in milliseconds
+    names = check_metric_names(metrics.split(",")) if metrics is not None else None
     if source is None:
         raise click.UsageError("Missing argument 'SOURCE' (a run directory, checkpoint or bundle).")
-    try:
-        report = run_evaluation(source, names, num_samples, seed, data, threads)
-    except EvalError as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = run_evaluation(source, names, num_samples, seed, data, threads, compare)
     print_report(report, f"{source} (step {report.get('step')}, {num_samples} samples)")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -545,22 +553,17 @@ def encode_command(
         TimeRemainingColumn,
     )
 
-    from aegan_serve.batch_encode import (
-        JobError,
+    from aegan_batch import (
         default_workers,
         plan_job,
         run_job,
         run_job_on_ray,
     )
-    from aegan_serve.bundle import BundleError
-    from aegan_serve.config import DEFAULT_MODEL_DIR
+    from aegan_core.bundle import DEFAULT_MODEL_DIR
 
     if use_ray or ray_address is not None:
         import ray.data  # noqa: F401  (before any work: the 'ray' extra may be missing)
-    try:
-        plan = plan_job(source, model or DEFAULT_MODEL_DIR, dest, chunk_size)
-    except (JobError, BundleError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    plan = plan_job(source, model or DEFAULT_MODEL_DIR, dest, chunk_size)
     done = len(plan.inputs) - plan.pending_inputs
     if done:
         click.echo(
@@ -602,8 +605,6 @@ def encode_command(
                     pool=pool,  # type: ignore[arg-type]
                     progress=advance,
                 )
-        except JobError as exc:
-            raise click.ClickException(str(exc)) from exc
         finally:
             plan.release()
     for name, message in summary.error_examples:
@@ -614,6 +615,132 @@ def encode_command(
         f"{dest}: {summary.inputs} inputs, {summary.encoded} encoded, {summary.errors} errors, "
         f"{summary.skipped} skipped (done before), {summary.seconds:.1f} s, "
         f"{summary.images_per_s:.0f} images/s"
+    )
+
+
+# --- aegan index / aegan similar -----------------------------------------------------------
+
+
+@main.command("index")
+@click.argument("dest", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    default=None,
+    help="Bundle directory, or bentoml:NAME[:VERSION], that encoded DEST (default: the shipped "
+    "model).",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "exact", "approximate"]),
+    default="auto",
+    show_default=True,
+    help="Exact search (numpy), an approximate inverted-file index (faiss), or exact up to 200 000 "
+    "latents and approximate above.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads that build the approximate index (default: the available CPUs).",
+)
+@needs_extras
+def index_command(dest: Path, model: str | None, kind: str, threads: int | None) -> None:
+    """Make the `aegan encode` output DEST searchable: a gallery for `aegan similar` and the
+    service's /similar (AEGAN_GALLERY=DEST).
+
+    Reads every Parquet part (inputs that failed to encode are left out), refuses an output
+    encoded by another bundle than --model, and writes the index and _index.json beside the
+    parts, replacing an earlier one whole.
+    """
+    from aegan_batch.similar import build_gallery
+    from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle, resolve_bundle_dir
+    from aegan_core.runtime import available_cpus
+
+    bundle = load_bundle(resolve_bundle_dir(model or DEFAULT_MODEL_DIR))
+    summary = build_gallery(
+        dest,
+        bundle,
+        kind=kind,  # type: ignore[arg-type]
+        threads=threads or available_cpus(),
+        log=click.echo,
+    )
+    recall = (
+        f", recall@10 {summary.recall_at_10:.3f} against exact search ({summary.nprobe} lists "
+        "searched a query)"
+        if summary.recall_at_10 is not None
+        else ""
+    )
+    click.echo(
+        f"{dest}: {summary.kind} gallery of {summary.size} latents{recall}; index built in "
+        f"{summary.seconds:.1f} s ({summary.total_seconds:.1f} s in all)"
+    )
+
+
+@main.command("similar")
+@click.argument("queries", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--gallery",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An `aegan encode` output indexed by `aegan index`.",
+)
+@click.option(
+    "--k", type=click.IntRange(1, 100), default=10, show_default=True, help="Neighbours per query."
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Parquet file to write."
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Bundle that encodes QUERIES images (default: the shipped model); it must be the "
+    "gallery's.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Encoding workers or Ray actors."
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--ray", "use_ray", is_flag=True, help="Encode QUERIES on Ray Data.")
+@click.option("--ray-address", default=None, metavar="ADDR", help="Ray cluster; implies --ray.")
+@needs_extras
+def similar_command(
+    queries: Path,
+    gallery: Path,
+    k: int,
+    out: Path,
+    model: str | None,
+    workers: int | None,
+    device: str,
+    use_ray: bool,
+    ray_address: str | None,
+) -> None:
+    """The K nearest gallery images of each query, written to one Parquet file (columns id,
+    neighbours, distances, error).
+
+    QUERIES is an `aegan encode` output (its latents are used as they are) or anything `aegan
+    encode` takes (a folder of images, a list of paths, an .npy array), encoded first with the
+    gallery's bundle, locally or on Ray Data (--ray).
+    """
+    from aegan_batch.similar import run_similar
+
+    if use_ray or ray_address is not None:
+        import ray.data  # noqa: F401  (before any work: the 'ray' extra may be missing)
+    summary = run_similar(
+        queries,
+        gallery,
+        out,
+        k=k,
+        model=model,
+        workers=workers,
+        device=device,
+        ray=use_ray or ray_address is not None,
+        ray_address=ray_address,
+    )
+    click.echo(
+        f"{out}: {summary.queries} queries, {summary.searched} searched, {summary.errors} "
+        f"errors (column error), {summary.seconds:.1f} s"
     )
 
 
@@ -670,31 +797,84 @@ def classifier_command(
     click.echo(json.dumps(record, indent=2))
 
 
+# --- aegan keys -----------------------------------------------------------------------------
+
+KEYS_FILE_OPTION = click.option(
+    "--file",
+    "keys_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="AEGAN_API_KEYS_FILE",
+    required=True,
+    help="The keys file the service reads (default: $AEGAN_API_KEYS_FILE).",
+)
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """API keys of the service: create, list, revoke (only their hashes are stored)."""
+
+
+@keys_group.command("create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    default=("generate",),
+    show_default=True,
+    help="A scope of the key, repeatable: generate, encode or admin (all).",
+)
+@KEYS_FILE_OPTION
+def keys_create(name: str, scopes: tuple[str, ...], keys_file: Path) -> None:
+    """Add a key NAME; prints the key, the only time it is shown."""
+    from aegan_serve.apikeys import KeysFileError, create_key
+
+    try:
+        key = create_key(keys_file, name, scopes)
+    except KeysFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(key)
+    click.echo(
+        f"key {name!r} ({', '.join(sorted(set(scopes)))}) added to {keys_file}; it is shown only "
+        "this once: keep it now",
+        err=True,
+    )
+
+
+@keys_group.command("list")
+@KEYS_FILE_OPTION
+def keys_list(keys_file: Path) -> None:
+    """The keys of the file: name, scopes, creation time (never a key)."""
+    from aegan_serve.apikeys import KeysFileError, read_keys
+
+    try:
+        keys = read_keys(keys_file)
+    except KeysFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    for key in keys:
+        click.echo(f"{key.name}\t{','.join(sorted(key.scopes))}\t{key.created}")
+
+
+@keys_group.command("revoke")
+@click.argument("name")
+@KEYS_FILE_OPTION
+def keys_revoke(name: str, keys_file: Path) -> None:
+    """Remove the key NAME; the service refuses it as soon as it sees the file change."""
+    from aegan_serve.apikeys import KeysFileError, revoke_key
+
+    try:
+        revoke_key(keys_file, name)
+    except KeysFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"key {name!r} revoked in {keys_file}", err=True)
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
 def run() -> None:
-    """Entry point: problems with the user's files or settings become one line and exit 2."""
-    try:
-        main(standalone_mode=True)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe the user's data, checkpoints or settings, not a bug. Only those of
-    modules already imported: an error class of a module never imported cannot have been raised."""
-    kinds: list[type[BaseException]] = [ConfigError]
-    for module, name in (
-        ("training.data", "DataError"),
-        ("training.checkpoint", "CheckpointError"),
-    ):
-        if module in sys.modules:
-            kinds.append(getattr(sys.modules[module], name))
-    return tuple(kinds)
+    """Entry point of the ``aegan`` console script."""
+    main()
 
 
 if __name__ == "__main__":

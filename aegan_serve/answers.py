@@ -1,8 +1,8 @@
-"""How the framework-free client errors of :mod:`aegan_serve.errors` become BentoML's answers.
+"""How the framework-free client errors of :mod:`aegan_core.errors` become BentoML's answers.
 
 BentoML answers an exception of its own type with the status it carries and ``{"error": message}``,
 and anything else with a bare 500. The helpers (pixels, latents, batching) raise
-:class:`~aegan_serve.errors.ClientError` so that training can share them without BentoML; the
+:class:`~aegan_core.errors.ClientError` so that training can share them without BentoML; the
 endpoints and the request guard convert at this one seam.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from bentoml.exceptions import BentoMLException
 
-from .errors import ClientError
+from aegan_core.errors import ClientError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import Overloaded
+from aegan_core.errors import Overloaded
 
 
 @dataclass

@@ -6,25 +6,23 @@ cannot be parsed stops the server at start-up with a message naming the variable
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
-from .cuda import ALGO_SEARCHES, ARENA_STRATEGIES, CudaOptions, check_in_subprocess
+from aegan_core.bundle import DEFAULT_MODEL_DIR
+from aegan_core.cuda import ALGO_SEARCHES, ARENA_STRATEGIES, CudaOptions, check_in_subprocess
+from aegan_core.errors import UserError
+from aegan_core.images import UploadLimits
+from aegan_core.runtime import available_cpus
 
-# The shipped bundle, found relative to this package (repository root, Bento or container image).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist"
 DEVICES = ("auto", "cuda", "cpu")
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "QUOTA PERIOD" or "max PERIOD"
-NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 GPU_BATCH_SIZE = 256  # default AEGAN_BATCH_SIZE when CUDA is usable
 GPU_MEMORY = "6Gi"  # host memory of a worker on a GPU: CUDA and cuDNN libraries, pinned buffers
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """An environment variable holds a value the server cannot use."""
 
 
@@ -46,8 +44,8 @@ class Limits:
     """Per-request limits. Each violation is answered with a 4xx that names the limit."""
 
     max_images: int = 64  # AEGAN_MAX_IMAGES: uploaded images per request (/encode, /reconstruct)
-    max_upload_bytes: int = 8 << 20  # AEGAN_MAX_UPLOAD_BYTES: bytes per uploaded file
-    max_pixels: int = 4096 * 4096  # AEGAN_MAX_PIXELS: width x height of one upload (pre-decode)
+    max_upload_bytes: int = UploadLimits.max_upload_bytes  # AEGAN_MAX_UPLOAD_BYTES: bytes per file
+    max_pixels: int = UploadLimits.max_pixels  # AEGAN_MAX_PIXELS: width x height of one upload
     max_n: int = 64  # AEGAN_MAX_N: images or vectors made per request (/sample, /generate, /decode)
     max_steps: int = 64  # AEGAN_MAX_STEPS: frames per /interpolate answer
     max_request_bytes: int = 64 << 20  # AEGAN_MAX_REQUEST_BYTES: whole body of a form (uploads)
@@ -98,6 +96,8 @@ class Settings:
     cuda_arena: str  # AEGAN_CUDA_ARENA: kSameAsRequested (default) | kNextPowerOfTwo
     cuda_tf32: bool  # AEGAN_CUDA_TF32: 0 (default, fp32 parity) | 1 (TF32 matrix products)
     limits: Limits
+    gallery: str = ""  # AEGAN_GALLERY: an `aegan encode` output indexed by `aegan index` (/similar)
+    gallery_root: str = ""  # AEGAN_GALLERY_ROOT: folder of the gallery's files (its originals)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -128,6 +128,8 @@ class Settings:
             fp16=fp16 == "1",
             **cuda,
             limits=limits,
+            gallery=environ.get("AEGAN_GALLERY", "").strip(),
+            gallery_root=environ.get("AEGAN_GALLERY_ROOT", "").strip(),
         )
 
     def cuda_options(self) -> CudaOptions:
@@ -181,22 +183,6 @@ def cuda_options(cuda: Mapping[str, Any]) -> CudaOptions:
     )
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: its CPU affinity (e.g. a container's cpuset), bounded by a cgroup
-    v2 CPU quota (e.g. a container's CPU limit), rounded up; at least 1."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):  # no cgroup v2 CPU controller here
-        pass
-    return max(1, cpus)
-
-
 def cuda_unusable_reason(options: CudaOptions) -> str | None:
     """None when ONNX Runtime's CUDA provider works here with ``options``, else why not (checked
     once per process, in a child process: aegan_serve/cuda.py)."""
@@ -207,9 +193,3 @@ def gpu_usable(options: CudaOptions) -> bool:
     """The worker layout's question: will a worker run on CUDA? Decided by making a CUDA session,
     not by the presence of device files."""
     return cuda_unusable_reason(options) is None
-
-
-def gpu_visible() -> bool:
-    """An NVIDIA GPU's device node is present (no driver call). Not proof that CUDA works: the
-    service's worker layout asks :func:`gpu_usable`."""
-    return any(Path(node).exists() for node in NVIDIA_DEVICE_NODES)

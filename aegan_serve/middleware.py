@@ -32,8 +32,9 @@ from urllib.parse import unquote_plus
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, QuerystringParser, parse_options_header
 
+from aegan_core.errors import ClientError, LimitExceeded, Overloaded, RequestError
+
 from .answers import bentoml_error
-from .errors import ClientError, LimitExceeded, Overloaded, RequestError
 
 MAX_TEXT_PART_BYTES = 1 << 20  # Starlette's limit for a multipart part that is not a file
 MAX_PARTS = 1000  # Starlette's limit on files (and on fields) per multipart body

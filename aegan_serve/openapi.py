@@ -9,7 +9,15 @@ length of a latent vector, which comes from the bundle. Added here, as the servi
 - 413 (a body or upload over its limit) and 429 with ``Retry-After`` (load shed) on every
   endpoint; 415 (image format not accepted) where images are uploaded; 422 (an image endpoint on a
   vector model) on the image endpoints;
-- every latent vector, in and out, has exactly ``latent_dim`` numbers (from the bundle in use).
+- every latent vector, in and out, has exactly ``latent_dim`` numbers (from the bundle in use);
+- a request body is required where a request without one is refused; a field whose default is
+  null takes null (``nullable``); ``/interpolate`` takes exactly one pair of end points
+  (``oneOf``: two images, two seeds or two latents);
+- with API keys on: the two ways to send a key (``securitySchemes``), 401 and 403; with quotas on:
+  the ``RateLimit`` and ``RateLimit-Policy`` headers, and 503 when a closed quota store is down.
+
+What the document cannot say: that an upload's bytes are an image (any bytes are a valid
+``format: binary``); such a request is answered 400 or 415.
 """
 
 from __future__ import annotations
@@ -58,6 +66,44 @@ def _bound_latents(node: Any, latent_dim: int) -> None:
             _bound_latents(item, latent_dim)
 
 
+RATELIMIT_HEADERS = {
+    "RateLimit": {
+        "description": "what is left of each budget: r (units left), t (seconds to its reset)",
+        "schema": {"type": "string"},
+    },
+    "RateLimit-Policy": {
+        "description": "each budget of the caller: q (units) per w (seconds)",
+        "schema": {"type": "string"},
+    },
+}
+INTERPOLATE_ENDS = ("images", "seeds", "latents")  # exactly one of them
+
+
+def _request_schemas(operation: dict[str, Any]) -> list[dict[str, Any]]:
+    content = operation.get("requestBody", {}).get("content", {})
+    return [media["schema"] for media in content.values() if isinstance(media.get("schema"), dict)]
+
+
+def _declare_nulls(schema: dict[str, Any]) -> None:
+    """A property whose default is null takes null."""
+    for prop in schema.get("properties", {}).values():
+        if isinstance(prop, dict) and "default" in prop and prop["default"] is None:
+            prop["nullable"] = True
+
+
+def _one_pair_of_ends(schema: dict[str, Any]) -> None:
+    """/interpolate: two images, two seeds or two latents, exactly one of them (a null or an empty
+    list of images is not given)."""
+    properties = schema.get("properties", {})
+    if "images" in properties:
+        properties["images"]["minItems"] = 2
+    schema["oneOf"] = [
+        {"required": [name], "properties": {name: {"type": "array"}}}
+        for name in INTERPOLATE_ENDS
+        if name in properties
+    ]
+
+
 def complete_spec(
     spec: dict[str, Any],
     *,
@@ -65,9 +111,18 @@ def complete_spec(
     api_routes: Collection[str],
     upload_routes: Collection[str],
     image_routes: Collection[str],
+    keys: bool = False,
+    quotas: bool = False,
+    closed_quota_store: bool = False,
+    metrics_public: bool = False,
 ) -> dict[str, Any]:
     """``spec`` (BentoML's document, as a dict) completed in place; also returned."""
     schemas = spec.get("components", {}).get("schemas", {})
+    if keys:
+        spec.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
     for name in ERROR_SCHEMAS:
         if name in schemas:
             schemas[name].setdefault("properties", {})["detail"] = dict(DETAIL)
@@ -80,6 +135,29 @@ def complete_spec(
                 responses["415"] = _error("an uploaded image format that is not accepted")
             if route in image_routes:
                 responses["422"] = _error("an image endpoint called on a vector model")
+            if keys:
+                operation["security"] = [{"bearer": []}, {"apiKey": []}]
+                responses["401"] = _error("no API key, or one that is not valid")
+                responses["401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+                responses["403"] = _error("the API key lacks the scope of this endpoint")
+            if quotas:
+                for status in ("200", "429"):
+                    if status in responses:
+                        responses[status].setdefault("headers", {}).update(RATELIMIT_HEADERS)
+            if closed_quota_store:
+                responses["503"] = _error("the quota store cannot be reached; retry after", True)
+            for schema in _request_schemas(operation):
+                _declare_nulls(schema)
+                if route == "/interpolate":
+                    _one_pair_of_ends(schema)
+                if schema.get("required") or schema.get("oneOf"):
+                    operation["requestBody"]["required"] = True
+    if keys and not metrics_public:
+        for operation in spec.get("paths", {}).get("/metrics", {}).values():
+            operation["security"] = [{"bearer": []}, {"apiKey": []}]
+            operation.setdefault("responses", {})["401"] = _error("no valid API key")
+            operation["responses"]["403"] = _error("the API key lacks the admin scope")
+            operation["responses"]["429"] = _error("too many wrong keys from this address", True)
     _bound_latents(spec.get("paths", {}), latent_dim)
     _bound_latents(schemas, latent_dim)
     return spec

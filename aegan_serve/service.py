@@ -1,4 +1,5 @@
-"""The AEGAN HTTP service: sample, generate, encode, decode, reconstruct, interpolate and info.
+"""The AEGAN HTTP service: sample, generate, encode, decode, reconstruct, interpolate, info, and
+similar with the pictures of its gallery.
 
 Start it from the repository root with ``bentoml serve`` (the service is named in bentofile.yaml);
 ``AEGAN_MODEL`` selects the bundle. Settings and limits: aegan_serve/config.py. Endpoint reference
@@ -23,17 +24,14 @@ import numpy as np
 from annotated_types import Ge, Le, Len
 from bentoml.validators import ContentType, FileSchema
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, Strict
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from . import __version__
-from .answers import answers_client_errors
-from .batching import Batcher
-from .bundle import load_bundle, resolve_bundle_dir
-from .config import Settings, SettingsError, available_cpus, cuda_unusable_reason
-from .errors import Overloaded, RequestError, WrongModelKind
-from .images import (
+from aegan_core.bundle import load_bundle, resolve_bundle_dir
+from aegan_core.errors import Overloaded, RequestError, WrongModelKind
+from aegan_core.gallery import MAX_K, Gallery, GalleryNotFound, load_gallery
+from aegan_core.images import (
     PSNR_CAP_DB,
     encode_gif,
     encode_png,
@@ -45,7 +43,7 @@ from .images import (
     to_uint8,
     to_unit,
 )
-from .latents import (
+from aegan_core.latents import (
     LATENT_ABS_MAX,
     MAX_SEED,
     check_latents,
@@ -54,9 +52,15 @@ from .latents import (
     random_seed,
     sample_prior,
 )
+from aegan_core.runtime import ModelRuntime
+
+from . import __version__
+from .answers import answers_client_errors
+from .auth import AccessSettings, Gate, access_in_force, spend_images
+from .batching import Batcher
+from .config import Settings, SettingsError, available_cpus, cuda_unusable_reason
 from .middleware import RequestGuard
 from .openapi import OpenAPICompletion
-from .runtime import ModelRuntime
 from .ui import UI_PATH, ui_app
 
 logger = logging.getLogger("bentoml.aegan_serve")
@@ -76,9 +80,40 @@ if SETTINGS.device != "cpu":
     CUDA_REASON = cuda_unusable_reason(SETTINGS.cuda_options())
     if SETTINGS.device == "cuda" and CUDA_REASON is not None:
         raise SettingsError(f"AEGAN_DEVICE=cuda but CUDA is not usable here: {CUDA_REASON}")
+# A gallery that is missing, altered or encoded by another bundle stops it the same way.
+if SETTINGS.gallery:
+    load_gallery(SETTINGS.gallery, STARTUP_BUNDLE, open_index=False)
+if SETTINGS.gallery_root and not Path(SETTINGS.gallery_root).is_dir():
+    raise SettingsError(f"AEGAN_GALLERY_ROOT={SETTINGS.gallery_root!r} is not a directory")
+# API keys and quotas (aegan_serve/auth.py): a keys file or quota setting that cannot be used stops
+# the server here too.
+ACCESS = AccessSettings.from_env(workers=SETTINGS.workers)
 INLINE_MAX_IMAGES = 1  # requests making at most this many images run on the event loop
-IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate")  # 422 on a vector model
+INLINE_MAX_SEARCH_ROWS = 10_000  # searches of at most this many queries x gallery latents too
+# 422 on a vector model (/similar: when given images)
+IMAGE_ONLY = ("/sample", "/encode", "/reconstruct", "/interpolate", "/similar", "/gallery/image")
+# Media types of the originals /gallery/image answers, by suffix (the formats aegan encode reads).
+ORIGINAL_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+}
 IN_USE = {"latent_dim": STARTUP_BUNDLE.latent_dim}  # the bundle of this worker
+# The scope a key needs for each endpoint (None: any valid key); aegan_serve/apikeys.py lists them.
+SCOPES = {
+    "/sample": "generate",
+    "/generate": "generate",
+    "/decode": "generate",
+    "/interpolate": "generate",
+    "/encode": "encode",
+    "/reconstruct": "encode",
+    "/similar": "search",
+    "/gallery/image": "search",
+    "/info": None,
+}
 T = TypeVar("T")
 
 
@@ -111,15 +146,20 @@ class InMemoryFile(FileSchema):
 
 
 # Request field types: their bounds are in the OpenAPI schema and checked before any work is done.
-Count = Annotated[int, Ge(1), Le(LIMITS.max_n)]
-Seed = Annotated[int, Ge(0), Le(MAX_SEED)]
-Truncation = Annotated[float, Ge(0.0), Le(1.0)]
-Coordinate = Annotated[float, Field(allow_inf_nan=False, ge=-LATENT_ABS_MAX, le=LATENT_ABS_MAX)]
+# Strict: a number is a JSON number (not `true`, not "0.5"), as the document says.
+Count = Annotated[int, Strict(), Ge(1), Le(LIMITS.max_n)]
+Seed = Annotated[int, Strict(), Ge(0), Le(MAX_SEED)]
+Truncation = Annotated[float, Strict(), Ge(0.0), Le(1.0)]
+Coordinate = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, ge=-LATENT_ABS_MAX, le=LATENT_ABS_MAX)
+]
 Latents = Annotated[list[list[Coordinate]], Len(1, LIMITS.max_n)]
 UploadedFile = Annotated[Upload, InMemoryFile()]
 Uploads = Annotated[list[UploadedFile], Len(1, LIMITS.max_images)]
-Steps = Annotated[int, Ge(2), Le(LIMITS.max_steps)]
-FrameMs = Annotated[int, Ge(20), Le(10_000)]
+Steps = Annotated[int, Strict(), Ge(2), Le(LIMITS.max_steps)]
+Neighbours = Annotated[int, Strict(), Ge(1), Le(MAX_K)]
+GalleryId = Annotated[str, Len(1, 4096)]
+FrameMs = Annotated[int, Strict(), Ge(20), Le(10_000)]
 
 
 class Decoded(BaseModel):
@@ -141,6 +181,18 @@ class Reconstructed(BaseModel):
     images: list[str] = Field(description="base64 PNG of each reconstruction G(E(x))")
     mse: list[float] = Field(description="mean squared error per image, pixels in [0, 1]")
     psnr: list[float] = Field(description=f"PSNR per image in dB (peak 1, at most {PSNR_CAP_DB:g})")
+
+
+class Neighbour(BaseModel):
+    id: str = Field(description="the gallery image's id: its path in the encoded collection")
+    distance: float = Field(description="Euclidean distance between the two latents")
+
+
+class Similar(BaseModel):
+    results: list[list[Neighbour]] = Field(
+        description="one list per query, in order, nearest first (at most k, and at most the "
+        "gallery's size)"
+    )
 
 
 @bentoml.service(
@@ -166,7 +218,13 @@ class AEGAN:
             max_rows=settings.largest_batch(),  # CUDA warms up every batch size it will run
             on_fallback=lambda reason: fallbacks.inc(),
         )
-        self.prior = prior_name(self.bundle.manifest["latent_prior"])
+        self.prior = prior_name(self.bundle.spec.latent_prior)
+        self.gallery: Gallery | None = None
+        if settings.gallery:  # checked whole at start-up; here only the sizes of its files
+            self.gallery = load_gallery(
+                settings.gallery, self.bundle, verify=False, threads=settings.threads
+            )
+        self.gallery_root = Path(settings.gallery_root).resolve() if settings.gallery_root else None
         # Decoding uploads, running the generator and encoding PNGs: a pool bounded by the CPUs.
         self.pool_size = max(1, available_cpus() // settings.workers)
         self.workers = ThreadPoolExecutor(self.pool_size, thread_name_prefix="aegan-work")
@@ -212,6 +270,7 @@ class AEGAN:
         """A PNG grid of ``n`` generated images, ceil(sqrt(n)) per row. A seed makes it repeatable;
         without one a random seed is drawn. The seed used is in the ``X-Seed`` response header."""
         self._require_images("sample")
+        await spend_images(n)
         seed, latents = self._draw(n, seed, truncation)
         png = await self._compute(n, lambda: encode_png(make_grid(self.model.generate(latents))))
         return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})  # type: ignore[return-value]
@@ -223,6 +282,7 @@ class AEGAN:
     ) -> Generated:
         """``n`` samples as JSON: the seed, the latents and the images as base64 PNG (image models)
         or the vectors (vector models)."""
+        await spend_images(n)
         seed, latents = self._draw(n, seed, truncation)
         decoded = await self._compute(n, lambda: self._decode(latents))
         return Generated(seed=seed, latents=latents.tolist(), **decoded)
@@ -233,6 +293,7 @@ class AEGAN:
         """One latent per uploaded image, in upload order. Concurrent requests are encoded together
         (cross-request batching, see ``AEGAN_BATCH_SIZE``)."""
         self._require_images("encode")
+        await spend_images(len(images))
         z = await self.encoder(await self._load(images))
         return Encoded(latents=z.tolist())
 
@@ -241,6 +302,7 @@ class AEGAN:
     async def decode(self, latents: Latents) -> Decoded:
         """Latent vectors -> images as base64 PNG (image models) or vectors (vector models)."""
         z = check_latents(latents, self.bundle.latent_dim, "latents")
+        await spend_images(len(z))
         return Decoded(**await self._compute(len(z), lambda: self._decode(z)))
 
     @bentoml.api
@@ -249,6 +311,7 @@ class AEGAN:
         """G(E(x)) for each uploaded image x, with its latent and the per-image error against the
         preprocessed upload."""
         self._require_images("reconstruct")
+        await spend_images(len(images))
         x = await self._load(images)
         z = await self.encoder(x)
         return await self._compute(len(x), lambda: self._reconstructed(x, z))
@@ -280,6 +343,7 @@ class AEGAN:
             )
         if len(images) == 1:
             raise RequestError("images needs 2 uploads (the two end points); got 1")
+        await spend_images(steps)
         if images:
             ends = await self.encoder(await self._load(images))
         elif seeds is not None:
@@ -290,6 +354,64 @@ class AEGAN:
             steps, lambda: self._animation(ends, steps, method, format, frame_ms)
         )
         return Response(data, media_type=f"image/{format}")  # type: ignore[return-value]
+
+    @bentoml.api
+    @answers_client_errors
+    async def similar(
+        self,
+        images: Annotated[list[UploadedFile], Len(0, LIMITS.max_images)] = Field(
+            default_factory=list
+        ),
+        latents: Annotated[list[list[Coordinate]] | None, Len(1, LIMITS.max_n)] = None,
+        k: Neighbours = 10,
+    ) -> Similar:
+        """The ``k`` nearest gallery images (``AEGAN_GALLERY``) to each query, given as exactly
+        one of: uploaded images (encoded as /encode does) or latents. Distances are Euclidean
+        between latents. A neighbour's picture: /gallery/image with its id. 404 when the server
+        has no gallery."""
+        gallery = self._require_gallery()
+        if bool(images) == (latents is not None):
+            given = "both" if images else "neither"
+            raise RequestError(f"give exactly one of: images (uploads) or latents; got {given}")
+        if images:
+            self._require_images("similar")
+            await spend_images(len(images))
+            z = await self.encoder(await self._load(images))
+        else:
+            z = check_latents(latents or [], self.bundle.latent_dim, "latents")
+        # A small gallery is searched on the event loop; a larger one in the worker pool, so that
+        # a scan of up to EXACT_MAX_ROWS latents does not hold up the other requests.
+        if len(z) * gallery.size <= INLINE_MAX_SEARCH_ROWS:
+            distances, rows = gallery.search(z, k)
+        else:
+            distances, rows = await self._in_pool(gallery.search, z, k)
+        return Similar(
+            results=[
+                [Neighbour(id=gallery.ids[r], distance=d) for d, r in zip(ds, rs, strict=True)]
+                for ds, rs in zip(distances.tolist(), rows.tolist(), strict=True)
+            ]
+        )
+
+    @bentoml.api(route="/gallery/image")
+    @answers_client_errors
+    async def gallery_image(
+        self, id: GalleryId, source: Literal["decoded", "original"] = "decoded"
+    ) -> Annotated[Path, ContentType("image/*")]:
+        """The picture of gallery image ``id`` (an id /similar answered): ``decoded``, its stored
+        latent through the generator (PNG; needs no source files), or ``original``, the file
+        itself from ``AEGAN_GALLERY_ROOT`` (404 when that is not set, 400 when the id would
+        lead outside it)."""
+        gallery = self._require_gallery()
+        self._require_images("gallery/image")
+        z = gallery.latent_of(id)[None]
+        if source == "decoded":
+            await spend_images(1)
+            png = self._decode_png(z)
+            return Response(png, media_type="image/png")  # type: ignore[return-value]
+        path = self._original(id)
+        data = await self._in_pool(path.read_bytes)
+        media_type = ORIGINAL_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        return Response(data, media_type=media_type)  # type: ignore[return-value]
 
     @bentoml.api
     @answers_client_errors
@@ -329,6 +451,9 @@ class AEGAN:
                 "largest": max(sizes, default=0),
                 "sizes": {str(k): v for k, v in sorted(sizes.items())},
             },
+            # The gallery /similar searches (AEGAN_GALLERY); null when there is none.
+            "gallery": self.gallery
+            and {**self.gallery.describe(), "originals": self.gallery_root is not None},
             "version": __version__,
         }
 
@@ -341,6 +466,36 @@ class AEGAN:
                 f"{list(self.bundle.data_shape)}), and /{endpoint} works with images only; "
                 "/generate and /decode return its vectors"
             )
+
+    def _require_gallery(self) -> Gallery:
+        if self.gallery is None:
+            raise GalleryNotFound(
+                "this server has no gallery: index an `aegan encode` output with `aegan index "
+                "DEST` and start the server with AEGAN_GALLERY=DEST"
+            )
+        return self.gallery
+
+    def _decode_png(self, z: np.ndarray) -> bytes:
+        return encode_png(to_uint8(self.model.generate(z))[0])
+
+    def _original(self, id: str) -> Path:
+        """The file of gallery image ``id`` under ``AEGAN_GALLERY_ROOT``; never one outside it."""
+        if self.gallery_root is None:
+            raise GalleryNotFound(
+                "the originals are not served (AEGAN_GALLERY_ROOT is not set); ask for "
+                "source=decoded"
+            )
+        try:
+            path = (self.gallery_root / id).resolve()
+        except (ValueError, OSError) as exc:  # a NUL byte, a link loop
+            raise RequestError(f"id {id[:200]!r} is not a usable path ({exc})") from None
+        if not path.is_relative_to(self.gallery_root):
+            raise RequestError(
+                f"id {id[:200]!r} leads outside AEGAN_GALLERY_ROOT; its original is not served"
+            )
+        if not path.is_file():
+            raise GalleryNotFound(f"id {id[:200]!r} has no file under AEGAN_GALLERY_ROOT")
+        return path
 
     def _draw(self, n: int, seed: int | None, truncation: float) -> tuple[int, np.ndarray]:
         seed = random_seed() if seed is None else seed
@@ -465,8 +620,13 @@ AEGAN.add_asgi_middleware(
         "api_routes": [api.route for api in AEGAN.apis.values()],
         "upload_routes": [a.route for a in AEGAN.apis.values() if a.input_spec.multipart_fields],
         "image_routes": IMAGE_ONLY,
+        **access_in_force(),
     },
 )
+
+# Keys, scopes, the request quota and one log line per 4xx, before anything else of ours
+# (aegan_serve/auth.py).
+AEGAN.add_asgi_middleware(Gate, scopes=SCOPES)
 
 # Size and form-body checks before BentoML parses a request (see aegan_serve/middleware.py).
 AEGAN.add_asgi_middleware(

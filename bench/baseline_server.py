@@ -1,7 +1,7 @@
 """A minimal hand-written server doing the service's work: the measuring stick of bench/serve.py.
 
-Starlette + uvicorn, one process, the same ONNX Runtime sessions (aegan_serve/runtime.py), the same
-upload conversion and PNG/GIF encoding (aegan_serve/images.py) and the same latent maths, without
+Starlette + uvicorn, one process, the same ONNX Runtime sessions (aegan_core/runtime.py), the same
+upload conversion and PNG/GIF encoding (aegan_core/images.py) and the same latent maths, without
 BentoML: no validation models, no request guard, no limits, no batching, no metrics or tracing.
 Not product code: it exists so that the service's overhead can be measured against something real.
 
@@ -21,11 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from aegan_serve.bundle import load_bundle
-from aegan_serve.config import DEFAULT_MODEL_DIR
-from aegan_serve.images import encode_gif, encode_png, load_uploads, make_grid, png_base64, to_uint8
-from aegan_serve.latents import interpolate, random_seed, sample_prior
-from aegan_serve.runtime import ModelRuntime
+from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle
+from aegan_core.images import encode_gif, encode_png, load_uploads, make_grid, png_base64, to_uint8
+from aegan_core.latents import interpolate, random_seed, sample_prior
+from aegan_core.runtime import ModelRuntime
 
 
 def build_app(model_dir: str, threads: int) -> Starlette:

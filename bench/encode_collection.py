@@ -13,7 +13,7 @@ last part written, worker or Ray start-up included; the whole command's time is 
 per CPU), with clients uploading the files in requests of ``--http-batch`` images; the answers are
 checked against the local job's latents. The local job's process pool is also compared, in this
 process, with threads sharing one ONNX Runtime session
-(``aegan_serve.batch_encode.run_job(pool=...)``, timed the same way from ``plan_job``).
+(``aegan_batch.run_job(pool=...)``, timed the same way from ``plan_job``).
 
 Writes docs/bench-encode.json and the batch-encoding section of docs/BENCHMARKS.md (between its
 ``encode-bench`` markers).
@@ -45,8 +45,9 @@ from serve import multipart, service, start  # bench/serve.py: bentoml serve, it
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aegan_serve.batch_encode import plan_job, run_job, run_job_on_ray  # noqa: E402
-from aegan_serve.config import DEFAULT_MODEL_DIR, available_cpus  # noqa: E402
+from aegan_batch import plan_job, run_job, run_job_on_ray  # noqa: E402
+from aegan_core.bundle import DEFAULT_MODEL_DIR  # noqa: E402
+from aegan_core.runtime import available_cpus  # noqa: E402
 
 FMNIST_TEST = "t10k-images-idx3-ubyte.gz"
 SUMMARY = re.compile(r"(\d+) encoded, (\d+) errors, .* ([\d.]+) s, (\d+) images/s")

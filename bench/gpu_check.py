@@ -54,7 +54,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aegan_serve.bundle import ENCODER, GENERATOR, load_bundle  # noqa: E402
+from aegan_core.bundle import ENCODER, GENERATOR, load_bundle  # noqa: E402
 from aegan_serve.config import DEFAULT_MODEL_DIR  # noqa: E402
 
 BUDGET_S = 480  # the whole check: 8 minutes
@@ -84,7 +84,7 @@ def needs_torch_cuda(ctx: dict[str, Any]) -> Any:
 
 
 def ort_cuda_reason() -> str | None:
-    from aegan_serve.cuda import DeviceError, check
+    from aegan_core.cuda import DeviceError, check
 
     try:
         check()
@@ -403,7 +403,7 @@ def needs_ort_cuda(ctx: dict[str, Any]) -> None:
 
 def step_ort_provider(ctx: dict[str, Any]) -> dict[str, Any]:
     needs_ort_cuda(ctx)
-    from aegan_serve.runtime import CUDA, ModelRuntime
+    from aegan_core.runtime import CUDA, ModelRuntime
 
     found = {}
     for fp16 in (False, True):
@@ -424,8 +424,8 @@ def step_ort_provider(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def step_ort_parity(ctx: dict[str, Any]) -> dict[str, Any]:
     needs_ort_cuda(ctx)
-    from aegan_serve.cuda import CudaOptions
-    from aegan_serve.runtime import ModelRuntime
+    from aegan_core.cuda import CudaOptions
+    from aegan_core.runtime import ModelRuntime
 
     bundle = ctx["bundle"]
     cpu = ModelRuntime(bundle, "cpu")
@@ -448,8 +448,8 @@ def step_ort_cold_start(ctx: dict[str, Any]) -> dict[str, Any]:
     needs_ort_cuda(ctx)
     import onnxruntime as ort
 
-    from aegan_serve.cuda import CudaOptions
-    from aegan_serve.runtime import session_options
+    from aegan_core.cuda import CudaOptions
+    from aegan_core.runtime import session_options
 
     bundle = ctx["bundle"]
     inputs = {r: x.astype(np.float32) for r, x in shipped_inputs(bundle, BATCH_SIZES[-1]).items()}

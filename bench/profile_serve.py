@@ -26,7 +26,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve as bench  # noqa: E402
 
-from aegan_serve.images import encode_png  # noqa: E402
+from aegan_core.images import encode_png  # noqa: E402
 
 # Innermost frame whose file path contains one of these names decides the layer of a sample.
 LAYERS = {

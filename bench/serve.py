@@ -42,9 +42,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aegan_serve.bundle import load_bundle  # noqa: E402
-from aegan_serve.config import DEFAULT_MODEL_DIR, available_cpus  # noqa: E402
-from aegan_serve.images import (  # noqa: E402
+from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle  # noqa: E402
+from aegan_core.images import (  # noqa: E402
     encode_gif,
     encode_png,
     load_uploads,
@@ -52,8 +51,8 @@ from aegan_serve.images import (  # noqa: E402
     png_base64,
     to_uint8,
 )
-from aegan_serve.latents import interpolate, sample_prior  # noqa: E402
-from aegan_serve.runtime import ModelRuntime  # noqa: E402
+from aegan_core.latents import interpolate, sample_prior  # noqa: E402
+from aegan_core.runtime import ModelRuntime, available_cpus  # noqa: E402
 
 BIN = Path(sys.executable).parent
 FMNIST_TEST = "t10k-images-idx3-ubyte.gz"

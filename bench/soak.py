@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve as bench  # noqa: E402
 
-from aegan_serve.images import encode_png  # noqa: E402
+from aegan_core.images import encode_png  # noqa: E402
 
 FORM = "multipart/form-data; boundary=" + bench.BOUNDARY
 

@@ -1,4 +1,4 @@
-"""Checkpoint -> verified model bundle (the format is defined in :mod:`aegan_serve.bundle`).
+"""Checkpoint -> verified model bundle (the format is defined in :mod:`aegan_core.bundle`).
 
 :func:`export_bundle` rebuilds G and E from the checkpoint's own config, loads their EMA weights,
 exports both graphs (and their fp16 variants), checks each against PyTorch with ONNX Runtime,
@@ -28,7 +28,7 @@ import onnxscript
 import torch
 from torch import nn
 
-from aegan_serve.bundle import (
+from aegan_core.bundle import (
     DATA_TENSOR,
     DIRECTIONS_KEY,
     ENCODER,
@@ -39,11 +39,12 @@ from aegan_serve.bundle import (
     GENERATOR_FP16,
     LATENT_TENSOR,
     MANIFEST_NAME,
+    Manifest,
     file_entry,
     load_bundle,
     write_manifest,
 )
-from aegan_serve.files import fsync_dir
+from aegan_core.files import fsync_dir
 from export.directions import add_directions, training_samples
 from export.onnx_export import (
     EXAMPLE_BATCH,
@@ -134,33 +135,35 @@ def export_bundle(
     try:
         files, parity = _write_graphs(work, cfg, generator, encoder, fp16)
         kind = _kind(cfg)
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "name": name or _default_name(run_dir, checkpoint),
-            "kind": kind,
-            "arch": cfg.model.arch,
-            "data_shape": list(cfg.model.data_shape),
-            "latent_dim": cfg.model.latent_dim,
-            "latent_prior": LATENT_PRIOR,
-            "files": files,
-            "opset": OPSET,
-            "exporter": EXPORTER,
-            "versions": {
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxscript": onnxscript.__version__,
-                "onnxruntime": ort.__version__,
-            },
-            "parity": parity,
-            "metrics": merged_metrics,
-            "evaluation": evaluation,
-            "training_config": state["config"],
-            "step": int(state["step"]),
-            "source_checkpoint": checkpoint.name,
-            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        if kind == "image":
-            manifest.update(pixel_range=PIXEL_RANGE, normalisation=NORMALISATION)
+        image = {"pixel_range": PIXEL_RANGE, "normalisation": NORMALISATION}
+        manifest = Manifest.model_validate(
+            {
+                "format_version": FORMAT_VERSION,
+                "name": name or _default_name(run_dir, checkpoint),
+                "kind": kind,
+                "arch": cfg.model.arch,
+                "data_shape": cfg.model.data_shape,
+                "latent_dim": cfg.model.latent_dim,
+                "latent_prior": LATENT_PRIOR,
+                "files": files,
+                "opset": OPSET,
+                "exporter": EXPORTER,
+                "versions": {
+                    "torch": torch.__version__,
+                    "onnx": onnx.__version__,
+                    "onnxscript": onnxscript.__version__,
+                    "onnxruntime": ort.__version__,
+                },
+                "parity": parity,
+                "metrics": merged_metrics,
+                "evaluation": evaluation,
+                "training_config": state["config"],
+                "step": int(state["step"]),
+                "source_checkpoint": checkpoint.name,
+                "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                **(image if kind == "image" else {}),
+            }
+        )
         write_manifest(work, manifest)
         _add_directions(work, cfg)
         load_bundle(work)  # read back and hash-check exactly as the service will

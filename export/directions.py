@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from aegan_serve.bundle import (
+from aegan_core.bundle import (
     DIRECTIONS_KEY,
     ENCODER,
     Bundle,

@@ -25,8 +25,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from aegan_serve.cuda import CudaOptions, preload_libraries
-from aegan_serve.runtime import cuda_unavailable_reason
+from aegan_core.cuda import CudaOptions, preload_libraries
+from aegan_core.errors import UserError
+from aegan_core.runtime import cuda_unavailable_reason
 
 OPSET = 18  # ONNX opset of every graph; ONNX Runtime >= 1.14 runs it.
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -45,7 +46,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export cannot proceed, or what it produced is not fit to ship; the message says why."""
 
 

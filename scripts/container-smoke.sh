@@ -143,7 +143,7 @@ fi
 # --- 2. build --------------------------------------------------------------------------------------
 context="$work/context"
 mkdir -p "$context/models"
-cp -r "$REPO/aegan_serve" "$REPO/requirements-serve.txt" "$REPO/Dockerfile" "$REPO/.dockerignore" \
+cp -r "$REPO/aegan_core" "$REPO/aegan_serve" "$REPO/requirements-serve.txt" "$REPO/Dockerfile" "$REPO/.dockerignore" \
     "$context/"
 cp -r "$BUNDLE" "$context/models/fashion-mnist"
 log "buildah bud (BASE_IMAGE=$BASE)"

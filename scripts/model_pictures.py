@@ -46,7 +46,7 @@ def main() -> None:
 
     os.environ["AEGAN_MODEL"] = str(Path(args.model).resolve())
     os.environ["AEGAN_DEVICE"] = "cpu"
-    from aegan_serve.images import make_grid, to_pil
+    from aegan_core.images import make_grid, to_pil
     from aegan_serve.service import AEGAN
     from training.config import DataConfig, fashion_mnist_dir
     from training.data import load_fashion_mnist_arrays

@@ -41,9 +41,9 @@ SCOPE: dict[str, list[str] | None] = {
     # The EMA and resume parts of the loop; train() itself is covered by the loop tests.
     "training/training_loop.py": ["ema_beta", "update_ema", "schedules", "restore"],
     "training/checkpoint.py": None,
-    "aegan_serve/latents.py": None,
-    "aegan_serve/bundle.py": None,
-    "aegan_serve/images.py": None,
+    "aegan_core/latents.py": None,
+    "aegan_core/bundle.py": None,
+    "aegan_core/images.py": None,
     "aegan_serve/middleware.py": None,
     "training/metrics/registry.py": None,
     "training/metrics/frechet.py": None,
@@ -130,7 +130,7 @@ def stage(workdir: Path, fresh: bool) -> None:
             path = workdir / module
             path.write_text(fence_off(path.read_text(), keep))
     config = {
-        "source_paths": ["aegan_serve", "training", "export"],
+        "source_paths": ["aegan_core", "aegan_serve", "aegan_batch", "training", "export"],
         "only_mutate": list(SCOPE),
         "pytest_add_cli_args": PYTEST_ARGS,
         "pytest_add_cli_args_test_selection": TESTS,

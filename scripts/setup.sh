@@ -14,6 +14,8 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${AEGAN_FASHION_MNIST_DIR
 fi
 command -v chromium >/dev/null || packages+=(chromium)
 command -v chromedriver >/dev/null || packages+=(chromium-driver)
+# Redis for the tests of quotas shared across workers (tests/test_quotas.py starts its own).
+command -v redis-server >/dev/null || packages+=(redis-server)
 if [ ${#packages[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         apt-get update -qq

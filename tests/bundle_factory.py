@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from aegan_serve.bundle import (
+from aegan_core.bundle import (
     DATA_TENSOR,
     ENCODER,
     ENCODER_FP16,

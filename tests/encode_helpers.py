@@ -1,4 +1,4 @@
-"""Readers for ``aegan_serve.batch_encode.run_job(reader=...)`` that misbehave on purpose. They
+"""Readers for ``aegan_batch.run_job(reader=...)`` that misbehave on purpose. They
 live in a module of their own so that spawned worker processes can import them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aegan_serve.batch_encode import FileReader
+from aegan_batch import FileReader
 
 
 @dataclass(frozen=True)

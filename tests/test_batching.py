@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from aegan_core.errors import Overloaded
 from aegan_serve.batching import Batcher
-from aegan_serve.errors import Overloaded
 
 
 class SlowModel:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from fmnist_data import needs_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +104,21 @@ def test_step_cost_trainer_steps_with_every_loss_setting():
     cfg.loss.recon_share = 1.0
     step_cost.Trainer(cfg, losses=spy).step()
     assert calls == [(32, 0.3), (8,), ()]  # the last: a baseline revision's call
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_similar_bench_runs_end_to_end_at_a_small_size(tmp_path):
+    """bench/similar.py --quick: a gallery, /similar over HTTP, precision beside PCA, an IVF
+    index; every figure is there and within its range."""
+    out = tmp_path / "similar.json"
+    cmd = [sys.executable, "bench/similar.py", "--quick", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    record = json.loads(out.read_text())
+    fmnist = record["fashion_mnist"]
+    assert fmnist["gallery_images"] == 3000 and fmnist["index_kind"] == "exact"
+    assert all(0 < p <= 1 for p in fmnist["precision_at_10"].values())
+    assert set(fmnist["http_one_upload_k10"]) == {"/similar", "/encode"}
+    synthetic = record["synthetic"]
+    assert synthetic["recall_at_10"] >= 0.95 and synthetic["query"]["p50_ms"] > 0
+    assert 1 < synthetic["index_over_raw"] < 2

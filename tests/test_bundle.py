@@ -1,4 +1,4 @@
-"""The bundle format (aegan_serve/bundle.py): every graph's hash checked, fp16 ones included; paths
+"""The bundle format (aegan_core/bundle.py): every graph's hash checked, fp16 ones included; paths
 kept inside the bundle; each refusal names the file."""
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from bundle_factory import tamper
 
-from aegan_serve.bundle import (
+from aegan_core.bundle import (
     FILE_NAMES,
     MANIFEST_NAME,
-    REQUIRED_KEYS,
     BundleError,
     file_entry,
     load_bundle,
@@ -125,17 +124,20 @@ def test_file_entry_records_name_hash_size_and_tensors(tmp_path):
     }
 
 
-def test_write_manifest_checks_the_keys_and_writes_sorted_json(tmp_path):
-    partial = {k: 1 for k in REQUIRED_KEYS if k not in ("kind", "opset")}
+def test_write_manifest_checks_the_model_and_writes_sorted_json(tmp_path, fp16_bundle):
+    whole = json.loads((fp16_bundle / MANIFEST_NAME).read_text())
+    partial = {k: v for k, v in whole.items() if k not in ("kind", "opset")}
     with pytest.raises(BundleError, match="manifest lacks required keys: kind, opset$"):
         write_manifest(tmp_path, partial)
+    with pytest.raises(BundleError, match="manifest latent_dim: Input should be greater than"):
+        write_manifest(tmp_path, {**whole, "latent_dim": 0})
     assert not (tmp_path / MANIFEST_NAME).exists()
-    manifest = {k: k for k in reversed(REQUIRED_KEYS)}
+    manifest = dict(reversed(list(whole.items())))
     path = write_manifest(tmp_path, manifest)
     assert path == tmp_path / MANIFEST_NAME
     text = path.read_text()
-    assert json.loads(text) == manifest
-    assert text.startswith('{\n  "data_shape": "data_shape",\n') and text.endswith("}\n")
+    assert json.loads(text) == whole
+    assert text.startswith('{\n  "data_shape": [\n') and text.endswith("}\n")
 
 
 def test_bundle_properties_read_the_manifest(fp16_bundle):

@@ -18,11 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from aegan_serve import config, cuda, runtime
-from aegan_serve.bundle import load_bundle
+from aegan_core import cuda, runtime
+from aegan_core.bundle import load_bundle
+from aegan_core.cuda import CPU, CUDA, CudaOptions, DeviceError
+from aegan_core.runtime import ModelRuntime, buckets
+from aegan_serve import config
 from aegan_serve.config import Settings, SettingsError
-from aegan_serve.cuda import CPU, CUDA, CudaOptions, DeviceError
-from aegan_serve.runtime import ModelRuntime, buckets
 
 LIBRARY_ERROR = (
     "[E:onnxruntime:Default, provider_bridge_ort.cc:2000 TryGetProviderInfo_CUDA] Failed to load "
@@ -321,7 +322,7 @@ def test_without_a_gpu_cuda_is_not_used_and_no_fallback_is_counted(image_bundle)
 
 def test_worker_layout_follows_a_usable_provider_not_device_files(monkeypatch):
     monkeypatch.setattr(config, "available_cpus", lambda: 4)
-    monkeypatch.setattr(config, "gpu_visible", lambda: True)  # device files, no usable provider
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: True)  # device files, no usable provider
     monkeypatch.setattr(config, "cuda_unusable_reason", lambda options: "libcudnn.so.9 missing")
     settings = Settings.from_env({})
     assert settings.workers == 4 and settings.batch_size == 64

@@ -27,13 +27,19 @@ pytest.importorskip(
 )
 from kubernetes.client import ApiClient  # noqa: E402
 
+from aegan_core.bundle import DEFAULT_MODEL_DIR  # noqa: E402
 from aegan_serve import config  # noqa: E402
-from aegan_serve.config import DEFAULT_MODEL_DIR, Limits, Settings, SettingsError  # noqa: E402
+from aegan_serve.apikeys import create_key  # noqa: E402
+from aegan_serve.auth import AccessSettings  # noqa: E402
+from aegan_serve.config import Limits, Settings, SettingsError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 VARIANTS = {"cpu": DEPLOY, "gpu": DEPLOY / "gpu"}
 CONFIG_SOURCE = ROOT / "aegan_serve" / "config.py"
+# The variant for the internet: keys from a Secret, quotas in Redis (more than one of some kinds).
+PUBLIC = DEPLOY / "public"
+ACCESS_SOURCES = (ROOT / "aegan_serve" / "auth.py", ROOT / "aegan_serve" / "quotas.py")
 # Set for a pod on purpose (deploy/kubernetes/base/configmap.yaml says why); checked below.
 POD_SPECIFIC = {"AEGAN_DEVICE", "AEGAN_WORKERS", "AEGAN_THREADS"}
 
@@ -193,9 +199,13 @@ def test_every_manifest_file_is_in_the_kustomization() -> None:
         p.name for p in (DEPLOY / "base").glob("*.yaml") if p.name != "kustomization.yaml"
     )
     assert sorted(listed) == files
-    assert sorted(p.name for p in DEPLOY.rglob("*.y*ml") if p.parent.name != "base") == [
+    assert sorted(
+        str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*.y*ml") if p.parent.name != "base"
+    ) == [
+        "gpu/kustomization.yaml",
         "kustomization.yaml",
-        "kustomization.yaml",
+        "public/kustomization.yaml",
+        "public/redis.yaml",
     ]
 
 
@@ -225,7 +235,7 @@ def test_render_matches_kubectl() -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: the renderer is not compared with kustomize's")
-    for variant, directory in VARIANTS.items():
+    for variant, directory in {**VARIANTS, "public": PUBLIC}.items():
         built = subprocess.run(
             [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True
         ).stdout
@@ -306,17 +316,28 @@ def test_ports_are_the_images(variant: str) -> None:
     assert "command" not in container and "args" not in container  # the image's CMD sets the port
 
 
+def access_variables() -> set[str]:
+    """The AEGAN_* variables of keys and quotas, as their modules read them."""
+    return {
+        name
+        for source in ACCESS_SOURCES
+        for name in re.findall(r'"(AEGAN_[A-Z0-9_]*[A-Z0-9])"', source.read_text())
+    }
+
+
 def service_variables() -> set[str]:
-    """Every AEGAN_* variable the service reads: one per field of Settings and Limits."""
+    """Every AEGAN_* variable the service reads: one per field of Settings and Limits, and those
+    of keys and quotas."""
     settings = {f"AEGAN_{f.name.upper()}" for f in fields(Settings) if f.name != "limits"}
     limits = {Limits().env_name(f.name) for f in fields(Limits)}
-    return settings | limits
+    return settings | limits | access_variables()
 
 
 def test_service_variables_are_what_config_py_reads() -> None:
-    assert service_variables() == set(
+    assert service_variables() - access_variables() == set(
         re.findall(r"AEGAN_[A-Z0-9_]*[A-Z0-9]", CONFIG_SOURCE.read_text())
     )
+    assert len(access_variables()) == 9
 
 
 def default_settings(variant: str) -> dict[str, str]:
@@ -336,9 +357,24 @@ def default_settings(variant: str) -> dict[str, str]:
         "AEGAN_CUDA_MEM_LIMIT": str(defaults.cuda_mem_limit),
         "AEGAN_CUDA_ARENA": defaults.cuda_arena,
         "AEGAN_CUDA_TF32": "1" if defaults.cuda_tf32 else "0",
+        "AEGAN_GALLERY": defaults.gallery,
+        "AEGAN_GALLERY_ROOT": defaults.gallery_root,
     }
     values |= {
         Limits().env_name(f.name): str(getattr(defaults.limits, f.name)) for f in fields(Limits)
+    }
+    access = AccessSettings.from_env({})  # keys and quotas off: their variables empty
+    values |= {
+        "AEGAN_API_KEYS_FILE": "",
+        "AEGAN_METRICS_PUBLIC": "0",
+        "AEGAN_AUTH_FAILURES_PER_MIN": str(access.quotas.auth_failures),
+        "AEGAN_RATE_LIMIT_STORAGE": access.quotas.storage,
+        "AEGAN_RATE_LIMIT_FAILURE": access.quotas.failure,
+    }
+    values |= {
+        f"AEGAN_QUOTA_{budget}_{part}": ""
+        for budget in ("REQUESTS", "IMAGES")
+        for part in ("PER_S", "BURST")
     }
     return values
 
@@ -358,6 +394,7 @@ def test_settings_are_the_services_with_their_defaults(variant: str) -> None:
     assert {k: v for k, v in data.items() if k not in POD_SPECIFIC} == defaults
     try:
         Settings.from_env(data)
+        assert not AccessSettings.from_env(data).quotas_on
     except SettingsError as error:
         pytest.fail(f"the service would not start with these settings: {error}")
 
@@ -463,3 +500,66 @@ def test_the_gpu_variant_runs_on_one_plain_gpu() -> None:
         "tolerations" not in cpu
         and "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
     )
+
+
+# --- The public variant: keys from a Secret, quotas in Redis -----------------------------------
+
+
+def public_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in render(PUBLIC)}
+
+
+def test_public_variant_objects_are_valid() -> None:
+    objects = public_objects()
+    assert set(objects) == {
+        ("ConfigMap", "aegan-settings"),
+        ("Deployment", "aegan"),
+        ("Service", "aegan"),
+        ("HorizontalPodAutoscaler", "aegan"),
+        ("PodDisruptionBudget", "aegan"),
+        ("Deployment", "aegan-redis"),
+        ("Service", "aegan-redis"),
+        ("NetworkPolicy", "aegan-redis"),
+    }
+    for obj in objects.values():
+        assert manifest_errors(obj) == [], obj["kind"]
+    assert ("Secret", "aegan-api-keys") not in objects  # made by the user: never overwritten
+
+
+def test_public_variant_mounts_the_keys_secret_as_the_keys_file(tmp_path) -> None:
+    objects = public_objects()
+    data = objects[("ConfigMap", "aegan-settings")]["data"]
+    spec = pod_spec(objects[("Deployment", "aegan")])
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "api-keys"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "api-keys"]
+    assert volume["secret"]["secretName"] == "aegan-api-keys"
+    assert volume["secret"]["defaultMode"] & 0o004  # readable by the image's user (not root)
+    assert mount["readOnly"] is True and "subPath" not in mount  # a subPath is never updated
+    keys_file = Path(data["AEGAN_API_KEYS_FILE"])
+    assert str(keys_file.parent) == mount["mountPath"] and keys_file.name == "keys.json"
+    # The settings start the service, with a keys file where the Secret puts it.
+    local = tmp_path / "keys.json"
+    create_key(local, "someone", ["generate"])
+    settings = AccessSettings.from_env({**data, "AEGAN_API_KEYS_FILE": str(local)})
+    assert settings.quotas_on and settings.quotas.shared
+    Settings.from_env(data)
+
+
+def test_public_variant_points_the_quotas_at_its_redis() -> None:
+    from urllib.parse import urlsplit
+
+    objects = public_objects()
+    url = urlsplit(objects[("ConfigMap", "aegan-settings")]["data"]["AEGAN_RATE_LIMIT_STORAGE"])
+    service = objects[("Service", "aegan-redis")]
+    redis = objects[("Deployment", "aegan-redis")]
+    assert url.scheme == "redis" and url.hostname == service["metadata"]["name"]
+    assert url.port == service["spec"]["ports"][0]["port"] == 6379
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    policy = objects[("NetworkPolicy", "aegan-redis")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    aegan = objects[("Deployment", "aegan")]["spec"]["template"]["metadata"]["labels"]
+    assert policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"].items() <= aegan.items()
+    container = pod_spec(redis)["containers"][0]
+    assert container["args"][:4] == ["--save", "", "--appendonly", "no"]  # counters, not data
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from aegan_cli import main
-from aegan_serve.bundle import (
+from aegan_core.bundle import (
     DIRECTIONS_NAME,
     BundleError,
     load_bundle,

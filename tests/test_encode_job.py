@@ -27,12 +27,12 @@ from fmnist_data import FMNIST, needs_fmnist, require_fmnist
 from PIL import Image
 from service_helpers import files, png_header, serve
 
+from aegan_batch import JOB_FILE, LOCK_FILE, plan_job, run_job
+from aegan_batch import inputs as batch_inputs
+from aegan_batch import job as batch_job
 from aegan_cli import main
-from aegan_serve import batch_encode
-from aegan_serve.batch_encode import JOB_FILE, LOCK_FILE, plan_job, run_job
-from aegan_serve.bundle import load_bundle
-from aegan_serve.config import DEFAULT_MODEL_DIR
-from aegan_serve.runtime import ModelRuntime
+from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle
+from aegan_core.runtime import ModelRuntime
 
 pq = pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
 
@@ -452,14 +452,14 @@ def test_an_exception_in_conversion_is_an_error_row(collection, tmp_path, monkey
     source = tmp_path / "odd"
     names = small_folder(collection, source, 6)
     Image.new("L", (31, 31), 128).save(source / "odd.png")
-    convert = batch_encode.to_model_input
+    convert = batch_inputs.to_model_input
 
     def failing(image, shape):
         if image.size == (31, 31):
             raise ValueError("cannot convert this one")
         return convert(image, shape)
 
-    monkeypatch.setattr(batch_encode, "to_model_input", failing)
+    monkeypatch.setattr(batch_inputs, "to_model_input", failing)
     dest = tmp_path / "out"
     output = encode(source, "--out", dest, "--batch-size", 4)
     assert "7 inputs, 6 encoded, 1 errors" in output
@@ -476,7 +476,7 @@ def test_a_worker_process_that_dies_costs_only_its_input(collection, local_job, 
     names = small_folder(collection, source, 20)
     fatal = names[9]
     plan = plan_job(source, DEFAULT_MODEL_DIR, tmp_path / "out", 100)
-    reader = DyingReader(**vars(plan.reader(batch_encode.Limits())), fatal=fatal)
+    reader = DyingReader(**vars(plan.reader()), fatal=fatal)
     summary = run_job(plan, workers=2, batch_size=4, device="cpu", pool="processes", reader=reader)
     plan.release()
     assert (summary.encoded, summary.errors) == (19, 1)
@@ -580,13 +580,13 @@ def test_an_npy_job_keeps_no_list_of_ids_and_its_time_counts_listing(tmp_path, m
     """The ids of an .npy are a range (no string per row), and a job's seconds start before the
     source is listed."""
     np.save(tmp_path / "a.npy", np.zeros((3000, 1, 28, 28), np.uint8))
-    listing = batch_encode.list_inputs
+    listing = batch_job.list_inputs
 
     def slow_listing(*args):
         time.sleep(0.5)
         return listing(*args)
 
-    monkeypatch.setattr(batch_encode, "list_inputs", slow_listing)
+    monkeypatch.setattr(batch_job, "list_inputs", slow_listing)
     plan = plan_job(tmp_path / "a.npy", DEFAULT_MODEL_DIR, tmp_path / "out", 1000)
     assert plan.inputs.names == range(3000)
     summary = run_job(plan, workers=1, batch_size=500, device="cpu", pool="threads")

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from fmnist_data import needs_fmnist, require_fmnist
 
 from aegan_cli import main
-from aegan_serve.bundle import (
+from aegan_core.bundle import (
     DATA_TENSOR,
     DIRECTIONS_NAME,
     FILE_NAMES,
@@ -340,7 +340,7 @@ def test_cli_force_replaces_a_bundle_and_saves_it_in_the_bentoml_store(
     script = f"""
 import json, sys, bentoml
 from aegan_cli import main
-from aegan_serve.bundle import load_bundle
+from aegan_core.bundle import load_bundle
 main({args!r}, standalone_mode=False)
 model = bentoml.models.get("tiny-aegan")
 bundle = load_bundle(model.path)

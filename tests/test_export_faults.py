@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from aegan_serve.bundle import load_bundle
+from aegan_core.bundle import load_bundle
 from export import bundle_writer
 from export.bundle_writer import export_bundle
 from training.config import from_preset, validate

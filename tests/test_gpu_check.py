@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from aegan_serve.cuda import driver_reason  # noqa: E402
+from aegan_core.cuda import driver_reason  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_STEPS = ("operator_error", "torch_cold_start", "training", "resume")

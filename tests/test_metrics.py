@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from fmnist_data import FMNIST, needs_fmnist
 
 from aegan_cli import main
-from aegan_serve.images import psnr, to_unit
+from aegan_core.images import psnr, to_unit
 from training.config import ConfigError, RunConfig, from_preset, validate
 from training.metrics import (
     METRICS,

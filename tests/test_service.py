@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from service_helpers import decode_png, error_of, files, gradient, image_bytes, png_header, serve
 
-from aegan_serve.latents import sample_prior
-from aegan_serve.runtime import ModelRuntime
+from aegan_core.latents import sample_prior
+from aegan_core.runtime import ModelRuntime
 from aegan_serve.service import LIMITS
 
 PAD = 2  # make_grid padding
@@ -577,7 +577,7 @@ def test_request_body_over_the_limit_is_413(client):
 def test_work_that_waited_too_long_for_a_thread_is_refused_not_run(image_bundle, monkeypatch):
     """More heavy requests than the CPUs can serve in time are shed with 429 (before decoding)
     instead of piling up until the request timeout answers 504."""
-    from aegan_serve import images as image_module
+    from aegan_core import images as image_module
 
     decoded = []
     slow_load = image_module.load_uploads

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from service_helpers import error_of, files, image_bytes
 
-from aegan_serve.images import MAX_JPEG_SCANS, decode_upload
+from aegan_core.images import MAX_JPEG_SCANS, decode_upload
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""Upload decoding and conversion to model input (aegan_serve/images.py), and the output codecs."""
+"""Upload decoding and conversion to model input (aegan_core/images.py), and the output codecs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from service_helpers import gradient, image_bytes, png_header
 
-from aegan_serve.errors import LimitExceeded, RequestError, UnsupportedImage
-from aegan_serve.images import (
+from aegan_core.errors import LimitExceeded, RequestError, UnsupportedImage
+from aegan_core.images import (
     decode_upload,
     encode_gif,
     load_uploads,

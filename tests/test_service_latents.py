@@ -1,12 +1,12 @@
-"""Latent maths (aegan_serve/latents.py): seeded sampling, truncation, interpolation, checks."""
+"""Latent maths (aegan_core/latents.py): seeded sampling, truncation, interpolation, checks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from aegan_serve.errors import RequestError
-from aegan_serve.latents import (
+from aegan_core.errors import RequestError
+from aegan_core.latents import (
     MAX_SEED,
     check_latents,
     interpolate,

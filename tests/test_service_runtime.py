@@ -15,10 +15,11 @@ import pytest
 from bundle_factory import tamper, write_bundle
 from service_helpers import serve
 
+from aegan_core import runtime
+from aegan_core.bundle import MANIFEST_NAME, BundleError, load_bundle, resolve_bundle_dir
+from aegan_core.runtime import CPU, CUDA, DeviceError, ModelRuntime, available_cpus
 from aegan_serve import config
-from aegan_serve.bundle import MANIFEST_NAME, BundleError, load_bundle, resolve_bundle_dir
-from aegan_serve.config import Limits, Settings, SettingsError, available_cpus
-from aegan_serve.runtime import CPU, CUDA, DeviceError, ModelRuntime
+from aegan_serve.config import Limits, Settings, SettingsError
 
 
 def cuda_works(bundle: Path) -> bool:
@@ -131,8 +132,8 @@ def test_settings_defaults_and_overrides(monkeypatch):
 def test_available_cpus_honours_a_cgroup_cpu_quota(monkeypatch, tmp_path, cpu_max, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     (tmp_path / "cpu.max").write_text(cpu_max)
-    monkeypatch.setattr(config, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
-    assert config.available_cpus() == expected
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert runtime.available_cpus() == expected
 
 
 @pytest.mark.parametrize(
@@ -163,7 +164,7 @@ def test_the_service_imports_no_torch():
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda entry, root: entry.update(path=5), "path 5 is not a file name"),
+        (lambda entry, root: entry.update(path=5), "path: Input should be a valid string"),
         (lambda entry, root: entry.update(path=""), "path '' is not a file name"),
         (lambda entry, root: entry.update(path="../encoder.onnx"), "is outside the bundle"),
         (lambda entry, root: entry.update(path=str(root / "encoder.onnx")), "outside the bundle"),

@@ -28,8 +28,16 @@ def test_page_loads_nothing_from_other_hosts():
 
 def test_page_calls_only_public_endpoints():
     script = (STATIC_DIR / "app.js").read_text()
-    called = set(re.findall(r'call\("(\w+)"', script))
-    assert called == {"info", "generate", "decode", "reconstruct", "interpolate"}
+    called = set(re.findall(r'call\("([\w/]+)"', script))
+    assert called == {
+        "info",
+        "generate",
+        "decode",
+        "reconstruct",
+        "interpolate",
+        "similar",
+        "gallery/image",
+    }
 
 
 def test_packaging_carries_the_page():

@@ -61,9 +61,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @contextmanager
-def in_process(bundle: Path) -> Iterator[str]:
-    """The service on ``bundle`` under uvicorn in a thread of this process (starts in about a
-    second, where ``bentoml serve`` takes several)."""
+def in_process(bundle: Path, **env: str) -> Iterator[str]:
+    """The service on ``bundle`` (and ``AEGAN_*`` settings ``env``) under uvicorn in a thread of
+    this process (starts in about a second, where ``bentoml serve`` takes several)."""
     import uvicorn
 
     from aegan_serve.service import AEGAN
@@ -72,6 +72,8 @@ def in_process(bundle: Path) -> Iterator[str]:
         mp.setenv("BENTOML_CONFIG_OPTIONS", f"services.{AEGAN.name}.metrics.enabled=false")
         mp.setenv("AEGAN_MODEL", str(bundle))
         mp.setenv("AEGAN_DEVICE", "cpu")
+        for key, value in env.items():
+            mp.setenv(key, value)
         listener = socket.socket()  # bound here, before the server starts: no port to lose
         listener.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -364,6 +366,8 @@ def test_bundle_without_directions_gets_random_directions(plain_bundle, browser)
         driver.get(f"{url}/ui/")
         wait_for(driver, lambda d: len(d.find_elements("css selector", ".tile")) == 16, "grid")
         assert "random orthonormal directions" in by_id(driver, "directions-note").text
+        assert "no gallery" in by_id(driver, "similar-note").text
+        assert by_id(driver, "similar-file").get_attribute("disabled") is not None
         assert by_id(driver, "direction-0").find_element("xpath", "..").text.startswith("random 1")
         driver.find_elements("css selector", ".tile")[0].click()
         before = by_id(driver, "selected-image").get_attribute("src")
@@ -408,3 +412,92 @@ def test_vector_model_is_shown_as_a_plot_and_a_table(vector_bundle, browser, sho
         assert len(driver.find_elements("css selector", "#vector-table tbody tr")) == 16
         assert console_problems(driver) == []
         screenshot(driver, shots / "vector.png")
+
+
+def test_similar_panel_finds_the_neighbours_of_the_selection_and_of_an_upload(
+    plain_bundle, browser, shots, tmp_path
+):
+    pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
+    from test_gallery import PICTURES, encode_to, make_collection
+
+    from aegan_batch.similar import build_gallery
+    from aegan_core.bundle import load_bundle
+
+    pictures = make_collection(tmp_path / "pictures")
+    gallery = encode_to(pictures, plain_bundle, tmp_path / "gallery")
+    build_gallery(gallery, load_bundle(plain_bundle))
+    driver = browser
+    with in_process(plain_bundle, AEGAN_GALLERY=str(gallery)) as url:
+        driver.get(f"{url}/ui/")
+        wait_for(driver, lambda d: len(d.find_elements("css selector", ".tile")) == 16, "grid")
+        assert f"Gallery: {PICTURES} images (exact search)" in by_id(driver, "similar-note").text
+        assert by_id(driver, "similar-selection").get_attribute("disabled") is not None
+
+        # The selection (a sample) -> its 8 nearest gallery images, nearest first.
+        driver.find_elements("css selector", ".tile")[1].click()
+        by_id(driver, "similar-selection").click()
+        figures = "#similar-results figure"
+        wait_for(driver, lambda d: len(d.find_elements("css selector", figures)) == 8, "results")
+        captions = [f.text for f in driver.find_elements("css selector", figures)]
+        distances = [float(c.rsplit(" · ", 1)[1]) for c in captions]
+        assert distances == sorted(distances) and distances[0] > 0
+        assert all(c.startswith("group-") for c in captions)
+        wait_for(
+            driver,
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#similar-results img')]"
+                ".every(i => i.complete && i.naturalWidth === 28)"
+            ),
+            "the neighbours' pictures",
+        )
+        assert "nearest gallery images to seed" in by_id(driver, "similar-status").text
+
+        # An upload of a gallery picture finds itself first, at distance 0.
+        k = by_id(driver, "similar-k")
+        k.clear()
+        k.send_keys("3")
+        by_id(driver, "similar-file").send_keys(str(pictures / "group-2" / "005.png"))
+        wait_for(
+            driver,
+            lambda d: d.find_element("css selector", figures).text.startswith("group-2/005.png"),
+            "the upload's neighbours",
+        )
+        assert len(driver.find_elements("css selector", figures)) == 3
+        assert driver.find_element("css selector", figures).text.endswith(" · 0.000")
+        assert console_problems(driver) == []
+        screenshot(driver, shots / "similar.png")
+
+        # Something that is not an image: the service's reason on the page.
+        notes = tmp_path / "notes.txt"
+        notes.write_text("not an image\n")
+        by_id(driver, "similar-file").send_keys(str(notes))
+        wait_for(driver, lambda d: shown(d, "error"), "the error message")
+        assert "/similar refused the request" in by_id(driver, "error-text").text
+        assert "not a readable image" in by_id(driver, "similar-status").text
+
+
+def test_with_keys_on_the_page_asks_for_a_key_and_keeps_it_for_the_tab(
+    image_bundle, browser, tmp_path
+):
+    from selenium.webdriver.support import expected_conditions
+
+    from aegan_serve.apikeys import create_key
+
+    keys = tmp_path / "keys.json"
+    key = create_key(keys, "explorer", ["generate", "encode"])
+    driver = browser
+    with in_process(image_bundle, AEGAN_API_KEYS_FILE=str(keys)) as url:
+        driver.get(f"{url}/ui/")
+        prompt = wait_for(driver, expected_conditions.alert_is_present(), "the key prompt")
+        assert "needs an API key" in prompt.text
+        prompt.send_keys("aegan_wrong")
+        prompt.accept()
+        again = wait_for(driver, expected_conditions.alert_is_present(), "the second prompt")
+        assert "refused" in again.text
+        again.send_keys(key)
+        again.accept()
+        wait_for(driver, lambda d: len(d.find_elements("css selector", ".tile")) == 16, "grid")
+        assert driver.execute_script("return sessionStorage.getItem('aegan-api-key')") == key
+        assert driver.execute_script("return localStorage.length") == 0
+        assert key not in driver.execute_script("return document.cookie")
+        driver.execute_script("sessionStorage.clear()")

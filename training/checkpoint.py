@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from aegan_serve.files import TEMP_PREFIX, replace_file
+from aegan_core.errors import UserError
+from aegan_core.files import TEMP_PREFIX, replace_file
 from training.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ CONFIG_FILE = "config.json"  # The resolved config of a run, written before its 
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file is missing, truncated, or not an AEGAN checkpoint; the message names it."""
 
 
@@ -119,6 +120,13 @@ def resume_point(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
 def run_config(raw: Any, source: Path | str) -> RunConfig:
     """The typed config a run or checkpoint recorded; :class:`CheckpointError` naming ``source``
     when it cannot be read (unknown fields, wrong types)."""
+    if (
+        isinstance(raw, dict)
+        and isinstance(raw.get("data"), dict)
+        and "held_out" not in raw["data"]
+    ):
+        # Runs from before data.held_out trained on every image of a folder: resume them so.
+        raw = {**raw, "data": {**raw["data"], "held_out": 0.0}}
     try:
         return RunConfig.from_dict(raw)
     except (TypeError, ValueError, AttributeError) as exc:

@@ -16,6 +16,8 @@ import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from aegan_core.errors import UserError
+
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_NUM_SAMPLES = 10_000  # samples ``aegan eval`` generates and compares
 FASHION_MNIST_ENV = "AEGAN_FASHION_MNIST_DIR"
@@ -42,6 +44,10 @@ class DataConfig:
         "fail"  # Image folders: 'fail' on an unreadable image, or 'skip' and report.
     )
     limit: int | None = None  # Use only the first N samples (quick runs and tests); None: all.
+    # Image folders: share of the images kept out of training, for ``aegan eval``'s held-out
+    # reconstruction and sample quality. An image is held out by the SHA-256 of its path in the
+    # folder (training/data.py ``is_held_out``): deterministic, so eval finds the same split.
+    held_out: float = 0.1
 
 
 @dataclass
@@ -75,6 +81,10 @@ class LossConfig:
     # Std of Gaussian noise added to each encoding (E(x) and E(G(z))): a stochastic encoder, whose
     # encodings of tight clusters can fill the prior. 0: E is deterministic.
     encoder_noise: float = 0.0
+    # Reconstruct inside G's own batch: one G pass over [z; E(x)] concatenated, so G(z) and
+    # G(E(x)) share batch-norm statistics and a step costs one G pass fewer (E(G(z)) then waits
+    # for that pass, a second E call). False: separate G calls per input kind.
+    recon_in_g_batch: bool = False
     instance_noise: float = 0.0  # Std of Gaussian noise added to Dx inputs at step 0, decayed to 0.
 
 
@@ -85,6 +95,7 @@ class OptimConfig:
     beta1: float = 0.5  # Adam beta1 (DCGAN's choice).
     beta2: float = 0.999  # Adam beta2.
     lr_final: float = 1.0  # Both learning rates at the last step, as a fraction (linear anneal).
+    lr_encoder_stage: float = 2e-4  # Adam learning rate of E in the encoder stage (constant).
 
 
 @dataclass
@@ -101,6 +112,16 @@ class TrainConfig:
     eval_every: int = 0  # Steps between sample-quality evaluations (0: off; Fashion-MNIST only).
     eval_samples: int = 2000  # Generated samples per periodic evaluation.
     threads: int | None = None  # torch intra-op threads; None: torch's default.
+    # Encoder stage, after the ``steps`` joint steps (aegan only; 0: none): this many more steps
+    # train E alone against the frozen EMA generator (batch norm in eval mode): image
+    # reconstruction at the full weight recon_x (no anneal: G's samples cannot change), latent
+    # reconstruction E(G(z)) ~ z (recon_z), and the latent adversarial terms against Dz (adv_z),
+    # which trains on, so the codes stay on the prior. FD of the samples is unchanged by it.
+    encoder_stage_steps: int = 0
+    # Batches (of batch_size) over which the EMA networks' batch-norm statistics are recomputed
+    # before each checkpoint and periodic evaluation (G on prior draws, E on training data, from
+    # a generator seeded by the run's seed alone); 0: the EMA keeps the live networks' statistics.
+    bn_recompute_batches: int = 0
     progress: bool = True  # Show a live progress bar.
     # Where to train: 'auto' (CUDA when torch sees a GPU for every local rank, else the CPU),
     # 'cpu', 'cuda' (under torchrun each rank takes GPU LOCAL_RANK) or 'cuda:N' (one process).
@@ -280,8 +301,10 @@ def from_preset(name: str) -> RunConfig:
     return cfg
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is invalid; ``flag`` names the command-line flag (or config field) to fix."""
+
+    usage = True
 
     def __init__(self, flag: str, message: str) -> None:
         super().__init__(f"{flag}: {message}")
@@ -320,13 +343,16 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
         raise ConfigError("--image-size", f"conv networks take {_sizes()} px, not {d.image_size}")
     if d.source == "fashion-mnist" and (d.image_size, d.channels) != (28, 1):
         raise ConfigError("--image-size", "Fashion-MNIST is 28x28 grey: use --image-size 28")
+    if not 0 <= d.held_out < 1:
+        raise ConfigError("data.held_out", f"must be a fraction in [0, 1), not {d.held_out}")
     if d.limit is not None and d.limit < 1:
         raise ConfigError("--limit", "must be at least 1")
     for name, value in (("--latent-dim", m.latent_dim), ("--width", m.width)):
         if value < 1:
             raise ConfigError(name, f"must be at least 1, not {value}")
-    if m.hidden < 1 or m.depth < 1:
-        raise ConfigError("--hidden", "hidden units and depth must be at least 1")
+    for name, value in (("model.hidden", m.hidden), ("model.depth", m.depth)):
+        if value < 1:
+            raise ConfigError(name, f"must be at least 1, not {value}")
     nonnegative = ("adv_x", "adv_x_recon", "adv_z", "recon_x", "recon_z", "encoder_noise")
     for name in (*nonnegative, "instance_noise"):
         if getattr(lo, name) < 0:
@@ -335,8 +361,9 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
         raise ConfigError("loss.recon_share", "must be a fraction in (0, 1]")
     if not 0 <= lo.recon_x_final <= 1:
         raise ConfigError("loss.recon_x_final", "must be a fraction in [0, 1]")
-    if o.lr_g <= 0 or o.lr_d <= 0:
-        raise ConfigError("--lr", "learning rates must be positive")
+    for name, value in (("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d)):
+        if value <= 0:
+            raise ConfigError(name, f"must be positive, not {value}")
     if not 0 <= o.lr_final <= 1:
         raise ConfigError("optim.lr_final", "must be a fraction in [0, 1]")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
@@ -355,6 +382,14 @@ def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
         raise ConfigError("train.eval_every", "must be >= 0 and a multiple of train.log_every")
     if t.eval_samples < 10:
         raise ConfigError("train.eval_samples", "must be at least 10")
+    if t.encoder_stage_steps < 0:
+        raise ConfigError("train.encoder_stage_steps", "must be >= 0")
+    if t.encoder_stage_steps > 0 and lo.mode != "aegan":
+        raise ConfigError("train.encoder_stage_steps", "the encoder stage needs --mode aegan")
+    if o.lr_encoder_stage <= 0:
+        raise ConfigError("optim.lr_encoder_stage", "must be positive")
+    if t.bn_recompute_batches < 0:
+        raise ConfigError("train.bn_recompute_batches", "must be >= 0")
     if t.threads is not None and t.threads < 1:
         raise ConfigError("--threads", "must be at least 1")
     if not re.fullmatch(DEVICE_PATTERN, t.device):

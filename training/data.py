@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aegan_serve.images import to_model_input
+from aegan_core.errors import UserError
+from aegan_core.images import to_model_input
 from training.config import DataConfig, fashion_mnist_dir
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+ImageSplit = Literal["all", "train", "held-out"]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -43,7 +47,7 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data at a path cannot be used; the message names the path and the problem."""
 
 
@@ -140,15 +144,44 @@ def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
         return to_model_input(ImageOps.exif_transpose(img), (channels, size, size))
 
 
+def is_held_out(relative_path: str, share: float) -> bool:
+    """Whether an image of a folder belongs to its held-out split: the first 8 bytes of the
+    SHA-256 of its path relative to the folder (POSIX form), read as a fraction, fall below
+    ``share``. Deterministic, and an image keeps its side when others are added or removed."""
+    digest = hashlib.sha256(relative_path.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def image_paths(root: Path, split: ImageSplit = "all", held_out: float = 0.0) -> list[Path]:
+    """The folder's images (recursive, sorted), or those of its training or held-out split."""
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if split == "all":
+        return paths
+    want = split == "held-out"
+    return [p for p in paths if is_held_out(p.relative_to(root).as_posix(), held_out) == want]
+
+
 def load_image_folder(
-    directory: str | Path, size: int, channels: int, on_bad_file: str = "fail"
+    directory: str | Path,
+    size: int,
+    channels: int,
+    on_bad_file: str = "fail",
+    split: ImageSplit = "all",
+    held_out: float = 0.0,
 ) -> Dataset:
-    """Every PNG/JPEG/WebP below ``directory`` (recursive, sorted), centre-cropped and resized."""
+    """The PNG/JPEG/WebP images below ``directory`` (recursive, sorted), centre-cropped and
+    resized: all of them, or the training or held-out split of a ``held_out`` share
+    (:func:`is_held_out`)."""
     root = Path(directory)
     if not root.is_dir():
         raise DataError(f"{root}: image directory not found")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_paths(root, split, held_out)
     if not paths:
+        if split != "all" and image_paths(root):
+            raise DataError(
+                f"{root}: its {split} split is empty (held-out share {held_out:g}); "
+                "change data.held_out"
+            )
         raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     arrays, bad = [], []
     for path in paths:
@@ -162,7 +195,8 @@ def load_image_folder(
         log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), root, bad[0])
     if not arrays:
         raise DataError(f"{root}: every image was unreadable ({len(bad)} skipped)")
-    return Dataset(torch.from_numpy(np.stack(arrays)), None, "image", str(root))
+    source = str(root) if split == "all" else f"{root} ({split} split, held-out share {held_out:g})"
+    return Dataset(torch.from_numpy(np.stack(arrays)), None, "image", source)
 
 
 # --- .npy arrays -----------------------------------------------------------------------------
@@ -233,7 +267,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     elif source.endswith(".npy"):
         data = load_npy(source)
     else:
-        data = load_image_folder(source, cfg.image_size, cfg.channels, cfg.on_bad_file)
+        split = "train" if cfg.held_out > 0 else "all"
+        data = load_image_folder(
+            source, cfg.image_size, cfg.channels, cfg.on_bad_file, split, cfg.held_out
+        )
     if cfg.limit is not None:
         data = Dataset(
             data.samples[: cfg.limit],

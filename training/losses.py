@@ -95,11 +95,16 @@ def forward(
     z: torch.Tensor,
     recon_count: int | None = None,
     encoder_noise: float = 0.0,
+    recon_in_g_batch: bool = False,
 ) -> Passes:
     """G(z) and, for an AEGAN, E(x), E(G(z)) and G(E(x)) of the first ``recon_count`` samples of
     x (all of them by default; fewer make the second pass of G cheaper). ``encoder_noise`` > 0
     makes the encoder stochastic: each encoding is E's output plus Gaussian noise of that std
-    (drawn for E(x), then E(G(z))), and that draw is what G, Dz and the latent terms see."""
+    (drawn for E(x), then E(G(z))), and that draw is what G, Dz and the latent terms see.
+    ``recon_in_g_batch``: G(z) and G(E(x)) come from one G call on [z; E(x)] (batch norm
+    normalises both kinds together), E(x) first and E(G(z)) after it."""
+    if "E" in nets and recon_in_g_batch:
+        return _forward_one_g_pass(nets, x, z, recon_count, encoder_noise)
     x_fake = nets["G"](z)  # G(z)
     if "E" not in nets:
         return Passes(z, x_fake)
@@ -109,6 +114,70 @@ def forward(
         z_rec = z_rec + encoder_noise * torch.randn_like(z_rec)
     x_rec = nets["G"](z_enc[:recon_count])  # G(E(x)): waits for E(x)
     return Passes(z, x_fake, z_enc, x_rec, z_rec)
+
+
+def _forward_one_g_pass(
+    nets: dict[str, nn.Module],
+    x: torch.Tensor,
+    z: torch.Tensor,
+    recon_count: int | None,
+    encoder_noise: float,
+) -> Passes:
+    z_enc = nets["E"](x)  # E(x)
+    if encoder_noise > 0:
+        z_enc = z_enc + encoder_noise * torch.randn_like(z_enc)
+    codes = z_enc[:recon_count]
+    x_fake, x_rec = nets["G"](torch.cat([z, codes])).split([len(z), len(codes)])  # [G(z); G(E(x))]
+    z_rec = nets["E"](x_fake)  # E(G(z))
+    if encoder_noise > 0:
+        z_rec = z_rec + encoder_noise * torch.randn_like(z_rec)
+    return Passes(z, x_fake, z_enc, x_rec, z_rec)
+
+
+def encoder_stage_forward(
+    encoder: nn.Module,
+    decoder: nn.Module,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    encoder_noise: float = 0.0,
+) -> Passes:
+    """The passes of the encoder stage: ``decoder`` is the frozen generator (weights without
+    gradients, batch norm in eval mode), so G(z) needs no graph; gradients reach E through
+    G(E(x))."""
+    with torch.no_grad():
+        x_fake = decoder(z)  # G(z), fixed
+    z_enc, z_rec = run_joint(encoder, [x, x_fake])  # E(x), E(G(z))
+    if encoder_noise > 0:
+        z_enc = z_enc + encoder_noise * torch.randn_like(z_enc)
+        z_rec = z_rec + encoder_noise * torch.randn_like(z_rec)
+    return Passes(z, x_fake, z_enc, decoder(z_enc), z_rec)
+
+
+def latent_discriminator_loss(nets: dict[str, nn.Module], p: Passes) -> dict[str, torch.Tensor]:
+    """The encoder stage's D step: Dz alone, prior z against E(x) and E(G(z)) (detached)."""
+    assert p.z_enc is not None and p.z_rec is not None
+    prior, encoded, recon = run_joint(nets["Dz"], [p.z, p.z_enc.detach(), p.z_rec.detach()])
+    return {
+        "loss/Dz/prior": _real(prior),
+        "loss/Dz/encoded": _fake(encoded),
+        "loss/Dz/recon": _fake(recon),
+    }
+
+
+def encoder_stage_loss(
+    nets: dict[str, nn.Module], x: torch.Tensor, p: Passes
+) -> dict[str, torch.Tensor]:
+    """The encoder stage's E step: fool Dz on E(x) and E(G(z)), reconstruct x through the frozen
+    G and z through E (the AEGAN's terms that reach E, under their usual names)."""
+    assert p.z_enc is not None and p.z_rec is not None and p.x_rec is not None
+    with frozen(nets["Dz"]) as (dz,):
+        encoded, recon = run_joint(dz, [p.z_enc, p.z_rec])
+    return {
+        "loss/E/adv_z": _real(encoded),
+        "loss/GE/adv_z_recon": _real(recon),
+        "loss/GE/recon_x": (p.x_rec - x[: len(p.x_rec)]).abs().mean(),
+        "loss/GE/recon_z": (p.z_rec - p.z).pow(2).mean(),
+    }
 
 
 def recon_count(batch_size: int, share: float) -> int:

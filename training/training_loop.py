@@ -26,8 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aegan_serve.files import write_atomic
-from aegan_serve.images import save_grid
+from aegan_core.files import write_atomic
+from aegan_core.images import save_grid
 from training.checkpoint import (
     CONFIG_FILE,
     remove_temp_files,
@@ -48,8 +48,11 @@ from training.config import (
 from training.data import load_dataset
 from training.losses import (
     discriminator_loss,
+    encoder_stage_forward,
+    encoder_stage_loss,
     forward,
     generator_encoder_loss,
+    latent_discriminator_loss,
     recon_count,
     weighted_total,
 )
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 
 # Called on rank 0 after each metrics record: (step, record, ema networks) -> extra fields.
 EvalHook = Callable[[int, dict[str, Any], dict[str, nn.Module]], dict[str, Any]]
+ENCODER_STAGE = "E_stage"  # the optimiser of E in the encoder stage
 
 
 # --- process group --------------------------------------------------------------------------
@@ -201,6 +205,8 @@ def set_learning_rates(
     schedule, as the loss schedules do)."""
     factor = 1.0 - run_fraction(step, steps) * (1.0 - optim.lr_final)
     for name, opt in optimizers.items():
+        if name == ENCODER_STAGE:  # constant: optim.lr_encoder_stage
+            continue
         for group in opt.param_groups:
             group["lr"] = (optim.lr_d if name == "D" else optim.lr_g) * factor
 
@@ -216,7 +222,8 @@ def restore(
     for k, net in model.ema.items():
         net.load_state_dict(state["ema"][k])
     for k, opt in model.optimizers.items():
-        opt.load_state_dict(state["optim"][k])
+        if k in state["optim"]:  # the encoder stage's is saved once the run has one
+            opt.load_state_dict(state["optim"][k])
     if "scaler" in state:  # fp16 runs
         model.scaler.load_state_dict(state["scaler"])
     gen.set_state(state["rng"]["data"][rank])
@@ -274,7 +281,8 @@ class Networks:
 
     nets: dict[str, nn.Module]  # G, Dx and, for aegan, E and Dz
     ema: dict[str, nn.Module]  # exponential moving averages of G (and E): what is exported
-    optimizers: dict[str, torch.optim.Optimizer]  # "D" (Dx, Dz) and "GE" (G, E)
+    # "D" (Dx, Dz), "GE" (G, E) and, for a run with an encoder stage, ENCODER_STAGE (E alone)
+    optimizers: dict[str, torch.optim.Optimizer]
     scaler: torch.amp.GradScaler  # fp16: scales the losses of both steps; otherwise a no-op
 
     @classmethod
@@ -293,6 +301,8 @@ class Networks:
             "D": adam(("Dx", "Dz"), cfg.optim.lr_d),
             "GE": adam(("G", "E"), cfg.optim.lr_g),
         }
+        if cfg.train.encoder_stage_steps > 0 and "E" in nets:
+            optimizers[ENCODER_STAGE] = adam(("E",), cfg.optim.lr_encoder_stage)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         return cls(nets, ema, optimizers, scaler)
 
@@ -325,7 +335,7 @@ class MetricsLog:
         self.steps += 1
 
     def due(self, done: int) -> bool:
-        return done % self.cfg.train.log_every == 0 or done == self.cfg.train.steps
+        return done % self.cfg.train.log_every == 0 or done == total_steps(self.cfg)
 
     def write(self, done: int, ema: dict[str, nn.Module]) -> dict[str, Any]:
         """The record of the steps since the last one; appended to the file on rank 0."""
@@ -399,7 +409,9 @@ def _train(
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model.nets = {k: DistributedDataParallel(v, device_ids=ids) for k, v in model.nets.items()}
-    nets, ema, opt_d, opt_ge = model.nets, model.ema, *model.optimizers.values()
+    nets, ema = model.nets, model.ema
+    opt_d, opt_ge = model.optimizers["D"], model.optimizers["GE"]
+    total = total_steps(cfg)
 
     fixed_z = torch.randn(
         t.grid_size, cfg.model.latent_dim, generator=torch.Generator().manual_seed(t.seed)
@@ -417,10 +429,33 @@ def _train(
     recon_adv = cfg.loss.adv_x_recon > 0  # otherwise Dx never sees G(E(x))
     n_recon = recon_count(t.batch_size, cfg.loss.recon_share)
     metrics = MetricsLog(run_dir / "metrics.jsonl", cfg, world, writer, eval_hook)
-    final = None
     with progress_bar(writer and t.progress) as progress:
-        task = progress.add_task("train", total=t.steps, completed=start, stats="")
-        for step in range(start, t.steps):
+        task = progress.add_task("train", total=total, completed=start, stats="")
+        for step in range(start, total):
+            if step >= t.steps:  # the encoder stage
+                if step == t.steps and t.bn_recompute_batches:
+                    recompute_batch_norm(ema, samples, cfg, device)  # of the decoder it keeps
+                terms = encoder_stage_step(model, samples, cfg, gen, device, step, world)
+                done = step + 1
+                metrics.add(terms)
+                _after_step(
+                    model,
+                    gen,
+                    cfg,
+                    done,
+                    run_dir,
+                    rank,
+                    world,
+                    device,
+                    data.kind,
+                    metrics,
+                    progress,
+                    task,
+                    fixed_z,
+                    fixed_x,
+                    samples,
+                )
+                continue
             noise_std, recon_x_weight = schedules(step, t.steps, cfg.loss)
             set_learning_rates(model.optimizers, step, t.steps, cfg.optim)
 
@@ -429,7 +464,9 @@ def _train(
             x = samples[to_device(idx, device)] if on_device else to_device(samples[idx], device)
             z = to_device(torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen), device)
             with autocast(t.precision, device):
-                passes = forward(nets, x, z, n_recon, cfg.loss.encoder_noise)
+                passes = forward(
+                    nets, x, z, n_recon, cfg.loss.encoder_noise, cfg.loss.recon_in_g_batch
+                )
 
                 # (2) Update Dx and Dz on real vs generated (generator side detached).
                 d_terms = discriminator_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
@@ -458,17 +495,141 @@ def _train(
             # (5) Log, grids, checkpoints.
             done = step + 1
             metrics.add({**d_terms, **ge_terms})
-            if metrics.due(done):
-                record = metrics.write(done, ema)
-                progress.update(task, stats=progress_stats(record))
-            if writer and data.kind == "image" and _due(done, t.image_every, t.steps):
-                write_grids(ema, fixed_z, fixed_x, run_dir / "samples", done)
-            if _due(done, t.checkpoint_every, t.steps):
-                final = snapshot(model, gen, cfg, done, run_dir, rank, world, device)
-            progress.update(task, completed=done)
+            _after_step(
+                model,
+                gen,
+                cfg,
+                done,
+                run_dir,
+                rank,
+                world,
+                device,
+                data.kind,
+                metrics,
+                progress,
+                task,
+                fixed_z,
+                fixed_x,
+                samples,
+            )
+    final = resolve_checkpoint(run_dir) if writer else None
     if world > 1:
         dist.barrier()
-    return final if final is not None else (resolve_checkpoint(run_dir) if writer else None)
+    return final
+
+
+def total_steps(cfg: RunConfig) -> int:
+    """Joint steps, then the encoder stage's."""
+    return cfg.train.steps + cfg.train.encoder_stage_steps
+
+
+def _after_step(
+    model: Networks,
+    gen: torch.Generator,
+    cfg: RunConfig,
+    done: int,
+    run_dir: Path,
+    rank: int,
+    world: int,
+    device: torch.device,
+    kind: str,
+    metrics: MetricsLog,
+    progress: Progress,
+    task: Any,
+    fixed_z: torch.Tensor,
+    fixed_x: torch.Tensor,
+    samples: torch.Tensor,
+) -> None:
+    """Log, grids and checkpoints after step ``done``; the EMA networks' batch-norm statistics
+    are recomputed first where a checkpoint or an evaluation is due (``bn_recompute_batches``)."""
+    t, total = cfg.train, total_steps(cfg)
+    checkpoint_due = _due(done, t.checkpoint_every, total)
+    logging_due = metrics.due(done)
+    eval_due = logging_due and t.eval_every > 0 and done % t.eval_every == 0
+    if t.bn_recompute_batches and (checkpoint_due or eval_due):
+        recompute_batch_norm(model.ema, samples, cfg, device)
+    if logging_due:
+        record = metrics.write(done, model.ema)
+        progress.update(task, stats=progress_stats(record))
+    if rank == 0 and kind == "image" and _due(done, t.image_every, total):
+        write_grids(model.ema, fixed_z, fixed_x, run_dir / "samples", done)
+    if checkpoint_due:
+        snapshot(model, gen, cfg, done, run_dir, rank, world, device)
+    progress.update(task, completed=done)
+
+
+def encoder_stage_step(
+    model: Networks,
+    samples: torch.Tensor,
+    cfg: RunConfig,
+    gen: torch.Generator,
+    device: torch.device,
+    step: int,
+    world: int,
+) -> dict[str, torch.Tensor]:
+    """One step of the encoder stage: the EMA generator is the frozen decoder (eval mode); Dz
+    and E take one step each; the EMA of E follows E. Returns the loss terms."""
+    t, nets, ema = cfg.train, model.nets, model.ema
+    decoder = ema["G"].eval()
+
+    # (1) Fetch a batch of data and prior noise.
+    idx = torch.randint(len(samples), (t.batch_size,), generator=gen)
+    x = samples[idx].to(device, non_blocking=True)
+    z = torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen).to(device)
+    passes = encoder_stage_forward(nets["E"], decoder, x, z, cfg.loss.encoder_noise)
+
+    # (2) Update Dz on the prior against E(x) and E(G(z)).
+    d_terms = latent_discriminator_loss(nets, passes)
+    model.optimizers["D"].zero_grad(set_to_none=True)
+    weighted_total(d_terms, cfg.loss).backward()
+    model.optimizers["D"].step()
+
+    # (3) Update E: fool Dz, reconstruct x through the frozen G, and z.
+    e_terms = encoder_stage_loss(nets, x, passes)
+    opt_e = model.optimizers[ENCODER_STAGE]
+    opt_e.zero_grad(set_to_none=True)
+    weighted_total(e_terms, cfg.loss, cfg.loss.recon_x).backward()
+    opt_e.step()
+
+    # (4) EMA of E alone (G is frozen); batch norm as in the joint steps.
+    if world > 1:
+        for buffer in nets["E"].module.buffers():
+            dist.broadcast(buffer, 0)
+    update_ema(ema["E"], _unwrap(nets["E"]), ema_beta(step, t.ema_halflife))
+    return {**d_terms, **e_terms}
+
+
+@torch.no_grad()
+def recompute_batch_norm(
+    ema: dict[str, nn.Module], samples: torch.Tensor, cfg: RunConfig, device: torch.device
+) -> None:
+    """The batch-norm statistics of the EMA networks, measured on ``train.bn_recompute_batches``
+    batches in training mode with a cumulative average (G on prior draws, E on training data),
+    instead of those copied from the live networks. The draws come from a generator seeded by the
+    run's seed alone: the training RNG is untouched (resume gives the same run) and a frozen
+    network gets the same statistics every time."""
+    t = cfg.train
+    gen = torch.Generator().manual_seed(t.seed * 7919 + 17)
+    for key in sorted(ema):
+        net = ema[key]
+        norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            continue
+        momenta = [m.momentum for m in norms]
+        was_training = net.training
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch weighs the same
+        net.train()
+        for _ in range(t.bn_recompute_batches):
+            if key == "G":
+                inputs = torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen)
+            else:
+                inputs = samples[torch.randint(len(samples), (t.batch_size,), generator=gen)]
+            net(inputs.to(device))
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        net.train(was_training)
 
 
 def _run_config(

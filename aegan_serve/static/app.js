@@ -1,5 +1,6 @@
 // The latent explorer. Plain JavaScript, no dependencies: every request goes to the service's
-// public HTTP API (/info, /generate, /decode, /reconstruct, /interpolate) on the page's own origin.
+// public HTTP API (/info, /generate, /decode, /reconstruct, /interpolate, /similar, /gallery/image)
+// on the page's own origin.
 "use strict";
 
 const SLIDERS = 8; // directions shown in Edit
@@ -15,6 +16,7 @@ const state = {
   ends: { a: null, b: null }, // {latent, image, label}
   decode: { pending: null, busy: false },
   downloads: [], // object URLs to release on the next interpolation
+  neighbourUrls: [], // object URLs of the neighbours shown in Similar
 };
 
 const $ = (id) => document.getElementById(id);
@@ -24,17 +26,40 @@ const api = (name) => new URL(`../${name}`, document.baseURI).href;
 
 class ApiError extends Error {}
 
+// A server with API keys on answers 401 without one: the page asks for the key and keeps it for
+// this tab only (sessionStorage: gone when the tab closes, never sent to another origin).
+const KEY_ITEM = "aegan-api-key";
+
+function askForKey(refused) {
+  const key = window.prompt(
+    refused ? "That API key was refused. API key:" : "This server needs an API key. API key:"
+  );
+  if (key) sessionStorage.setItem(KEY_ITEM, key.trim());
+  else sessionStorage.removeItem(KEY_ITEM);
+  return Boolean(key);
+}
+
 async function call(name, body, as = "json") {
   const isForm = body instanceof FormData;
   let response;
-  try {
-    response = await fetch(api(name), {
-      method: "POST",
-      headers: isForm ? {} : { "Content-Type": "application/json" },
-      body: isForm ? body : JSON.stringify(body ?? {}),
-    });
-  } catch (err) {
-    throw new ApiError(`/${name}: the service did not answer (${err.message}).`);
+  for (let attempt = 0; ; attempt++) {
+    const headers = isForm ? {} : { "Content-Type": "application/json" };
+    const key = sessionStorage.getItem(KEY_ITEM);
+    if (key) headers.Authorization = `Bearer ${key}`;
+    try {
+      response = await fetch(api(name), {
+        method: "POST",
+        headers,
+        body: isForm ? body : JSON.stringify(body ?? {}),
+      });
+    } catch (err) {
+      throw new ApiError(`/${name}: the service did not answer (${err.message}).`);
+    }
+    if (response.status !== 401 || attempt >= 2) break;
+    // Another call of the page may have asked for the key meanwhile: try the one it stored.
+    const stored = sessionStorage.getItem(KEY_ITEM);
+    if (stored && stored !== key) continue;
+    if (!askForKey(Boolean(key))) break;
   }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -196,6 +221,7 @@ function select(latent, image, label) {
     s.nextElementSibling.textContent = "0.0";
   });
   ["reset-sliders", "use-a", "use-b"].forEach((id) => ($(id).disabled = false));
+  $("similar-selection").disabled = !state.info.gallery;
   const img = $("selected-image");
   img.src = image;
   img.hidden = false;
@@ -322,6 +348,64 @@ async function drawAsModelSees(file) {
   }
 }
 
+// --- Similar ----------------------------------------------------------------------------------
+
+function describeGallery(gallery) {
+  if (!gallery) {
+    return "This server has no gallery to search. Encode a collection (aegan encode), index it " +
+      "(aegan index) and start the server with AEGAN_GALLERY set to it.";
+  }
+  const search = gallery.kind === "exact" ? "exact search" : `approximate search (recall@10 ${gallery.recall_at_10})`;
+  return `Gallery: ${gallery.size} images (${search}). Search with the selection in Edit, or with an image of your own; ` +
+    "neighbours are shown decoded from their stored latents, nearest first, with the distance between the latents.";
+}
+
+// The k nearest gallery images of a query: {latents: [z]} or a FormData with the upload.
+async function searchSimilar(query, what) {
+  const k = Number($("similar-k").value);
+  $("similar-status").textContent = `Searching for ${what}…`;
+  $("similar-status").className = "";
+  let out;
+  if (query instanceof FormData) {
+    query.append("k", String(k));
+    out = await call("similar", query);
+  } else {
+    out = await call("similar", { ...query, k });
+  }
+  const neighbours = out.results[0];
+  const pictures = await Promise.all(neighbours.map((n) => call("gallery/image", { id: n.id }, "blob")));
+  state.neighbourUrls.forEach((u) => URL.revokeObjectURL(u));
+  state.neighbourUrls = pictures.map((blob) => URL.createObjectURL(blob));
+  const box = $("similar-results");
+  box.replaceChildren();
+  neighbours.forEach((n, i) => {
+    const figure = document.createElement("figure");
+    figure.className = "neighbour";
+    const img = document.createElement("img");
+    img.className = "thumb";
+    img.src = state.neighbourUrls[i];
+    img.alt = `neighbour ${i + 1}: ${n.id}`;
+    const caption = document.createElement("figcaption");
+    caption.textContent = `${n.id} · ${n.distance.toFixed(3)}`;
+    figure.append(img, caption);
+    box.append(figure);
+  });
+  $("similar-status").textContent = `${neighbours.length} nearest gallery images to ${what}.`;
+}
+
+async function similarToFile(file) {
+  if (!file) return;
+  const form = new FormData();
+  form.append("images", file, file.name);
+  try {
+    await searchSimilar(form, file.name);
+  } catch (err) {
+    $("similar-status").textContent = `${file.name} was not searched: ${err.message}`;
+    $("similar-status").className = "bad";
+    throw err;
+  }
+}
+
 // --- Interpolate ------------------------------------------------------------------------------
 
 async function runInterpolation() {
@@ -442,6 +526,16 @@ async function start() {
   $("use-a").addEventListener("click", action(() => useAs("a")));
   $("use-b").addEventListener("click", action(() => useAs("b")));
   $("interpolate-form").addEventListener("submit", action(runInterpolation));
+  $("similar-note").textContent = describeGallery(info.gallery);
+  $("similar-file").disabled = !info.gallery;
+  $("similar-form").addEventListener("submit", action(() => searchSimilar({ latents: [state.current] }, $("selected-caption").textContent)));
+  $("similar-file").addEventListener("change", action(async () => {
+    try {
+      await similarToFile($("similar-file").files[0]);
+    } finally {
+      $("similar-file").value = "";
+    }
+  }));
   $("file-input").addEventListener("change", action(async () => {
     try {
       await upload($("file-input").files[0]);

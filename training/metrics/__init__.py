@@ -6,6 +6,8 @@ Importing this package registers every metric family (one module each) with the 
 from training.metrics import (
     coverage,
     frechet,
+    heldout,
+    latents,
     modes,
     precision_recall,
     reconstruction,
@@ -36,6 +38,8 @@ __all__ = [
     "coverage",
     "default_metric_names",
     "frechet",
+    "heldout",
+    "latents",
     "metric_names",
     "modes",
     "precision_recall",

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aegan_core.errors import UserError
 from training.data import FASHION_MNIST_CLASSES
 
 HERE = Path(__file__).resolve().parent
@@ -74,7 +75,7 @@ class FMNISTClassifier(nn.Module):
 # --- loading and applying -------------------------------------------------------------------
 
 
-class ClassifierError(RuntimeError):
+class ClassifierError(UserError, RuntimeError):
     """The classifier weights are missing or unreadable; the message says how to rebuild them."""
 
 

@@ -6,6 +6,10 @@ all pixels and ``recon_psnr`` the mean over images of ``10 log10(1 / MSE_i)`` dB
 samples and dimensions of ``(E(G(z)) - z)^2`` for z ~ N(0, I), the quantity the training loss
 ``recon_z`` pulls down.
 
+Held-out images of an image-folder run are measured like the test split, beside
+``pca_recon_psnr`` / ``pca_recon_mse`` of a PCA of the latent's size fitted on the training split
+(training/metrics/heldout.py).
+
 For Fashion-MNIST, ``recon_class_agreement`` is the share of test images whose reconstruction gets
 the classifier's class of the image itself (no labels needed: it asks whether G(E(x)) keeps what
 x *is*, where PSNR only asks how close the pixels are), and ``recon_class_kl`` is the KL divergence
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aegan_serve.images import per_sample_mse, psnr, to_unit
+from aegan_core.images import per_sample_mse, psnr, to_unit
 from training.metrics.registry import EvalContext, batched, register_metric
 
 
@@ -28,7 +32,7 @@ from training.metrics.registry import EvalContext, batched, register_metric
     needs_encoder=True,
     results={
         "recon_mse": "MSE of G(E(x)) on held-out data (images: pixels in [0, 1]; lower is better)",
-        "recon_psnr": "mean PSNR of G(E(x)) on the test split, dB (higher is better)",
+        "recon_psnr": "mean PSNR of G(E(x)) on held-out images, dB (higher is better)",
         "latent_mse": "mean squared error of E(G(z)) against z per dimension (lower is better)",
         "recon_class_agreement": "share of test images whose G(E(x)) keeps the class of x",
         "recon_class_kl": "KL of the classes of G(E(x)) from uniform, nats (compare coverage_kl)",
@@ -43,11 +47,16 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
         ctx.notes.append("reconstruction: no held-out data, image/vector errors skipped")
         return results
     x, x_rec = ctx.reference_subset(), ctx.reconstructions
-    if ctx.reference.kind == "fmnist":
+    if ctx.reference.kind in ("fmnist", "images"):
         results["recon_mse"] = float(per_sample_mse(to_unit(x), to_unit(x_rec)).mean())
         results["recon_psnr"] = float(psnr(to_unit(x), to_unit(x_rec)).mean())
+    if ctx.reference.kind == "fmnist":
         results.update(_class_agreement(ctx, x_rec))
-    else:
+    elif ctx.reference.kind == "images" and ctx.reference.training_split is not None:
+        from training.metrics.heldout import pca_reconstruction
+
+        results.update(pca_reconstruction(ctx.reference, model.latent_dim, len(x)))
+    if ctx.reference.kind == "vector":
         results["recon_mse"] = float(per_sample_mse(x, x_rec).mean())
     return results
 

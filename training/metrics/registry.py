@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from aegan_core.errors import UserError
+
 # --- the model under evaluation -------------------------------------------------------------
 
 
@@ -40,25 +42,40 @@ def batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: i
 
 
 FMNIST_SHAPE = (1, 28, 28)
+REFERENCE_KINDS = ("fmnist", "images", "vector")
 
 
 class Reference:
     """Held-out real data the samples are compared with.
 
     ``kind`` is ``"fmnist"`` (the Fashion-MNIST test split, images in [-1, 1]; classifier features
-    are computed once and cached here) or ``"vector"`` (an N x D array). ``modes``: the modes the
-    vector data declares (a :class:`training.mixtures.Mixture`), or None.
+    are computed once and cached here), ``"images"`` (held-out images of the user's own data, in
+    [-1, 1]) or ``"vector"`` (an N x D array). ``modes``: the modes the vector data declares (a
+    :class:`training.mixtures.Mixture`), or None. ``labels``: class labels of the samples, where
+    the data has them. ``training_split``: a function returning the training images and labels
+    the held-out ones are compared with (k-NN, probes, PCA baselines), or None. ``cache`` keeps
+    what depends on the data alone (a PCA and its scores) for every model measured against it.
     """
 
     def __init__(
-        self, kind: str, samples: np.ndarray, source: str, seed: int = 0, modes: Any = None
+        self,
+        kind: str,
+        samples: np.ndarray,
+        source: str,
+        seed: int = 0,
+        modes: Any = None,
+        labels: np.ndarray | None = None,
+        training_split: Callable[[], tuple[np.ndarray, np.ndarray | None]] | None = None,
     ) -> None:
-        if kind not in ("fmnist", "vector"):
-            raise ValueError(f"reference kind must be 'fmnist' or 'vector', not {kind!r}")
+        if kind not in REFERENCE_KINDS:
+            raise ValueError(f"reference kind must be one of {REFERENCE_KINDS}, not {kind!r}")
         self.kind = kind
         self.samples = np.ascontiguousarray(samples, dtype=np.float32)
         self.source = source
         self.modes = modes
+        self.labels = None if labels is None else np.asarray(labels)
+        self.training_split = training_split
+        self.cache: dict[Any, Any] = {}
         # A fixed order, so "the first n reference samples" is the same subset in every evaluation.
         self.order = np.random.default_rng(seed).permutation(len(self.samples))
 
@@ -160,14 +177,18 @@ REPORT_ORDER = (
     "recall",
     "coverage",
     "reconstruction",
+    "latents",
+    "heldout_images",
     "energy_distance",
     "modes",
     "recon_modes",
 )
 
 
-class UnknownMetricError(ValueError):
+class UnknownMetricError(UserError, ValueError):
     """A metric name is not registered; the message lists the known ones."""
+
+    usage = True
 
 
 def register_metric(
@@ -219,7 +240,11 @@ def _skip_reason(metric: Metric, reference: Reference | None, has_encoder: bool)
         return "the model has no encoder (gan mode)"
     reference_kind = reference.kind if reference is not None else None
     if metric.reference is not None and metric.reference != reference_kind:
-        wanted = {"fmnist": "Fashion-MNIST (1x28x28) images", "vector": "vector data"}
+        wanted = {
+            "fmnist": "Fashion-MNIST (1x28x28) images",
+            "images": "held-out images of an image-folder run (or --data DIR)",
+            "vector": "vector data",
+        }
         return f"needs {wanted[metric.reference]} with a held-out reference set"
     if metric.needs_modes and (reference is None or reference.modes is None):
         return "the data declares no modes (a mixture:NAME source, or FILE.modes.json by FILE.npy)"

@@ -1,10 +1,14 @@
-"""Client errors: each carries the HTTP status it is answered with.
+"""The user-error base, and the client errors of the service, each with its HTTP status.
 
-Helpers raise these directly so that every bad input becomes a 4xx with a message that says what
-was wrong; anything else escaping an endpoint is a server bug (5xx). This module imports no web
-framework, so the pixel code that raises them is shared with training: the service turns them into
-BentoML's answers at the endpoint (``aegan_serve.service.answers_client_errors``) and the request
-guard answers them itself.
+:class:`UserError` is what every stage raises for a problem with the user's input, files or
+settings (a bad bundle, a malformed setting, data that cannot be read): not a bug, so the ``aegan``
+command prints its message as one line, and ``bentoml serve`` exits with it at start-up.
+
+Helpers raise the client errors directly so that every bad input becomes a 4xx with a message that
+says what was wrong; anything else escaping an endpoint is a server bug (5xx). This module imports
+no web framework, so the pixel code that raises them is shared with training and batch jobs: the
+service turns them into BentoML's answers at the endpoint (``aegan_serve.answers``) and the
+request guard answers them itself.
 """
 
 from __future__ import annotations
@@ -12,7 +16,16 @@ from __future__ import annotations
 from http import HTTPStatus
 
 
-class ClientError(Exception):
+class UserError(Exception):
+    """A problem with what the user gave (input, files, settings), described by the message.
+
+    ``usage`` marks a problem with the command line itself (a flag or ``--set`` value): the CLI
+    shows it with the usage line and exit status 2, others with exit status 1."""
+
+    usage = False
+
+
+class ClientError(UserError):
     """A request the server refuses; ``error_code`` is the status of the answer."""
 
     error_code = HTTPStatus.BAD_REQUEST

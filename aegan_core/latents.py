@@ -53,7 +53,7 @@ def sample_prior(
 def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Straight line from ``a`` to ``b`` at fractions ``t`` (T,) -> (T, D)."""
     t = t[:, None]
-    return (1.0 - t) * a[None] + t * b[None]
+    return np.asarray((1.0 - t) * a[None] + t * b[None])
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
         return lerp(a, b, t)
     t = t[:, None]
     direction = (np.sin((1.0 - t) * omega) * unit_a + np.sin(t * omega) * unit_b) / np.sin(omega)
-    return direction * ((1.0 - t) * norm_a + t * norm_b)
+    return np.asarray(direction * ((1.0 - t) * norm_a + t * norm_b))
 
 
 def interpolate(start: np.ndarray, end: np.ndarray, steps: int, method: str) -> np.ndarray:

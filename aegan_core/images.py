@@ -10,6 +10,7 @@ import base64
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,28 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import LimitExceeded, RequestError, UnsupportedImage
 
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one uploaded image may be before it is decoded (the service's AEGAN_MAX_UPLOAD_BYTES and
+    AEGAN_MAX_PIXELS; ``aegan encode`` reads files with the same defaults)."""
+
+    max_upload_bytes: int = 8 << 20  # bytes of one file
+    max_pixels: int = 4096 * 4096  # width x height, read from the header before decoding
+
+
 PSNR_CAP_DB = 100.0  # reported for an exact reconstruction (MSE 0) instead of infinity
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
     """Pixels in [-1, 1] -> [0, 1] (clipped)."""
-    return (np.clip(images, -1.0, 1.0) + 1.0) / 2.0
+    return np.asarray((np.clip(images, -1.0, 1.0) + 1.0) / 2.0)
 
 
 def per_sample_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean squared error of each sample (first axis), in float64."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return (diff * diff).reshape(len(diff), -1).mean(axis=1)
+    return np.asarray((diff * diff).reshape(len(diff), -1).mean(axis=1))
 
 
 def psnr(reference: np.ndarray, estimate: np.ndarray, data_range: float = 1.0) -> np.ndarray:
@@ -42,7 +53,7 @@ def psnr(reference: np.ndarray, estimate: np.ndarray, data_range: float = 1.0) -
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """(N, C, H, W) float in [-1, 1] -> (N, H, W, C) uint8, rounding to nearest."""
     pixels = (np.clip(images, -1.0, 1.0) + 1.0) * 127.5
-    return np.rint(pixels).astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.asarray(np.rint(pixels).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:

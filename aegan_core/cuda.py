@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnxruntime as ort
 
+from .errors import UserError
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")  # cudnn_conv_algo_search
@@ -37,7 +39,7 @@ ARENA_STRATEGIES = ("kSameAsRequested", "kNextPowerOfTwo")  # arena_extend_strat
 CHECK_TIMEOUT_S = 120  # the child process's check (CUDA initialisation is seconds, not minutes)
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """CUDA cannot be used here. ``gpu_present``: the driver reports a GPU (so CUDA failing is a
     fault worth a warning, not the normal case of a machine without one)."""
 
@@ -209,7 +211,7 @@ def check_expected(x: np.ndarray) -> np.ndarray:
     """What :func:`check_graph` computes, in float64 with numpy."""
     windows = np.lib.stride_tricks.sliding_window_view(x[:, 0].astype(np.float64), (3, 3), (1, 2))
     conv = np.einsum("nhwij,kij->nkhw", windows, CHECK_CONV[:, 0].astype(np.float64))
-    return conv.reshape(len(x), -1) @ CHECK_MATRIX.astype(np.float64)
+    return np.asarray(conv.reshape(len(x), -1) @ CHECK_MATRIX.astype(np.float64))
 
 
 def check(options: CudaOptions = CudaOptions()) -> None:
@@ -263,7 +265,8 @@ def check_in_subprocess(options: CudaOptions = CudaOptions()) -> str | None:
     except subprocess.TimeoutExpired:
         return f"the CUDA check did not finish in {CHECK_TIMEOUT_S} s"
     try:
-        return json.loads(done.stdout.strip().splitlines()[-1])["reason"]
+        reason = json.loads(done.stdout.strip().splitlines()[-1])["reason"]
+        return None if reason is None else str(reason)
     except (IndexError, ValueError, KeyError, TypeError):
         tail = (done.stderr or done.stdout).strip()[-2000:]
         return f"the CUDA check failed (exit status {done.returncode}): {tail}"

@@ -1,8 +1,10 @@
 """The model bundle: a directory holding ``generator.onnx``, ``encoder.onnx`` and ``manifest.json``.
 
-This module is the single definition of the bundle format. ``export/`` writes bundles with
-:func:`write_manifest`; the service loads them with :func:`load_bundle`, which verifies the
-SHA-256 of every file named in the manifest and refuses a bundle that is incomplete or altered.
+This module and :mod:`aegan_core.manifest` (the :class:`~aegan_core.manifest.Manifest` model) are
+the single definition of the bundle format. ``export/`` writes bundles with
+:func:`write_manifest`; the service loads them with :func:`load_bundle`, which checks the manifest
+against the model, verifies the SHA-256 of every file it names and refuses a bundle that is
+incomplete or altered.
 
 Optional addition (its own version, so bundles without it still load): ``directions.json``, the
 principal directions of the encoder's latents of the training data (written by
@@ -23,21 +25,42 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+from .errors import UserError
+from .manifest import (
+    ENCODER,
+    ENCODER_FP16,
+    FILE_NAMES,
+    FORMAT_VERSION,
+    GENERATOR,
+    GENERATOR_FP16,
+    REQUIRED_ROLES,
+    DirectionsEntry,
+    GraphEntry,
+    Manifest,
+    ManifestError,
+    parse_manifest,
+)
 
-# Graph roles and their file names. fp16 variants are optional (GPU serving).
-GENERATOR = "generator"
-ENCODER = "encoder"
-GENERATOR_FP16 = "generator_fp16"
-ENCODER_FP16 = "encoder_fp16"
-FILE_NAMES = {
-    GENERATOR: "generator.onnx",
-    ENCODER: "encoder.onnx",
-    GENERATOR_FP16: "generator.fp16.onnx",
-    ENCODER_FP16: "encoder.fp16.onnx",
-}
-REQUIRED_ROLES = (GENERATOR, ENCODER)
+__all__ = [  # the format's names, wherever they are defined
+    "ENCODER",
+    "ENCODER_FP16",
+    "FILE_NAMES",
+    "FORMAT_VERSION",
+    "GENERATOR",
+    "GENERATOR_FP16",
+    "REQUIRED_ROLES",
+    "Bundle",
+    "BundleError",
+    "LatentDirections",
+    "Manifest",
+    "load_bundle",
+    "resolve_bundle_dir",
+    "write_manifest",
+]
+
+# The shipped bundle, found relative to this package (repository root, Bento or container image).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist"
+MANIFEST_NAME = "manifest.json"
 
 # Tensor names of the exported graphs (batch dimension dynamic).
 LATENT_TENSOR = "z"  # (B, latent_dim) float32
@@ -49,19 +72,8 @@ DIRECTIONS_NAME = "directions.json"
 DIRECTIONS_VERSION = 1  # version of the directions file and its manifest entry
 ORTHONORMAL_TOLERANCE = 1e-3  # largest |C C^T - I| accepted for the stored components
 
-REQUIRED_KEYS = (
-    "format_version",
-    "name",
-    "kind",
-    "data_shape",
-    "latent_dim",
-    "latent_prior",
-    "files",
-    "opset",
-)
 
-
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle is missing, incomplete, altered or malformed. The message names the file."""
 
 
@@ -114,42 +126,51 @@ class Bundle:
     bundle has them, its latent directions."""
 
     path: Path
-    manifest: dict[str, Any]
+    spec: Manifest  # the checked manifest
     directions: LatentDirections | None = None
 
     @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as JSON (what ``manifest.json`` holds), for reports and ``/info``."""
+        return self.spec.to_json()
+
+    @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.spec.name
 
     @property
     def kind(self) -> str:
         """``"image"`` (data shape C, H, W) or ``"vector"`` (data shape D)."""
-        return str(self.manifest["kind"])
+        return self.spec.kind
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.manifest["data_shape"])
+        return self.spec.data_shape
 
     @property
     def latent_dim(self) -> int:
-        return int(self.manifest["latent_dim"])
+        return self.spec.latent_dim
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return dict(self.manifest.get("metrics") or {})
+        return dict(self.spec.metrics or {})
 
     def has(self, role: str) -> bool:
-        return role in self.manifest["files"]
+        return role in self.spec.files
+
+    def sha256(self, role: str) -> str:
+        """The SHA-256 the manifest records for the graph with this role."""
+        return self.spec.files[role].sha256
 
     def file(self, role: str) -> Path:
         """Path of the graph with this role (``generator``, ``encoder``, ``generator_fp16``...)."""
-        if role not in self.manifest["files"]:
+        if role not in self.spec.files:
             raise BundleError(f"bundle {self.path} has no {role!r} graph")
-        return self.path / self.manifest["files"][role]["path"]
+        return self.path / self.spec.files[role].path
 
     def tensor_names(self, role: str) -> tuple[str, str]:
-        entry = self.manifest["files"][role]
-        return str(entry["input"]), str(entry["output"])
+        entry = self.spec.files[role]
+        return entry.input, entry.output
 
 
 def file_entry(bundle_dir: Path, role: str, input_name: str, output_name: str) -> dict[str, Any]:
@@ -165,14 +186,16 @@ def file_entry(bundle_dir: Path, role: str, input_name: str, output_name: str) -
     }
 
 
-def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` (checked for the required keys) and fsync it."""
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"manifest lacks required keys: {', '.join(missing)}")
+def write_manifest(bundle_dir: Path, manifest: Manifest | dict[str, Any]) -> Path:
+    """Write ``manifest.json`` (a dict is checked against :class:`Manifest` first) and fsync it."""
+    if not isinstance(manifest, Manifest):
+        try:
+            manifest = parse_manifest(manifest)
+        except ManifestError as exc:
+            raise BundleError(f"manifest {exc}") from None
     path = Path(bundle_dir) / MANIFEST_NAME
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
+        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -214,38 +237,26 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path} must hold a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"{manifest_path} lacks required keys: {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path} has format_version {manifest['format_version']!r}; "
-            f"this server reads version {FORMAT_VERSION}"
-        )
-    if manifest["kind"] not in ("image", "vector"):
-        raise BundleError(f"{manifest_path}: kind must be 'image' or 'vector'")
-    files = manifest["files"]
-    if not isinstance(files, dict):
-        raise BundleError(f"{manifest_path}: 'files' must be an object")
-    for role in REQUIRED_ROLES:
-        if role not in files:
-            raise BundleError(f"{manifest_path} names no {role!r} graph ({FILE_NAMES[role]})")
-    for role, entry in files.items():
-        if not isinstance(entry, dict) or not {"path", "sha256", "input", "output"} <= set(entry):
-            raise BundleError(f"{manifest_path}: entry for {role!r} is malformed")
+    try:
+        spec = parse_manifest(manifest)
+    except ManifestError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from None
+    for role, entry in spec.files.items():
         _checked_file(root, entry, f"{manifest_path}: entry for {role!r}", verify)
     directions = None
-    if DIRECTIONS_KEY in manifest:
-        directions = _load_directions(root, manifest, verify)
-    return Bundle(path=root, manifest=manifest, directions=directions)
+    if spec.directions is not None:
+        directions = _load_directions(root, spec, verify)
+    return Bundle(path=root, spec=spec, directions=directions)
 
 
-def _checked_file(root: Path, entry: dict[str, Any], where: str, verify: bool) -> Path:
+def _checked_file(
+    root: Path, entry: GraphEntry | DirectionsEntry, where: str, verify: bool
+) -> Path:
     """The file a manifest entry names: a plain file name (a string), a regular file directly in
     the bundle (not a link, which could point anywhere or change after the check), and, with
     ``verify``, the SHA-256 the entry records."""
-    name = entry["path"]
-    if not isinstance(name, str) or not name:
+    name = entry.path
+    if not name:
         raise BundleError(f"{where}: path {name!r} is not a file name")
     if Path(name).name != name:
         raise BundleError(f"{where}: {name!r} is outside the bundle (entries name its files)")
@@ -256,28 +267,27 @@ def _checked_file(root: Path, entry: dict[str, Any], where: str, verify: bool) -
         raise BundleError(f"model bundle {root} is incomplete: {name} is missing")
     if verify:
         actual = sha256_file(file_path)
-        if actual != entry["sha256"]:
+        if actual != entry.sha256:
             raise BundleError(
                 f"{file_path} does not match its manifest (sha256 {actual[:12]}..., "
-                f"expected {str(entry['sha256'])[:12]}...): the bundle was altered or truncated"
+                f"expected {entry.sha256[:12]}...): the bundle was altered or truncated"
             )
     return file_path
 
 
-def _load_directions(root: Path, manifest: dict[str, Any], verify: bool) -> LatentDirections:
+def _load_directions(root: Path, spec: Manifest, verify: bool) -> LatentDirections:
     """The bundle's ``directions.json``, hash-checked against the manifest and checked for shape,
     finiteness and orthonormality."""
-    entry = manifest[DIRECTIONS_KEY]
+    entry = spec.directions
+    assert entry is not None  # the caller checks
     where = f"{root / MANIFEST_NAME}: entry 'directions'"
-    if not isinstance(entry, dict) or not {"format_version", "path", "sha256"} <= set(entry):
-        raise BundleError(f"{where} is malformed (needs format_version, path and sha256)")
-    if entry["format_version"] != DIRECTIONS_VERSION:
+    if entry.format_version != DIRECTIONS_VERSION:
         raise BundleError(
-            f"{where} has format_version {entry['format_version']!r}; this server reads version "
+            f"{where} has format_version {entry.format_version!r}; this server reads version "
             f"{DIRECTIONS_VERSION}"
         )
     file_path = _checked_file(root, entry, where, verify)
-    latent_dim = int(manifest["latent_dim"])
+    latent_dim = spec.latent_dim
     try:
         raw = json.loads(file_path.read_text(encoding="utf-8"))
         mean = np.asarray(raw["mean"], dtype=np.float64)

@@ -17,9 +17,12 @@ error or non-finite output), with the reason logged and reported to ``on_fallbac
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -50,12 +53,17 @@ __all__ = [
     "DeviceError",
     "Graph",
     "ModelRuntime",
+    "available_cpus",
     "buckets",
     "cuda_unavailable_reason",
+    "gpu_visible",
     "session_options",
 ]
 
 logger = logging.getLogger("bentoml.aegan_serve")
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "QUOTA PERIOD" or "max PERIOD"
+NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 
 # Largest gap, on a fixed batch, between the fp16 CUDA graphs and the fp32 CPU graphs that the
 # fp16 graphs are trusted with (pixels in [-1, 1]); beyond it auto mode runs fp32 on CUDA.
@@ -87,12 +95,12 @@ class Graph:
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.device_id is None:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0])
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, batch)
         binding.bind_output(self.output_name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return np.asarray(binding.copy_outputs_to_cpu()[0])
 
 
 def buckets(max_rows: int) -> tuple[int, ...]:
@@ -179,7 +187,7 @@ class ModelRuntime:
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _graph(self, role: str, providers: list) -> Graph:
+    def _graph(self, role: str, providers: list[str | tuple[str, dict[str, str]]]) -> Graph:
         session = ort.InferenceSession(
             str(self.bundle.file(role)),
             sess_options=session_options(self.threads),
@@ -312,3 +320,25 @@ class ModelRuntime:
             )
         if not (np.isfinite(x).all() and np.isfinite(z).all()):
             raise BundleError(f"{self.bundle.path}: graphs produce non-finite values on zeros")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity (e.g. a container's cpuset), bounded by a cgroup
+    v2 CPU quota (e.g. a container's CPU limit), rounded up; at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here
+        pass
+    return max(1, cpus)
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA GPU's device node is present (no driver call: this runs when the service module
+    is imported, before any worker starts)."""
+    return any(Path(node).exists() for node in NVIDIA_DEVICE_NODES)

@@ -1,0 +1,279 @@
+"""API keys: the keys file and `aegan keys`, and the service with keys on (in-process): 401, 403,
+scopes, open paths, hostile Authorization headers, keys picked up without a restart, wrong keys
+rate-limited per address, and no key in any answer or log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from service_helpers import error_of, serve
+
+from aegan_cli import main
+from aegan_serve.apikeys import (
+    KeyRing,
+    KeysFileError,
+    create_key,
+    find_key,
+    hash_key,
+    read_keys,
+    revoke_key,
+)
+from aegan_serve.auth import AccessSettings
+from aegan_serve.config import SettingsError
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    path = tmp_path / "keys.json"
+    made = {
+        "gen": create_key(path, "gen", ["generate"]),
+        "enc": create_key(path, "enc", ["encode"]),
+        "root": create_key(path, "root", ["admin"]),
+    }
+    return path, made
+
+
+@pytest.fixture
+def keyed(image_bundle: Path, keys):
+    path, made = keys
+    with serve(image_bundle, AEGAN_API_KEYS_FILE=str(path)) as client:
+        yield client, path, made
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --- the keys file -------------------------------------------------------------------------------
+
+
+def test_the_file_holds_hashes_names_and_scopes_never_a_key(keys):
+    path, made = keys
+    text = path.read_text()
+    for key in made.values():
+        assert key.startswith("aegan_") and len(key) >= 40
+        assert key not in text and hash_key(key) in text
+    assert [(k.name, sorted(k.scopes)) for k in read_keys(path)] == [
+        ("gen", ["generate"]),
+        ("enc", ["encode"]),
+        ("root", ["admin"]),
+    ]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert find_key(read_keys(path), made["enc"]).name == "enc"
+    assert find_key(read_keys(path), made["enc"] + "x") is None
+    assert find_key(read_keys(path), "") is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "is not JSON"),
+        ('{"keys": []}', "is not a version 1 keys file"),
+        ('{"version": 1, "keys": {}}', '"keys" must be a list'),
+        ('{"version": 1, "keys": [{"name": "a", "sha256": "abc", "scopes": ["generate"]}]}', "64"),
+        (
+            '{"version": 1, "keys": [{"name": "a", "sha256": "'
+            + "0" * 64
+            + '", "scopes": ["x"]}]}',
+            "unknown scope x",
+        ),
+        (
+            '{"version": 1, "keys": [{"name": "a b", "sha256": "' + "0" * 64 + '", "scopes": []}]}',
+            "key name 'a b'",
+        ),
+    ],
+)
+def test_a_malformed_keys_file_is_refused_naming_the_problem(tmp_path, content, message):
+    path = tmp_path / "keys.json"
+    path.write_text(content)
+    with pytest.raises(KeysFileError, match=message):
+        read_keys(path)
+    with pytest.raises(SettingsError, match="AEGAN_API_KEYS_FILE"):
+        AccessSettings.from_env({"AEGAN_API_KEYS_FILE": str(path)})
+
+
+def test_a_missing_keys_file_stops_the_server_settings(tmp_path):
+    with pytest.raises(SettingsError, match="cannot read the keys file"):
+        AccessSettings.from_env({"AEGAN_API_KEYS_FILE": str(tmp_path / "none.json")})
+    assert AccessSettings.from_env({}).keys_file is None  # off by default
+
+
+def test_aegan_keys_create_list_revoke(tmp_path):
+    path = tmp_path / "keys.json"
+    runner = CliRunner()
+    made = runner.invoke(
+        main, ["keys", "create", "alice", "--scope", "encode", "--file", str(path)]
+    )
+    assert made.exit_code == 0, made.output
+    key = made.stdout.strip()
+    assert key.startswith("aegan_") and find_key(read_keys(path), key).name == "alice"
+    listed = runner.invoke(main, ["keys", "list"], env={"AEGAN_API_KEYS_FILE": str(path)})
+    assert listed.exit_code == 0 and listed.stdout.startswith("alice\tencode\t")
+    assert key not in listed.output
+    again = runner.invoke(main, ["keys", "create", "alice", "--file", str(path)])
+    assert again.exit_code != 0 and "exists already" in again.output
+    assert runner.invoke(main, ["keys", "revoke", "alice", "--file", str(path)]).exit_code == 0
+    assert read_keys(path) == []
+    gone = runner.invoke(main, ["keys", "revoke", "alice", "--file", str(path)])
+    assert gone.exit_code != 0 and "no key named 'alice'" in gone.output
+    # the write is atomic: no temporary file is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json"]
+
+
+def test_the_keyring_follows_the_file_and_keeps_the_last_good_keys(tmp_path):
+    path = tmp_path / "keys.json"
+    first = create_key(path, "a", ["generate"])
+    problems: list[str] = []
+    ring = KeyRing(path, on_error=problems.append)
+    assert [k.name for k in ring.current()] == ["a"]
+    second = create_key(path, "b", ["generate"])
+    assert find_key(ring.current(), second).name == "b"
+    path.write_text("{broken")
+    assert [k.name for k in ring.current()] == ["a", "b"]
+    assert [k.name for k in ring.current()] == ["a", "b"]
+    assert len(problems) == 1 and "is not JSON" in problems[0]
+    revoke_key_after_break = tmp_path / "fresh.json"
+    create_key(revoke_key_after_break, "c", ["encode"])
+    os.replace(revoke_key_after_break, path)  # as a Kubernetes Secret update swaps the file
+    assert [k.name for k in ring.current()] == ["c"] and find_key(ring.current(), first) is None
+
+
+# --- the service with keys on --------------------------------------------------------------------
+
+
+def test_no_key_is_401_with_a_challenge_and_health_stays_open(keyed):
+    client, _, _ = keyed
+    answer = client.post("/generate", json={"n": 1})
+    assert "API key" in error_of(answer, 401)
+    assert answer.headers["www-authenticate"] == 'Bearer realm="aegan"'
+    for path in ("/livez", "/readyz"):
+        assert client.get(path).status_code == 200
+    assert client.get("/docs.json").status_code == 200
+    assert client.get("/ui/").status_code == 200  # the page; its calls need the key
+    assert client.post("/info").status_code == 401
+
+
+def test_keys_by_either_header_and_scopes(keyed, image_bundle):
+    from service_helpers import files, gradient, image_bytes
+
+    client, _, made = keyed
+    assert client.post("/generate", json={"n": 1}, headers=bearer(made["gen"])).status_code == 200
+    assert (
+        client.post("/sample", json={"n": 1}, headers={"X-API-Key": made["gen"]}).status_code == 200
+    )
+    upload = files(image_bytes(gradient()))
+    assert client.post("/encode", files=upload, headers=bearer(made["enc"])).status_code == 200
+    refused = client.post("/encode", files=upload, headers=bearer(made["gen"]))
+    assert "has no 'encode' scope" in error_of(refused, 403)
+    assert "'gen'" in refused.json()["error"]
+    assert (
+        client.post(
+            "/decode", json={"latents": [[0.0] * 32]}, headers=bearer(made["enc"])
+        ).status_code
+        == 403
+    )
+    # /similar and /gallery/image need 'search' (this server has no gallery: past the gate, 404)
+    similar = client.post("/similar", json={"latents": [[0.0] * 32]}, headers=bearer(made["enc"]))
+    assert "has no 'search' scope" in error_of(similar, 403)
+    found = client.post("/similar", json={"latents": [[0.0] * 32]}, headers=bearer(made["root"]))
+    assert found.status_code == 404
+    for path, body in (("/generate", {"n": 1}), ("/info", None)):
+        assert client.post(path, json=body, headers=bearer(made["root"])).status_code == 200
+    assert client.post("/info", headers=bearer(made["enc"])).status_code == 200  # any key
+    # /metrics: admin only (metrics are off in-process, so admin gets BentoML's 404)
+    assert client.get("/metrics", headers=bearer(made["gen"])).status_code == 403
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=bearer(made["root"])).status_code == 404
+
+
+def test_metrics_can_be_public(image_bundle, keys):
+    path, _ = keys
+    with serve(image_bundle, AEGAN_API_KEYS_FILE=str(path), AEGAN_METRICS_PUBLIC="1") as client:
+        assert client.get("/metrics").status_code == 404  # not 401: metrics are off in-process
+        assert client.post("/generate", json={"n": 1}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", "Bearer")],
+        [("Authorization", "Basic dXNlcjpwYXNz")],
+        [("Authorization", "Bearer " + "a" * 5000)],
+        [("X-API-Key", "a" * 5000)],
+        [("Authorization", "Bearer aegan_\x7f\x01")],
+        [("Authorization", "Bearer a b c")],
+        [("Authorization", "Bearer x"), ("X-API-Key", "y")],
+        [("Authorization", "Bearer x"), ("Authorization", "Bearer y")],
+        [("Authorization", "Bearer " + "é" * 10)],
+        [("X-API-Key", "")],
+        [("Authorization", "Bearer aegan_nope")],
+    ],
+    ids=lambda h: ",".join(f"{k}:{v[:12]!r}" for k, v in h),
+)
+def test_malformed_or_wrong_authorization_is_401_never_500(keyed, headers):
+    client, _, _ = keyed
+    encoded = [(k.encode(), v.encode("utf-8")) for k, v in headers]
+    answer = client.post("/generate", json={"n": 1}, headers=encoded)
+    error_of(answer, 401)
+    assert answer.headers["www-authenticate"].startswith('Bearer realm="aegan"')
+
+
+def test_keys_are_picked_up_and_revoked_without_a_restart(keyed):
+    client, path, made = keyed
+    late = create_key(path, "late", ["generate"])
+    assert client.post("/generate", json={"n": 1}, headers=bearer(late)).status_code == 200
+    revoke_key(path, "gen")
+    answer = client.post("/generate", json={"n": 1}, headers=bearer(made["gen"]))
+    assert "not valid" in error_of(answer, 401)
+    assert 'error="invalid_token"' in answer.headers["www-authenticate"]
+
+
+def test_wrong_keys_are_rate_limited_per_address(image_bundle, keys):
+    path, made = keys
+    with serve(
+        image_bundle, AEGAN_API_KEYS_FILE=str(path), AEGAN_AUTH_FAILURES_PER_MIN="3"
+    ) as client:
+        for _ in range(3):
+            assert (
+                client.post("/generate", json={}, headers=bearer("aegan_wrong")).status_code == 401
+            )
+        blocked = client.post("/generate", json={}, headers=bearer("aegan_wrong"))
+        assert "too many wrong API keys" in error_of(blocked, 429)
+        assert 50 <= int(blocked.headers["retry-after"]) <= 60  # when the first failure leaves
+        # the address is refused before its key is looked at, even a good one
+        assert client.post("/generate", json={}, headers=bearer(made["gen"])).status_code == 429
+        assert client.get("/livez").status_code == 200
+
+
+def test_concurrent_callers_each_get_their_own_answer(keyed):
+    client, _, made = keyed
+
+    def call(i: int) -> tuple[int, int]:
+        key = (made["gen"], made["enc"], "aegan_wrong_" + "x" * (i % 3))[i % 3]
+        answer = client.post("/generate", json={"n": 1, "seed": i}, headers=bearer(key))
+        return i, answer.status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, range(36)))
+    assert [status for _, status in results] == [(200, 403, 401)[i % 3] for i, _ in results]
+
+
+def test_no_key_in_answers_or_logs(keyed, caplog):
+    client, _, made = keyed
+    with caplog.at_level(logging.DEBUG):
+        answers = [
+            client.post("/generate", json={"n": 1}, headers=bearer(made["gen"])),
+            client.post("/encode", json={}, headers=bearer(made["gen"])),
+            client.post("/generate", json={"n": 1}, headers=bearer(made["gen"] + "x")),
+            client.post("/generate", json={"n": "x"}, headers={"X-API-Key": made["root"]}),
+        ]
+    seen = caplog.text + "".join(a.text + json.dumps(dict(a.headers)) for a in answers)
+    for key in made.values():
+        assert key not in seen and key[6:20] not in seen
+    assert "key=gen" in caplog.text and "key=root" in caplog.text  # names, not keys

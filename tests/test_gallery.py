@@ -1,0 +1,299 @@
+"""``aegan index`` and ``aegan similar``: a gallery built from an ``aegan encode`` output, tied to
+its bundle, searched exactly or approximately, rebuilt whole; and many queries searched in batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import run_aegan
+from click.testing import CliRunner
+from PIL import Image
+
+from aegan_batch import plan_job, run_job
+from aegan_batch.similar import build_gallery, recall_at_10
+from aegan_cli import main
+from aegan_core.bundle import load_bundle
+from aegan_core.errors import RequestError
+from aegan_core.gallery import (
+    APPROXIMATE,
+    EXACT,
+    INDEX_FILE,
+    GalleryError,
+    GalleryNotFound,
+    Ids,
+    exact_distances,
+    load_gallery,
+)
+from aegan_core.runtime import ModelRuntime
+
+pq = pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
+
+PICTURES = 40
+
+
+def make_collection(root: Path, count: int = PICTURES, seed: int = 0) -> Path:
+    """``count`` distinct grey pictures in nested folders, and one file that is not an image."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / f"group-{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    (root / "broken.png").write_bytes(b"not a picture")
+    return root
+
+
+def encode_to(source: Path, bundle: Path, dest: Path, chunk: int = 16) -> Path:
+    plan = plan_job(source, bundle, dest, chunk)
+    try:
+        run_job(plan, workers=1, batch_size=8, device="cpu", pool="threads")
+    finally:
+        plan.release()
+    return dest
+
+
+def invoke(*args: str | Path) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def refused(*args: str | Path) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_collection(tmp_path_factory.mktemp("pictures"))
+
+
+@pytest.fixture(scope="module")
+def encoded(collection: Path, image_bundle: Path, tmp_path_factory) -> Path:
+    return encode_to(collection, image_bundle, tmp_path_factory.mktemp("encoded") / "out")
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(encoded: Path, image_bundle: Path, tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("gallery") / "out"
+    shutil.copytree(encoded, dest)
+    output = invoke("index", dest, "--model", image_bundle)
+    assert f"exact gallery of {PICTURES} latents" in output
+    return dest
+
+
+def all_latents(dest: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(dest).to_pydict()
+    return {
+        i: np.asarray(z, np.float32)
+        for i, z, e in zip(table["id"], table["latent"], table["error"], strict=True)
+        if e is None
+    }
+
+
+def test_an_exact_gallery_answers_what_brute_force_does(gallery_dir, image_bundle):
+    gallery = load_gallery(gallery_dir, load_bundle(image_bundle))
+    assert gallery.kind == EXACT and gallery.size == PICTURES
+    record = json.loads((gallery_dir / INDEX_FILE).read_text())
+    assert record["skipped"] == 1 and record["recall_at_10"] is None
+    stored = all_latents(gallery_dir)
+    names = sorted(stored)
+    matrix = np.stack([stored[n] for n in names])
+    rng = np.random.default_rng(1)
+    queries = matrix[:5] + rng.normal(0, 0.05, (5, matrix.shape[1])).astype(np.float32)
+    distances, rows = gallery.search(queries, 7)
+    for q, ds, rs in zip(queries, distances, rows, strict=True):
+        brute = np.linalg.norm(matrix - q, axis=1)
+        order = np.argsort(brute)[:7]
+        assert [gallery.ids[r] for r in rs] == [names[i] for i in order]
+        np.testing.assert_allclose(ds, brute[order], rtol=1e-5)
+        assert list(ds) == sorted(ds)
+    # a gallery picture's nearest neighbour is itself, at distance 0
+    d, r = gallery.search(matrix[[3]], 1)
+    assert gallery.ids[int(r[0, 0])] == names[3] and d[0, 0] == pytest.approx(0, abs=1e-5)
+    # k above the gallery's size answers every row
+    assert gallery.search(queries[:1], 100)[1].shape == (1, PICTURES)
+
+
+def test_bad_queries_and_k_are_refused(gallery_dir):
+    gallery = load_gallery(gallery_dir)
+    good = np.zeros((1, 32), np.float32)
+    for k in (0, 101):
+        with pytest.raises(RequestError, match="1 to 100"):
+            gallery.search(good, k)
+    with pytest.raises(RequestError, match="32 values"):
+        gallery.search(np.zeros((1, 31), np.float32), 3)
+    bad = good.copy()
+    bad[0, 4] = np.nan
+    with pytest.raises(RequestError, match="NaN or infinite"):
+        gallery.search(bad, 3)
+    with pytest.raises(GalleryNotFound, match="not in the gallery"):
+        gallery.latent_of("no/such.png")
+
+
+def test_a_gallery_of_another_bundle_is_refused_naming_both(encoded, rgb_bundle, tmp_path):
+    dest = tmp_path / "other"
+    shutil.copytree(encoded, dest)
+    output = refused("index", dest, "--model", rgb_bundle)
+    theirs = json.loads((dest / "_job.json").read_text())["model"]["encoder_sha256"]
+    ours = load_bundle(rgb_bundle).manifest["files"]["encoder"]["sha256"]
+    assert theirs[:12] in output and ours[:12] in output
+    assert not (dest / INDEX_FILE).exists()
+
+
+def test_the_service_bundle_must_be_the_gallerys(gallery_dir, rgb_bundle):
+    with pytest.raises(GalleryError, match="was encoded by bundle") as caught:
+        load_gallery(gallery_dir, load_bundle(rgb_bundle))
+    assert "manifest sha256" in str(caught.value)
+
+
+def test_an_incomplete_or_foreign_output_is_refused(encoded, image_bundle, tmp_path):
+    dest = tmp_path / "incomplete"
+    shutil.copytree(encoded, dest)
+    (dest / "part-00001.parquet").unlink()
+    assert "part-00001.parquet is missing" in refused("index", dest, "--model", image_bundle)
+    empty = tmp_path / "plain"
+    empty.mkdir()
+    assert "not the output of `aegan encode`" in refused("index", empty, "--model", image_bundle)
+
+
+def test_a_missing_or_altered_gallery_says_what_to_run(encoded, gallery_dir, tmp_path):
+    with pytest.raises(GalleryError, match="aegan index"):
+        load_gallery(encoded)  # encoded, never indexed
+    with pytest.raises(GalleryError, match="not a directory"):
+        load_gallery(tmp_path / "nowhere")
+    dest = tmp_path / "altered"
+    shutil.copytree(gallery_dir, dest)
+    latents = next(dest.glob("_index-*.latents.npy"))
+    data = bytearray(latents.read_bytes())
+    data[-1] ^= 1
+    latents.write_bytes(bytes(data))
+    with pytest.raises(GalleryError, match="altered or truncated"):
+        load_gallery(dest)
+
+
+def test_a_rebuild_replaces_the_gallery_whole(gallery_dir, image_bundle, tmp_path):
+    dest = tmp_path / "rebuilt"
+    shutil.copytree(gallery_dir, dest)
+    before = {p.name for p in dest.glob("_index-*")}
+    invoke("index", dest, "--model", image_bundle)
+    after = {p.name for p in dest.glob("_index-*")}
+    assert len(after) == len(before) == 4  # latents, ids, offsets, order
+    assert not after & before  # a new tag; the old files are gone
+    assert load_gallery(dest).size == PICTURES
+    assert pq.read_table(dest).num_rows == PICTURES + 1  # readers still see the parts alone
+
+
+def test_an_approximate_gallery_reaches_its_recorded_recall(vector_bundle, tmp_path):
+    """3000 vectors through the vector bundle's encoder, indexed with an inverted file: the
+    recall@10 it
+    records is what an independent check against brute force measures, and at least 0.95."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "vectors.npy", rng.normal(size=(3000, 2)).astype(np.float32))
+    dest = encode_to(tmp_path / "vectors.npy", vector_bundle, tmp_path / "enc", chunk=1000)
+    summary = build_gallery(dest, load_bundle(vector_bundle), kind="approximate")
+    gallery = load_gallery(dest, load_bundle(vector_bundle))
+    assert gallery.kind == APPROXIMATE == summary.kind and gallery.size == 3000
+    assert gallery.ids[17] == "17" and gallery.ids.find("17") == 17
+    assert gallery.ids.find("x") is None
+    recorded = gallery.record["recall_at_10"]
+    assert recorded >= 0.95 and recorded == round(summary.recall_at_10, 4)
+    latents = np.asarray(gallery.latents)
+    measured = recall_at_10(latents, lambda q, k: gallery.search(q, k)[1], seed=5)
+    assert measured >= 0.9
+    queries = latents[:20] + 0.01
+    distances, rows = gallery.search(queries, 10)
+    np.testing.assert_allclose(distances, exact_distances(latents, queries, rows), rtol=1e-6)
+    assert np.all(np.diff(distances, axis=1) >= 0)
+
+
+def test_recall_at_10_sees_a_bad_search():
+    rng = np.random.default_rng(2)
+    latents = rng.normal(size=(500, 8)).astype(np.float32)
+    perfect = recall_at_10(
+        latents, lambda q, k: np.argsort(((latents[None] - q[:, None]) ** 2).sum(-1), 1)[:, :k]
+    )
+    random = recall_at_10(latents, lambda q, k: rng.integers(0, 500, (len(q), k)))
+    assert perfect == 1.0 and random < 0.1
+
+
+def test_ids_round_trip_and_are_found():
+    names = ["b.png", "a/ü.png", "bad\udcff.png", "", "z" * 300]
+    ids = Ids.build(names)
+    assert [ids[i] for i in range(len(names))] == names
+    assert [ids.find(n) for n in names] == list(range(len(names)))
+    assert ids.find("c.png") is None
+    numbers = Ids.build(np.array([5, 3, 9], np.int64))
+    assert numbers.find("3") == 1 and numbers.find("03") is None and numbers.find("4") is None
+
+
+def test_aegan_similar_on_images_and_on_an_encode_output(
+    collection, gallery_dir, encoded, image_bundle, tmp_path
+):
+    out = tmp_path / "similar.parquet"
+    invoke(
+        "similar", collection, "--gallery", gallery_dir, "--model", image_bundle, "--k", 3,
+        "--out", out, "--device", "cpu", "--workers", 1,
+    )  # fmt: skip
+    table = pq.read_table(out).to_pydict()
+    assert len(table["id"]) == PICTURES + 1
+    for name, neighbours, distances, error in zip(
+        table["id"], table["neighbours"], table["distances"], table["error"], strict=True
+    ):
+        if name == "broken.png":
+            assert neighbours is None and "not a readable image" in error
+            continue
+        assert error is None and neighbours[0] == name and len(neighbours) == 3
+        assert distances[0] == pytest.approx(0, abs=1e-4) and distances == sorted(distances)
+    assert [p.name for p in tmp_path.iterdir()] == ["similar.parquet"]  # no temporary left
+    again = tmp_path / "again.parquet"
+    invoke("similar", encoded, "--gallery", gallery_dir, "--k", 3, "--out", again)
+    assert pq.read_table(again).to_pydict() == table
+
+
+def test_aegan_similar_refuses_queries_of_another_encoder(
+    collection, gallery_dir, rgb_bundle, tmp_path
+):
+    output = refused(
+        "similar", collection, "--gallery", gallery_dir, "--model", rgb_bundle,
+        "--out", tmp_path / "x.parquet",
+    )  # fmt: skip
+    assert "was encoded by bundle" in output
+
+
+def test_the_runtime_encodes_as_the_gallery_was(gallery_dir, collection, image_bundle):
+    """The stored latents are the encoder's: one picture encoded here matches its row."""
+    model = ModelRuntime(load_bundle(image_bundle), "cpu", 1)
+    pixels = np.asarray(Image.open(collection / "group-1" / "004.png"), np.float32)
+    z = model.encode((pixels / 127.5 - 1.0)[None, None])
+    stored = load_gallery(gallery_dir).latent_of("group-1/004.png")
+    np.testing.assert_allclose(stored, z[0], atol=1e-5)
+
+
+def test_aegan_similar_encodes_the_queries_on_ray(collection, gallery_dir, image_bundle, tmp_path):
+    """``--ray``: the queries encoded by the ``aegan encode --ray`` job (a Ray started here, one
+    actor) give the same table as the local run."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the 'ray' extra is not installed (scripts/setup.sh installs it)")
+    local, on_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    common = ["--gallery", str(gallery_dir), "--model", str(image_bundle), "--k", "4"]
+    invoke("similar", collection, *common, "--out", local, "--device", "cpu")
+    result = run_aegan(
+        ["similar", str(collection), *common, "--out", str(on_ray), "--ray", "--workers", "1"],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{PICTURES + 1} queries, {PICTURES} searched, 1 errors" in result.stdout
+    ours, theirs = pq.read_table(local).to_pydict(), pq.read_table(on_ray).to_pydict()
+    assert ours["id"] == theirs["id"] and ours["neighbours"] == theirs["neighbours"]
+    assert ours["error"] == theirs["error"]
+    for a, b in zip(ours["distances"], theirs["distances"], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(a, b, atol=1e-4)

@@ -1,0 +1,113 @@
+"""The OpenAPI document says what the service does (in-process): each place where the two once
+disagreed, checked from both sides, the document and the answer."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+from service_helpers import error_of, serve
+
+from aegan_serve.apikeys import create_key
+
+
+def body_schema(spec: dict, route: str) -> dict:
+    (media,) = spec["paths"][route]["post"]["requestBody"]["content"].values()
+    return media["schema"]
+
+
+@pytest.fixture(scope="module")
+def spec(client) -> dict:
+    return client.get("/docs.json").json()
+
+
+@pytest.mark.parametrize("route", ["/decode", "/encode", "/reconstruct", "/interpolate"])
+def test_a_body_is_required_where_a_request_without_one_is_refused(client, spec, route):
+    assert spec["paths"][route]["post"]["requestBody"]["required"] is True
+    assert client.post(route).status_code == 400
+
+
+@pytest.mark.parametrize("route", ["/sample", "/generate", "/info"])
+def test_a_body_is_optional_where_none_is_needed(client, spec, route):
+    assert not spec["paths"][route]["post"]["requestBody"].get("required")
+    assert client.post(route).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/sample", {"truncation": False}, "truncation"),
+        ("/generate", {"truncation": True}, "truncation"),
+        ("/generate", {"truncation": "0.5"}, "truncation"),
+        ("/generate", {"n": True}, "n"),
+        ("/generate", {"n": "2"}, "n"),
+        ("/generate", {"seed": False}, "seed"),
+        ("/decode", {"latents": [[True] * 32]}, "latents"),
+        ("/interpolate", {"seeds": [1, 2], "steps": True}, "steps"),
+        ("/interpolate", {"seeds": [1, 2], "frame_ms": "100"}, "frame_ms"),
+    ],
+)
+def test_numbers_are_json_numbers(client, spec, route, body, field):
+    """What the document refuses, the service refuses: a boolean or a string is not a number."""
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(body, body_schema(spec, route))
+    assert error_of(client.post(route, json=body), 400).startswith(field)
+
+
+def test_null_is_declared_where_it_is_taken(client, spec):
+    for route, field in (("/sample", "seed"), ("/generate", "seed"), ("/interpolate", "latents")):
+        assert body_schema(spec, route)["properties"][field]["nullable"] is True
+    assert client.post("/generate", json={"n": 1, "seed": None}).status_code == 200
+    answer = client.post("/interpolate", json={"seeds": [1, 2], "latents": None, "steps": 2})
+    assert answer.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "valid"),
+    [
+        ({"seeds": [1, 2]}, True),
+        ({"latents": [[0.0] * 32] * 2}, True),
+        ({"seeds": [1, 2], "latents": None}, True),
+        ({"seeds": [1, 2], "latents": [[0.0] * 32] * 2}, False),
+        ({}, False),
+        ({"latents": None}, False),
+    ],
+)
+def test_interpolate_takes_exactly_one_pair_of_ends(client, spec, body, valid):
+    schema = body_schema(spec, "/interpolate")
+    assert [sorted(branch["required"]) for branch in schema["oneOf"]] == [
+        ["images"],
+        ["seeds"],
+        ["latents"],
+    ]
+    assert schema["properties"]["images"]["minItems"] == 2
+    openapi30 = copy.deepcopy(schema)  # `nullable` is OpenAPI 3.0's spelling of "or null"
+    for prop in openapi30["properties"].values():
+        if prop.pop("nullable", False):
+            prop.pop("type", None)
+    by_document = jsonschema.Draft4Validator(openapi30).is_valid(body)
+    assert by_document == valid
+    assert (client.post("/interpolate", json={**body, "steps": 2}).status_code == 200) == valid
+
+
+def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_path, spec):
+    assert "securitySchemes" not in spec.get("components", {})
+    keys = tmp_path / "keys.json"
+    create_key(keys, "a", ["generate"])
+    env = {
+        "AEGAN_API_KEYS_FILE": str(keys),
+        "AEGAN_QUOTA_REQUESTS_PER_S": "5",
+        "AEGAN_RATE_LIMIT_FAILURE": "closed",
+    }
+    with serve(image_bundle, **env) as client:
+        keyed = client.get("/docs.json").json()
+    assert set(keyed["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    operation = keyed["paths"]["/generate"]["post"]
+    assert operation["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert {"401", "403", "429", "503"} <= set(operation["responses"])
+    assert {"RateLimit", "RateLimit-Policy"} <= set(operation["responses"]["200"]["headers"])
+    assert "Retry-After" in operation["responses"]["503"]["headers"]
+    assert {"401", "403", "429"} <= set(keyed["paths"]["/metrics"]["get"]["responses"])
+    assert "security" not in keyed["paths"]["/livez"]["get"]

@@ -1,0 +1,264 @@
+"""Quotas: the settings, the request and image budgets with their 429, Retry-After and RateLimit
+headers (in-process), what an unreachable Redis does in each failure mode, and end to end: two
+workers sharing one budget through a real Redis, Redis killed under load, and the log lines of a
+burst of refused requests."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from redis_helpers import Redis, free_port
+from service_helpers import bentoml_serve, error_of, serve
+
+from aegan_serve.apikeys import create_key
+from aegan_serve.config import SettingsError
+from aegan_serve.quotas import QuotaSettings
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_budgets_are_a_rate_and_a_burst():
+    settings = QuotaSettings.from_env(
+        {
+            "AEGAN_QUOTA_REQUESTS_PER_S": "5",
+            "AEGAN_QUOTA_REQUESTS_BURST": "20",
+            "AEGAN_QUOTA_IMAGES_PER_S": "0.5",
+            "AEGAN_RATE_LIMIT_STORAGE": "redis://:secret@cache:6379/2",
+        }
+    )
+    assert (settings.requests.burst, settings.requests.window_s) == (20, 4)
+    assert (settings.images.burst, settings.images.window_s) == (1, 2)
+    assert settings.policies() == '"requests";q=20;w=4, "images";q=1;w=2'
+    assert settings.shared and settings.failure == "local"
+    off = QuotaSettings.from_env({})
+    assert off.requests is None and off.images is None and not off.shared
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"AEGAN_QUOTA_REQUESTS_PER_S": "fast"},
+            "AEGAN_QUOTA_REQUESTS_PER_S='fast' is not a number",
+        ),
+        ({"AEGAN_QUOTA_REQUESTS_PER_S": "-1"}, "must be a number above 0"),
+        ({"AEGAN_QUOTA_IMAGES_PER_S": "inf"}, "must be a number above 0"),
+        (
+            {"AEGAN_QUOTA_REQUESTS_PER_S": "10", "AEGAN_QUOTA_REQUESTS_BURST": "25"},
+            "a window of 2.5 s; the burst must be the rate times a whole number of seconds, at "
+            "least 1 (for example 20 or 30)",
+        ),
+        ({"AEGAN_QUOTA_REQUESTS_BURST": "5"}, "AEGAN_QUOTA_REQUESTS_PER_S is not"),
+        ({"AEGAN_RATE_LIMIT_STORAGE": "http://cache:6379"}, "must start with memory://, redis://"),
+        ({"AEGAN_RATE_LIMIT_STORAGE": "redis://cache:port"}, "Port could not be cast"),
+        ({"AEGAN_RATE_LIMIT_STORAGE": "redis://"}, "names no Redis host"),
+        ({"AEGAN_RATE_LIMIT_STORAGE": "redis://cache/db"}, "the database 'db' must be a number"),
+        ({"AEGAN_RATE_LIMIT_FAILURE": "maybe"}, "must be one of local, open, closed"),
+        ({"AEGAN_AUTH_FAILURES_PER_MIN": "0"}, "must be at least 1"),
+    ],
+)
+def test_bad_quota_settings_are_refused_naming_the_variable(environ, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        QuotaSettings.from_env(environ)
+
+
+# --- in-process ----------------------------------------------------------------------------------
+
+
+def test_the_request_budget_per_address_when_keys_are_off(image_bundle):
+    env = {"AEGAN_QUOTA_REQUESTS_PER_S": "1", "AEGAN_QUOTA_REQUESTS_BURST": "3"}
+    with serve(image_bundle, **env) as client:
+        answers = [client.post("/generate", json={"n": 1}) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert answers[0].headers["ratelimit-policy"] == '"requests";q=3;w=3'
+        assert re.fullmatch(r'"requests";r=2;t=[0-3]', answers[0].headers["ratelimit"])
+        assert re.fullmatch(r'"requests";r=0;t=[0-3]', answers[2].headers["ratelimit"])
+        refused = answers[3]
+        assert "request quota spent: 3 requests per 3 s" in error_of(refused, 429)
+        assert 1 <= int(refused.headers["retry-after"]) <= 3
+        assert client.get("/livez").status_code == 200  # health is not counted
+        assert client.get("/docs.json").status_code == 200
+
+
+def test_the_image_budget_counts_the_images_of_each_request(image_bundle, tmp_path):
+    keys = tmp_path / "keys.json"
+    a, b = create_key(keys, "a", ["generate"]), create_key(keys, "b", ["generate"])
+    env = {
+        "AEGAN_API_KEYS_FILE": str(keys),
+        "AEGAN_QUOTA_IMAGES_PER_S": "4",
+        "AEGAN_QUOTA_IMAGES_BURST": "8",
+    }
+    with serve(image_bundle, **env) as client:
+
+        def generate(key: str, n: int) -> httpx.Response:
+            return client.post("/generate", json={"n": n}, headers={"X-API-Key": key})
+
+        first = generate(a, 5)
+        assert first.status_code == 200
+        assert first.headers["ratelimit"].startswith('"images";r=3;')
+        spent = generate(a, 5)
+        assert "image quota spent: 8 images per 2 s" in error_of(spent, 429)
+        assert 1 <= int(spent.headers["retry-after"]) <= 2
+        assert generate(a, 3).status_code == 200  # what is left still fits
+        assert generate(b, 8).status_code == 200  # every key has its own budget
+        too_many = generate(b, 9)
+        assert "more than the 8 a caller may make at once" in error_of(too_many, 400)
+        assert (
+            client.post(
+                "/decode", json={"latents": [[0.0] * 32] * 2}, headers={"X-API-Key": a}
+            ).status_code
+            == 429
+        )
+
+
+@pytest.mark.parametrize(
+    ("mode", "statuses"),
+    [("closed", [503, 503, 503]), ("open", [200, 200, 200]), ("local", [200, 200, 429])],
+)
+def test_an_unreachable_redis_answers_as_the_failure_mode_says(image_bundle, mode, statuses):
+    env = {
+        "AEGAN_RATE_LIMIT_STORAGE": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+        "AEGAN_RATE_LIMIT_FAILURE": mode,
+        "AEGAN_QUOTA_REQUESTS_PER_S": "1",
+        "AEGAN_QUOTA_REQUESTS_BURST": "2",
+        "AEGAN_WORKERS": "1",
+    }
+    with serve(image_bundle, **env) as client:
+        started = time.monotonic()
+        answers = [client.post("/generate", json={"n": 1}) for _ in range(3)]
+        assert time.monotonic() - started < 5  # a dead Redis costs no time per request
+    assert [a.status_code for a in answers] == statuses
+    if mode == "closed":
+        assert "AEGAN_RATE_LIMIT_FAILURE=closed" in error_of(answers[0], 503)
+        assert answers[0].headers["retry-after"] == "1"
+    if mode == "open":
+        assert "ratelimit" not in answers[0].headers
+
+
+# --- end to end: two workers, one Redis ----------------------------------------------------------
+
+BURST, WINDOW_S = 10, 2  # per key: 10 requests in any 2 s, 5 per second
+SECONDS = 8.0  # of load per key
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory):
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(image_bundle: Path, redis: Redis, tmp_path_factory: pytest.TempPathFactory):
+    """`bentoml serve` with 2 workers, keys on, a request budget shared through Redis."""
+    folder = tmp_path_factory.mktemp("shared")
+    keys = {name: create_key(folder / "keys.json", name, ["generate"]) for name in ("a", "b")}
+    env = {
+        **os.environ,
+        "AEGAN_MODEL": str(image_bundle),
+        "AEGAN_DEVICE": "cpu",
+        "AEGAN_WORKERS": "2",
+        "AEGAN_API_KEYS_FILE": str(folder / "keys.json"),
+        "AEGAN_RATE_LIMIT_STORAGE": redis.url,
+        "AEGAN_QUOTA_REQUESTS_PER_S": str(BURST // WINDOW_S),
+        "AEGAN_QUOTA_REQUESTS_BURST": str(BURST),
+    }
+    log = folder / "serve.log"
+    try:
+        with bentoml_serve("aegan_serve.service:AEGAN", env=env, log=log) as (url, _):
+            yield url, keys, log
+    finally:
+        print(log.read_text(errors="replace")[-3000:])
+
+
+def hammer(url: str, key: str, seconds: float, clients: int = 6) -> Counter[str]:
+    """``clients`` threads calling /generate with ``key`` for ``seconds``: answers by status."""
+    statuses: Counter[str] = Counter()
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": key}) as http:
+            while time.monotonic() < stop:
+                try:
+                    status = str(http.post("/generate", json={"n": 1}).status_code)
+                except httpx.TransportError as exc:
+                    status = type(exc).__name__
+                statuses[status] += 1
+                if status == "429":
+                    time.sleep(0.02)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def test_two_workers_share_each_keys_budget_through_redis(shared):
+    url, keys, _ = shared
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda k: hammer(url, keys[k], SECONDS), ("a", "b"))
+    rate = BURST / WINDOW_S
+    for statuses in (a, b):
+        assert set(statuses) <= {"200", "429"}, statuses
+        assert statuses["429"] > 0
+        # the rate, give or take a burst (counted per worker, it would be about twice the rate)
+        assert rate * SECONDS - BURST <= statuses["200"] <= rate * SECONDS + BURST, statuses
+
+
+def test_redis_killed_under_load_then_quotas_hold_again(shared, redis):
+    url, keys, _ = shared
+    time.sleep(WINDOW_S)
+    outcome: dict[str, Counter[str]] = {}
+    loader = threading.Thread(target=lambda: outcome.update(load=hammer(url, keys["a"], 6.0)))
+    loader.start()
+    time.sleep(1.5)
+    redis.stop()
+    time.sleep(2.0)
+    redis.start()
+    loader.join()
+    # no 5xx, no broken connection: each worker counted its share in memory while Redis was away
+    assert set(outcome["load"]) <= {"200", "429"}, outcome["load"]
+    time.sleep(WINDOW_S + 1.5)  # Redis is tried again at most once a second
+    after = hammer(url, keys["b"], 1.0)
+    assert set(after) == {"200", "429"} and after["200"] <= BURST, after
+
+
+def test_a_burst_of_refused_requests_writes_one_line_each_and_no_traceback(shared):
+    url, keys, log = shared
+    bad = [
+        ("post", "/generate", {"json": {"n": 1}}),  # no key: 401
+        ("post", "/generate", {"json": {"n": 1}, "headers": {"X-API-Key": "aegan_wrong"}}),
+        ("post", "/generate", {"json": {"n": True}, "headers": {"X-API-Key": keys["a"]}}),
+        ("post", "/decode", {"json": {"latents": [[1e9]]}, "headers": {"X-API-Key": keys["a"]}}),
+        ("post", "/encode", {"content": b"{", "headers": {"X-API-Key": keys["a"]}}),
+        ("post", "/generate", {"content": b"x" * 2_000_000, "headers": {"X-API-Key": keys["a"]}}),
+        ("get", "/nowhere%0Aforged%20line", {"headers": {"X-API-Key": keys["a"]}}),
+    ]
+    time.sleep(WINDOW_S + 1)
+    before = log.stat().st_size
+    statuses: Counter[int] = Counter()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for i in range(140):
+            method, path, kwargs = bad[i % len(bad)]
+            statuses[getattr(http, method)(path, **kwargs).status_code] += 1
+    assert all(400 <= s < 500 for s in statuses), statuses
+    time.sleep(1.0)
+    written = log.read_bytes()[before:].decode(errors="replace").splitlines()
+    refusals = [line for line in written if re.search(r"\] (GET|POST) /.* 4\d\d key=", line)]
+    assert len(refusals) == 140, (statuses, "\n".join(written[-10:]))
+    assert len(written) == 140, "\n".join(line for line in written if line not in refusals)[:3000]
+    assert not any("Traceback" in line for line in written)
+    assert any("key=a" in line and " 400 " in line for line in refusals)
+    assert any("/nowhere\\nforged line 404" in line for line in refusals)  # one line, escaped
+    assert keys["a"] not in "".join(written)
