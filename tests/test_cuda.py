@@ -398,7 +398,7 @@ def test_the_gpu_checks_onnx_runtime_steps_rehearsed_with_the_stand_in(stand_in)
     provider: their code runs and reports what the runtime saw (not GPU figures)."""
     import importlib.util
 
-    from aegan_serve.config import DEFAULT_MODEL_DIR
+    from aegan_core.bundle import DEFAULT_MODEL_DIR
 
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
