@@ -205,7 +205,7 @@ class ModelRuntime:
             except Exception as exc:  # out of memory, a cuDNN error, non-finite fp16 output, ...
                 if self.device == "cuda":
                     raise
-                self._leave_cuda(f"{role} failed on CUDA: {exc}", counted=True)
+                self._leave_cuda(f"{role} failed on CUDA: {exc}", counted=True, failed=cuda)
         return self._cpu[role].run(batch)
 
     def _run_cuda(self, graph: Graph, batch: np.ndarray) -> np.ndarray:
@@ -277,10 +277,15 @@ class ModelRuntime:
         if not any(g.role != r for r, g in graphs.items()):
             self.fp16_error = {}
 
-    def _leave_cuda(self, reason: str, counted: bool) -> None:
+    def _leave_cuda(
+        self, reason: str, counted: bool, failed: dict[str, Graph] | None = None
+    ) -> None:
         """Run on the CPU from now on. ``counted``: a GPU was there and failed (a warning and
-        ``on_fallback``), not merely absent."""
+        ``on_fallback``), not merely absent. ``failed``: the CUDA graphs a run failed on; when
+        another thread has already left them, nothing more is done (one fallback, counted once)."""
         with self._lock:
+            if failed is not None and self._cuda is not failed:
+                return
             self._cuda = {}  # releases the CUDA sessions once in-flight runs finish
             self.cuda_reason = reason
             self.fp16_error = {}

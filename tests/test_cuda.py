@@ -5,8 +5,10 @@ here, each with the providers the sessions really report."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -72,6 +74,9 @@ class FakeCudaSession:
 
     def get_providers(self) -> list[str]:
         return [CUDA, CPU] if self.stand_in.keeps_cuda else [CPU]
+
+    def get_inputs(self) -> list[Any]:
+        return self.cpu.get_inputs()
 
     def io_binding(self) -> FakeBinding:
         return FakeBinding(self)
@@ -344,3 +349,73 @@ def test_worker_layout_follows_a_usable_provider_not_device_files(monkeypatch):
 def test_bad_cuda_settings_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_failures_of_concurrent_requests_are_one_fallback(stand_in, image_bundle):
+    reasons: list[str] = []
+    model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
+    stand_in.run_error, stand_in.delay_s = "CUDA error: an illegal memory access", 0.02
+    z = np.zeros((2, 32), np.float32)
+    results: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: results.append(model.generate(z))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and all(r.shape == (2, 1, 28, 28) for r in results)
+    assert model.fallbacks == 1 and len(reasons) == 1 and model.provider == CPU
+
+
+def test_the_service_declares_a_gpu_where_cuda_is_usable():
+    """Imported where the CUDA check says yes (stood in for): one worker, the GPU and the GPU's
+    memory in the resources BentoML gets; where it says no, as on this machine, the CPU's."""
+    code = (
+        "import json, sys\n"
+        "from aegan_serve import config\n"
+        "if sys.argv[1] == 'usable':\n"
+        "    config.cuda_unusable_reason = lambda options: None\n"
+        "from aegan_serve.service import AEGAN, CUDA_REASON\n"
+        "print(json.dumps([AEGAN.config['resources'], AEGAN.config['workers'], CUDA_REASON]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AEGAN_")}
+    env["AEGAN_DEVICE"] = "auto"
+    found = {}
+    for case in ("usable", "as-is"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, case], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        found[case] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["usable"] == [{"cpu": "2", "memory": config.GPU_MEMORY, "gpu": 1}, 1, None]
+    if cuda.check_in_subprocess() is not None:  # no usable CUDA here
+        resources, workers, reason = found["as-is"]
+        assert resources == {"cpu": "2", "memory": "2Gi"} and reason
+        assert workers == config.available_cpus()
+
+
+def test_the_gpu_checks_onnx_runtime_steps_rehearsed_with_the_stand_in(stand_in):
+    """bench/gpu_check.py's ONNX Runtime steps, on the shipped bundle, against the stand-in CUDA
+    provider: their code runs and reports what the runtime saw (not GPU figures)."""
+    import importlib.util
+
+    from aegan_core.bundle import DEFAULT_MODEL_DIR
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    ctx = {"bundle": load_bundle(DEFAULT_MODEL_DIR), "ort_cuda_reason": gpu_check.ort_cuda_reason()}
+    assert ctx["ort_cuda_reason"] is None  # the service's check passes on the stand-in
+    provider = gpu_check.step_ort_provider(ctx)
+    assert provider["fp32"]["provider"] == CUDA and provider["fp32"]["io_binding"]
+    assert provider["fp16"]["precision"] == "fp16" and provider["fp16"]["fp16_max_abs_error_vs_cpu"]
+    parity = gpu_check.step_ort_parity(ctx)
+    assert parity["fp32_within_1e-4"] and set(parity) >= {"fp32", "fp32_tf32", "fp16"}
+    cold = gpu_check.step_ort_cold_start(ctx)
+    assert set(cold) == {
+        f"{role}-{search}"
+        for role in ("generator", "encoder")
+        for search in ("HEURISTIC", "EXHAUSTIVE")
+    }
+    assert set(cold["encoder-EXHAUSTIVE"]) == {str(n) for n in gpu_check.BATCH_SIZES}
+    assert {o["cudnn_conv_algo_search"] for o in stand_in.options} >= {"HEURISTIC", "EXHAUSTIVE"}
