@@ -161,6 +161,28 @@ def test_mixed_precision_autocasts_the_forward_passes(tmp_path, monkeypatch, pre
     assert seen == [(False, torch.get_autocast_dtype("cpu"))] * 4  # off by default
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_encoder_stage_runs_in_the_precision_of_the_run(tmp_path, monkeypatch, precision):
+    """The encoder stage after the joint steps autocasts like them, and an fp16 stage resumes with
+    its gradient scale to the same weights."""
+    seen: list[tuple[bool, torch.dtype]] = []
+    stage_forward = training_loop.encoder_stage_forward
+
+    def recording(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return stage_forward(*args, **kwargs)
+
+    monkeypatch.setattr(training_loop, "encoder_stage_forward", recording)
+    straight = weights(train(mixture_config(precision=precision, encoder_stage_steps=2), tmp_path))
+    assert seen == [(True, training_loop.AUTOCAST_DTYPES[precision])] * 2
+    run = tmp_path / "resumed"
+    final = train(mixture_config(precision=precision, encoder_stage_steps=2), run)
+    assert ("scaler" in load_checkpoint(final)) == (precision == "fp16")
+    final.unlink()  # step 6: resume from step 4, the end of the joint steps
+    resumed = weights(train(None, run, resume=True))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_an_fp16_run_resumes_with_its_gradient_scale(tmp_path):
     straight = weights(train(mixture_config(precision="fp16"), tmp_path / "straight"))
     run = tmp_path / "resumed"

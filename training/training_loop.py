@@ -577,24 +577,29 @@ def encoder_stage_step(
     t, nets, ema = cfg.train, model.nets, model.ema
     decoder = ema["G"].eval()
 
-    # (1) Fetch a batch of data and prior noise.
+    # (1) Fetch a batch of data and prior noise, as the joint steps do (train.data_on_device).
     idx = torch.randint(len(samples), (t.batch_size,), generator=gen)
-    x = samples[idx].to(device, non_blocking=True)
-    z = torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen).to(device)
-    passes = encoder_stage_forward(nets["E"], decoder, x, z, cfg.loss.encoder_noise)
+    on_device = samples.device.type == "cuda"
+    x = samples[to_device(idx, device)] if on_device else to_device(samples[idx], device)
+    z = to_device(torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen), device)
+    scaler = model.scaler  # train.precision: the same mixed precision as the joint steps
+    with autocast(t.precision, device):
+        passes = encoder_stage_forward(nets["E"], decoder, x, z, cfg.loss.encoder_noise)
 
-    # (2) Update Dz on the prior against E(x) and E(G(z)).
-    d_terms = latent_discriminator_loss(nets, passes)
+        # (2) Update Dz on the prior against E(x) and E(G(z)).
+        d_terms = latent_discriminator_loss(nets, passes)
     model.optimizers["D"].zero_grad(set_to_none=True)
-    weighted_total(d_terms, cfg.loss).backward()
-    model.optimizers["D"].step()
+    scaler.scale(weighted_total(d_terms, cfg.loss)).backward()
+    scaler.step(model.optimizers["D"])
 
     # (3) Update E: fool Dz, reconstruct x through the frozen G, and z.
-    e_terms = encoder_stage_loss(nets, x, passes)
+    with autocast(t.precision, device):
+        e_terms = encoder_stage_loss(nets, x, passes)
     opt_e = model.optimizers[ENCODER_STAGE]
     opt_e.zero_grad(set_to_none=True)
-    weighted_total(e_terms, cfg.loss, cfg.loss.recon_x).backward()
-    opt_e.step()
+    scaler.scale(weighted_total(e_terms, cfg.loss, cfg.loss.recon_x)).backward()
+    scaler.step(opt_e)
+    scaler.update()
 
     # (4) EMA of E alone (G is frozen); batch norm as in the joint steps.
     if world > 1:
