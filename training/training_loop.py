@@ -441,65 +441,56 @@ def _train(
                 if step == t.steps and t.bn_recompute_batches:
                     recompute_batch_norm(ema, samples, cfg, device)  # of the decoder it keeps
                 terms = encoder_stage_step(model, samples, cfg, gen, device, step, world)
-                done = step + 1
-                metrics.add(terms)
-                _after_step(
-                    model,
-                    gen,
-                    cfg,
-                    done,
-                    run_dir,
-                    rank,
-                    world,
-                    device,
-                    data.kind,
-                    metrics,
-                    progress,
-                    task,
-                    fixed_z,
-                    fixed_x,
-                    samples,
+            else:
+                noise_std, recon_x_weight = schedules(step, t.steps, cfg.loss)
+                set_learning_rates(model.optimizers, step, t.steps, cfg.optim)
+
+                # (1) Fetch a batch of data and prior noise.
+                idx = torch.randint(len(samples), (t.batch_size,), generator=gen)
+                x = (
+                    samples[to_device(idx, device)]
+                    if on_device
+                    else to_device(samples[idx], device)
                 )
-                continue
-            noise_std, recon_x_weight = schedules(step, t.steps, cfg.loss)
-            set_learning_rates(model.optimizers, step, t.steps, cfg.optim)
-
-            # (1) Fetch a batch of data and prior noise.
-            idx = torch.randint(len(samples), (t.batch_size,), generator=gen)
-            x = samples[to_device(idx, device)] if on_device else to_device(samples[idx], device)
-            z = to_device(torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen), device)
-            with autocast(t.precision, device):
-                passes = forward(
-                    nets, x, z, n_recon, cfg.loss.encoder_noise, cfg.loss.recon_in_g_batch
+                z = to_device(
+                    torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen), device
                 )
+                with autocast(t.precision, device):
+                    passes = forward(
+                        nets, x, z, n_recon, cfg.loss.encoder_noise, cfg.loss.recon_in_g_batch
+                    )
 
-                # (2) Update Dx and Dz on real vs generated (generator side detached).
-                d_terms = discriminator_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
-            opt_d.zero_grad(set_to_none=True)
-            scaler.scale(weighted_total(d_terms, cfg.loss)).backward()
-            scaler.step(opt_d)
+                    # (2) Update Dx and Dz on real vs generated (generator side detached).
+                    d_terms = discriminator_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
+                opt_d.zero_grad(set_to_none=True)
+                scaler.scale(weighted_total(d_terms, cfg.loss)).backward()
+                scaler.step(opt_d)
 
-            # (3) Update G and E together: fool the updated discriminators, reconstruct x and z.
-            with autocast(t.precision, device):
-                ge_terms = generator_encoder_loss(nets, x, passes, noise_std, recon_adv=recon_adv)
-            opt_ge.zero_grad(set_to_none=True)
-            scaler.scale(weighted_total(ge_terms, cfg.loss, recon_x_weight)).backward()
-            scaler.step(opt_ge)
-            scaler.update()
+                # (3) Update G and E together: fool the updated discriminators, reconstruct x and z.
+                with autocast(t.precision, device):
+                    ge_terms = generator_encoder_loss(
+                        nets, x, passes, noise_std, recon_adv=recon_adv
+                    )
+                opt_ge.zero_grad(set_to_none=True)
+                scaler.scale(weighted_total(ge_terms, cfg.loss, recon_x_weight)).backward()
+                scaler.step(opt_ge)
+                scaler.update()
 
-            # (4) Exponential moving average of G and E. Under DDP, batch-norm statistics are
-            # first taken from rank 0 (as DDP does at each forward) so every rank averages alike.
-            if world > 1:
-                for net in nets.values():
-                    for buffer in net.module.buffers():
-                        dist.broadcast(buffer, 0)
-            beta = ema_beta(step, t.ema_halflife)
-            for k, net in ema.items():
-                update_ema(net, _unwrap(nets[k]), beta)
+                # (4) Exponential moving average of G and E. Under DDP, batch-norm statistics
+                # are first taken from rank 0 (as DDP does at each forward) so every rank
+                # averages alike.
+                if world > 1:
+                    for net in nets.values():
+                        for buffer in net.module.buffers():
+                            dist.broadcast(buffer, 0)
+                beta = ema_beta(step, t.ema_halflife)
+                for k, net in ema.items():
+                    update_ema(net, _unwrap(nets[k]), beta)
+                terms = {**d_terms, **ge_terms}
 
             # (5) Log, grids, checkpoints.
             done = step + 1
-            metrics.add({**d_terms, **ge_terms})
+            metrics.add(terms)
             _after_step(
                 model,
                 gen,
