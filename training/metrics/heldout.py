@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from aegan_core.images import per_sample_mse, psnr, to_unit
 from training.metrics.frechet import frechet_distance, mean_cov
 from training.metrics.latents import fit_pca
 from training.metrics.precision_recall import K, precision_recall
+from training.metrics.reconstruction import image_errors
 from training.metrics.registry import EvalContext, Reference, register_metric
 
 PCA_DIMS = 32  # most components of the held-out images' feature space
@@ -66,10 +66,7 @@ def pca_reconstruction(reference: Reference, size: int, n: int) -> dict[str, flo
             pca = fit_pca(train, size)
             images = reference.subset(n)
             rec = pca.decode(pca.codes(images), images.shape[1:])
-            reference.cache[key] = {
-                "pca_recon_mse": float(per_sample_mse(to_unit(images), to_unit(rec)).mean()),
-                "pca_recon_psnr": float(psnr(to_unit(images), to_unit(rec)).mean()),
-            }
+            reference.cache[key] = image_errors(images, rec, prefix="pca_")
     return dict(reference.cache[key])
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aegan_core.images import per_sample_mse, psnr, to_unit
+from training.metrics.reconstruction import image_errors
 from training.metrics.registry import EvalContext, Reference, batched, register_metric
 
 K_NEIGHBOURS = 10
@@ -162,8 +162,7 @@ def pca_scores(reference: Reference, size: int, n: int) -> dict[str, float]:
         scores = representation_scores(train_codes, train_labels, test_codes, test_labels)
         reference.cache[key] = {
             **{f"pca_{k}": v for k, v in scores.items()},
-            "pca_recon_mse": float(per_sample_mse(to_unit(test), to_unit(rec)).mean()),
-            "pca_recon_psnr": float(psnr(to_unit(test), to_unit(rec)).mean()),
+            **image_errors(test, rec, prefix="pca_"),
         }
     return dict(reference.cache[key])
 

@@ -27,6 +27,16 @@ from aegan_core.images import per_sample_mse, psnr, to_unit
 from training.metrics.registry import EvalContext, batched, register_metric
 
 
+def image_errors(x: np.ndarray, x_rec: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """``{prefix}recon_mse`` and ``{prefix}recon_psnr`` of images in [-1, 1], measured in [0, 1]:
+    the MSE over all pixels and the mean per-image PSNR."""
+    x, x_rec = to_unit(x), to_unit(x_rec)
+    return {
+        f"{prefix}recon_mse": float(per_sample_mse(x, x_rec).mean()),
+        f"{prefix}recon_psnr": float(psnr(x, x_rec).mean()),
+    }
+
+
 @register_metric(
     "reconstruction",
     needs_encoder=True,
@@ -48,8 +58,7 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
         return results
     x, x_rec = ctx.reference_subset(), ctx.reconstructions
     if ctx.reference.kind in ("fmnist", "images"):
-        results["recon_mse"] = float(per_sample_mse(to_unit(x), to_unit(x_rec)).mean())
-        results["recon_psnr"] = float(psnr(to_unit(x), to_unit(x_rec)).mean())
+        results.update(image_errors(x, x_rec))
     if ctx.reference.kind == "fmnist":
         results.update(_class_agreement(ctx, x_rec))
     elif ctx.reference.kind == "images" and ctx.reference.training_split is not None:
