@@ -25,7 +25,7 @@ and the bound are then put in the message; ``detail`` stays).
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -279,7 +279,7 @@ class RequestGuard:
 
 
 async def reject(
-    send: Any, status: int, message: str, extra_headers: list[tuple[bytes, bytes]] = ()
+    send: Any, status: int, message: str, extra_headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
     """Answer ``status`` with ``{"error": message}`` (the guard's refusals and the gate's)."""
     body = json.dumps({"error": message}).encode()

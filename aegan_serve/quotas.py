@@ -31,9 +31,13 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .config import SettingsError
+
+if TYPE_CHECKING:  # limits is imported when quotas are on
+    from limits import RateLimitItem
 
 logger = logging.getLogger("bentoml.aegan_serve.quotas")
 
@@ -292,7 +296,7 @@ class Quotas:
 
 
 @functools.cache
-def _item(budget: Budget) -> object:
+def _item(budget: Budget) -> RateLimitItem:
     """The ``limits`` item of ``budget``: ``burst`` per ``window_s`` seconds."""
     from limits import RateLimitItemPerSecond
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import bentoml
 import numpy as np
@@ -605,20 +605,23 @@ def encoder_batch_histogram() -> Any:
     return _ENCODER_BATCH_HISTOGRAM
 
 
-for _api in AEGAN.apis.values():  # OpenAPI shows these docstrings: drop their source indentation
+# bentoml.service made the class above a Service: this name says so to the type checker.
+SERVICE = cast("bentoml.Service[AEGAN]", AEGAN)
+
+for _api in SERVICE.apis.values():  # OpenAPI shows these docstrings: drop their source indentation
     _api.doc = inspect.cleandoc(_api.doc or "")
 
 # The latent explorer page: static files that call the endpoints above (aegan_serve/ui.py).
-AEGAN.mount_asgi_app(ui_app(), path=UI_PATH, name="ui")
+SERVICE.mount_asgi_app(ui_app(), path=UI_PATH, name="ui")
 
 # /docs.json as the service behaves: every error answer, latent lengths (aegan_serve/openapi.py).
-AEGAN.add_asgi_middleware(
+SERVICE.add_asgi_middleware(
     OpenAPICompletion,
     path="/docs.json",
     describe=lambda: {
         "latent_dim": IN_USE["latent_dim"],
-        "api_routes": [api.route for api in AEGAN.apis.values()],
-        "upload_routes": [a.route for a in AEGAN.apis.values() if a.input_spec.multipart_fields],
+        "api_routes": [api.route for api in SERVICE.apis.values()],
+        "upload_routes": [a.route for a in SERVICE.apis.values() if a.input_spec.multipart_fields],
         "image_routes": IMAGE_ONLY,
         **access_in_force(),
     },
@@ -626,13 +629,13 @@ AEGAN.add_asgi_middleware(
 
 # Keys, scopes, the request quota and one log line per 4xx, before anything else of ours
 # (aegan_serve/auth.py).
-AEGAN.add_asgi_middleware(Gate, scopes=SCOPES)
+SERVICE.add_asgi_middleware(Gate, scopes=SCOPES)
 
 # Size and form-body checks before BentoML parses a request (see aegan_serve/middleware.py).
-AEGAN.add_asgi_middleware(
+SERVICE.add_asgi_middleware(
     RequestGuard,
     max_bytes=LIMITS.max_request_bytes,
     max_json_bytes=LIMITS.max_json_bytes,
     max_inflight_bytes=LIMITS.max_inflight_bytes,
-    routes={api.route: api.input_spec.multipart_fields for api in AEGAN.apis.values()},
+    routes={api.route: api.input_spec.multipart_fields for api in SERVICE.apis.values()},
 )
