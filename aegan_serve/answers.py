@@ -36,7 +36,7 @@ def answers_client_errors(endpoint: F) -> F:
             except ClientError as exc:
                 raise bentoml_error(exc) from None
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]  # same signature (functools.wraps)
 
     @functools.wraps(endpoint)
     def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -45,4 +45,4 @@ def answers_client_errors(endpoint: F) -> F:
         except ClientError as exc:
             raise bentoml_error(exc) from None
 
-    return sync_wrapper  # type: ignore[return-value]
+    return sync_wrapper  # type: ignore[return-value]  # same signature (functools.wraps)

@@ -56,6 +56,7 @@ class Limits:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
         values = {
+            # every field of Limits is an int with a default (dataclasses types it as object)
             f.name: _int(environ, f"AEGAN_{f.name.upper()}", f.default)  # type: ignore[arg-type]
             for f in fields(cls)
         }

@@ -305,6 +305,7 @@ def _item(budget: Budget) -> RateLimitItem:
 
 async def _spend(limiter: object, budget: Budget, who: str, cost: int) -> Decision:
     item = _item(budget)
+    # limiter: one of limits' async strategies, imported only when quotas are on
     allowed = await limiter.hit(item, who, cost=cost)  # type: ignore[attr-defined]
     stats = await limiter.get_window_stats(item, who)  # type: ignore[attr-defined]
     return Decision(budget, allowed, stats.remaining, max(0.0, stats.reset_time - time.time()))

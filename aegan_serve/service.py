@@ -273,6 +273,7 @@ class AEGAN:
         await spend_images(n)
         seed, latents = self._draw(n, seed, truncation)
         png = await self._compute(n, lambda: encode_png(make_grid(self.model.generate(latents))))
+        # a ready Response; the annotation keeps the OpenAPI schema (see above)
         return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})  # type: ignore[return-value]
 
     @bentoml.api
@@ -353,6 +354,7 @@ class AEGAN:
         data = await self._compute(
             steps, lambda: self._animation(ends, steps, method, format, frame_ms)
         )
+        # a ready Response; the annotation keeps the OpenAPI schema (see above)
         return Response(data, media_type=f"image/{format}")  # type: ignore[return-value]
 
     @bentoml.api
@@ -407,10 +409,12 @@ class AEGAN:
         if source == "decoded":
             await spend_images(1)
             png = self._decode_png(z)
+            # a ready Response; the annotation keeps the OpenAPI schema (see above)
             return Response(png, media_type="image/png")  # type: ignore[return-value]
         path = self._original(id)
         data = await self._in_pool(path.read_bytes)
         media_type = ORIGINAL_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        # a ready Response; the annotation keeps the OpenAPI schema (see above)
         return Response(data, media_type=media_type)  # type: ignore[return-value]
 
     @bentoml.api
@@ -547,6 +551,7 @@ class AEGAN:
     def _convert(self, uploads: list[Upload], first_index: int) -> np.ndarray:
         return load_uploads(
             [upload.data for upload in uploads],
+            # an image model here (_require_images): data_shape is (C, H, W)
             self.bundle.data_shape,  # type: ignore[arg-type]
             max_bytes=LIMITS.max_upload_bytes,
             max_pixels=LIMITS.max_pixels,
