@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from process_helpers import stop_group  # noqa: E402
 from redis_helpers import Redis, free_port  # noqa: E402
 
 from aegan_core.runtime import available_cpus  # noqa: E402
@@ -91,12 +91,7 @@ def serve(env: dict[str, str], log: Path) -> Iterator[str]:
         time.sleep(1.0)
         yield base
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
 
 async def closed_loop(

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -545,12 +544,10 @@ def step_serve(ctx: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"the server does not run on CUDA: {info['runtime']}")
         return found
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        sys.path.insert(0, str(REPO / "tests"))
+        from process_helpers import stop_group  # psutil comes with bentoml
+
+        stop_group(process, timeout=30)
 
 
 def step_memory(ctx: dict[str, Any]) -> dict[str, Any]:

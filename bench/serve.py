@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +40,9 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # process_helpers
+
+from process_helpers import stop_group  # noqa: E402
 
 from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle  # noqa: E402
 from aegan_core.images import (  # noqa: E402
@@ -272,12 +274,7 @@ def start(name: str, command: list[str], env: dict[str, str], port: int) -> Iter
         time.sleep(1.0)  # let start-up work settle before measuring idle memory
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
 
 def service(env: dict[str, str]) -> tuple[list[str], dict[str, str], int]:

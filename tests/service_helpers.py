@@ -4,8 +4,6 @@ uploads."""
 from __future__ import annotations
 
 import io
-import os
-import signal
 import socket
 import struct
 import subprocess
@@ -15,13 +13,14 @@ import urllib.request
 import warnings
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+from process_helpers import stop_group
 
 from aegan_serve.service import AEGAN
 
@@ -57,31 +56,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """Stop ``process`` and every process under it: SIGTERM to its process group, then SIGKILL to
-    whatever is left after 20 s. Its workers each start a session of their own (circus does), so
-    they are found as its children, not by the group."""
-    import psutil
-
-    try:
-        workers = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        workers = []
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    for worker in alive:
-        with suppress(psutil.NoSuchProcess):
-            worker.kill()
-    psutil.wait_procs(alive, timeout=10)
 
 
 def answers_ready(url: str) -> bool:
