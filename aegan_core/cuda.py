@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import onnxruntime as ort
@@ -34,8 +35,10 @@ from .errors import UserError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")  # cudnn_conv_algo_search
-ARENA_STRATEGIES = ("kSameAsRequested", "kNextPowerOfTwo")  # arena_extend_strategy
+AlgoSearch = Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"]  # cudnn_conv_algo_search
+ArenaStrategy = Literal["kSameAsRequested", "kNextPowerOfTwo"]  # arena_extend_strategy
+ALGO_SEARCHES: tuple[str, ...] = get_args(AlgoSearch)
+ARENA_STRATEGIES: tuple[str, ...] = get_args(ArenaStrategy)
 CHECK_TIMEOUT_S = 120  # the child process's check (CUDA initialisation is seconds, not minutes)
 
 

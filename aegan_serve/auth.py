@@ -35,7 +35,7 @@ from typing import Any
 from aegan_core.errors import ClientError, RequestError
 
 from .apikeys import MAX_KEY_CHARS, ApiKey, KeyRing, KeysFileError, find_key
-from .config import Settings, SettingsError
+from .config import Environment, Settings, SettingsError, read_environment
 from .middleware import reject
 from .quotas import Budget, Decision, Quotas, QuotaSettings, StorageDown
 from .requestlog import install_filters, log_refused
@@ -75,17 +75,18 @@ class AccessSettings:
     def from_env(
         cls, environ: Mapping[str, str] = os.environ, *, workers: int = 1
     ) -> AccessSettings:
-        raw = environ.get("AEGAN_API_KEYS_FILE", "").strip()
-        keys_file = Path(raw) if raw else None
+        return cls.from_environment(read_environment(environ), workers=workers)
+
+    @classmethod
+    def from_environment(cls, env: Environment, *, workers: int = 1) -> AccessSettings:
+        keys_file = Path(env.api_keys_file) if env.api_keys_file else None
         if keys_file is not None:
             try:
                 KeyRing(keys_file)  # readable and well-formed now, or the server does not start
             except KeysFileError as exc:
                 raise SettingsError(f"AEGAN_API_KEYS_FILE: {exc}") from None
-        public = environ.get("AEGAN_METRICS_PUBLIC", "0").strip() or "0"
-        if public not in ("0", "1"):
-            raise SettingsError(f"AEGAN_METRICS_PUBLIC={public!r} must be 0 or 1")
-        return cls(keys_file, public == "1", QuotaSettings.from_env(environ, workers=workers))
+        quotas = QuotaSettings.from_environment(env, workers=workers)
+        return cls(keys_file, env.metrics_public, quotas)
 
     @property
     def quotas_on(self) -> bool:

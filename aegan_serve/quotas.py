@@ -34,15 +34,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .config import SettingsError
+from .config import Environment, SettingsError, env_var, read_environment
 
 if TYPE_CHECKING:  # limits is imported when quotas are on
     from limits import RateLimitItem
 
 logger = logging.getLogger("bentoml.aegan_serve.quotas")
 
-FAILURE_MODES = ("local", "open", "closed")
-STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 REDIS_TIMEOUT_S = 0.25  # a Redis that does not answer within this is taken as down
 RETRY_DOWN_S = 1.0  # while Redis is down, try it again at most this often
 AUTH_FAILURE_WINDOW_S = 60  # failed key attempts per client address are counted over a minute
@@ -70,35 +68,24 @@ class Budget:
         return f'"{self.name}";q={self.burst};w={self.window_s}'
 
 
-def _budget(environ: Mapping[str, str], name: str, rate_var: str, burst_var: str) -> Budget | None:
-    raw_rate = environ.get(rate_var, "").strip()
-    raw_burst = environ.get(burst_var, "").strip()
-    if not raw_rate:
-        if raw_burst:
+def _budget(env: Environment, name: str) -> Budget | None:
+    """The budget ``name`` (requests or images): its rate per second and burst variables."""
+    rate: float | None = getattr(env, f"quota_{name}_per_s")
+    burst: int | None = getattr(env, f"quota_{name}_burst")
+    rate_var, burst_var = env_var(f"quota_{name}_per_s"), env_var(f"quota_{name}_burst")
+    if rate is None:
+        if burst is not None:
             raise SettingsError(f"{burst_var} is set but {rate_var} is not")
         return None
-    try:
-        rate = float(raw_rate)
-    except ValueError:
-        raise SettingsError(f"{rate_var}={raw_rate!r} is not a number") from None
-    if not math.isfinite(rate) or rate <= 0:
-        raise SettingsError(f"{rate_var}={raw_rate!r} must be a number above 0 (per second)")
-    if raw_burst:
-        try:
-            burst = int(raw_burst)
-        except ValueError:
-            raise SettingsError(f"{burst_var}={raw_burst!r} is not an integer") from None
-    else:
+    if burst is None:
         burst = max(1, math.ceil(rate))
-    if burst < 1:
-        raise SettingsError(f"{burst_var}={burst} must be at least 1")
     window = burst / rate
     if window < 1 or abs(window - round(window)) > 1e-9:
         near = sorted(
             {max(1, round(rate * w)) for w in (max(1, math.floor(window)), math.ceil(window))}
         )
         raise SettingsError(
-            f"{burst_var}={burst} over {rate_var}={raw_rate} is a window of {window:g} s; the "
+            f"{burst_var}={burst} over {rate_var}={rate:g} is a window of {window:g} s; the "
             f"burst must be the rate times a whole number of seconds, at least 1 (for example "
             f"{' or '.join(map(str, near))})"
         )
@@ -121,30 +108,16 @@ class QuotaSettings:
     def from_env(
         cls, environ: Mapping[str, str] = os.environ, *, workers: int = 1
     ) -> QuotaSettings:
-        storage = environ.get("AEGAN_RATE_LIMIT_STORAGE", "").strip() or "memory://"
-        check_storage_url(storage)
-        failure = environ.get("AEGAN_RATE_LIMIT_FAILURE", "local").strip().lower() or "local"
-        if failure not in FAILURE_MODES:
-            raise SettingsError(
-                f"AEGAN_RATE_LIMIT_FAILURE={failure!r} must be one of {', '.join(FAILURE_MODES)}"
-            )
-        raw = environ.get("AEGAN_AUTH_FAILURES_PER_MIN", "").strip() or "20"
-        try:
-            auth_failures = int(raw)
-        except ValueError:
-            raise SettingsError(f"AEGAN_AUTH_FAILURES_PER_MIN={raw!r} is not an integer") from None
-        if auth_failures < 1:
-            raise SettingsError(f"AEGAN_AUTH_FAILURES_PER_MIN={auth_failures} must be at least 1")
+        return cls.from_environment(read_environment(environ), workers=workers)
+
+    @classmethod
+    def from_environment(cls, env: Environment, *, workers: int = 1) -> QuotaSettings:
         return cls(
-            requests=_budget(
-                environ, "requests", "AEGAN_QUOTA_REQUESTS_PER_S", "AEGAN_QUOTA_REQUESTS_BURST"
-            ),
-            images=_budget(
-                environ, "images", "AEGAN_QUOTA_IMAGES_PER_S", "AEGAN_QUOTA_IMAGES_BURST"
-            ),
-            storage=storage,
-            failure=failure,
-            auth_failures=auth_failures,
+            requests=_budget(env, "requests"),
+            images=_budget(env, "images"),
+            storage=env.rate_limit_storage,
+            failure=env.rate_limit_failure,
+            auth_failures=env.auth_failures_per_min,
             workers=workers,
         )
 
@@ -155,31 +128,6 @@ class QuotaSettings:
     def policies(self) -> str:
         """The ``RateLimit-Policy`` header: every budget in force."""
         return ", ".join(b.policy() for b in (self.requests, self.images) if b is not None)
-
-
-def check_storage_url(url: str) -> None:
-    """Refuse a storage URL that cannot work, naming the problem (no connection is made)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  (raises on a port that is not a number)
-    except ValueError as exc:
-        raise SettingsError(f"AEGAN_RATE_LIMIT_STORAGE={url!r}: {exc}") from None
-    if parts.scheme not in STORAGE_SCHEMES:
-        raise SettingsError(
-            f"AEGAN_RATE_LIMIT_STORAGE={url!r} must start with "
-            f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}"
-        )
-    if parts.scheme.startswith("redis") and not (parts.hostname or parts.path):
-        raise SettingsError(f"AEGAN_RATE_LIMIT_STORAGE={url!r} names no Redis host")
-    if (
-        parts.scheme in ("redis", "rediss")
-        and parts.path.strip("/")
-        and not parts.path.strip("/").isdigit()
-    ):
-        raise SettingsError(
-            f"AEGAN_RATE_LIMIT_STORAGE={url!r}: the database {parts.path.strip('/')!r} must be "
-            "a number"
-        )
 
 
 @dataclass

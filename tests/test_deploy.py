@@ -31,15 +31,20 @@ from aegan_core.bundle import DEFAULT_MODEL_DIR  # noqa: E402
 from aegan_serve import config  # noqa: E402
 from aegan_serve.apikeys import create_key  # noqa: E402
 from aegan_serve.auth import AccessSettings  # noqa: E402
-from aegan_serve.config import Limits, Settings, SettingsError  # noqa: E402
+from aegan_serve.config import (  # noqa: E402
+    Environment,
+    Limits,
+    Settings,
+    SettingsError,
+    env_var,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 VARIANTS = {"cpu": DEPLOY, "gpu": DEPLOY / "gpu"}
-CONFIG_SOURCE = ROOT / "aegan_serve" / "config.py"
+SERVICE_SOURCES = ROOT / "aegan_serve"
 # The variant for the internet: keys from a Secret, quotas in Redis (more than one of some kinds).
 PUBLIC = DEPLOY / "public"
-ACCESS_SOURCES = (ROOT / "aegan_serve" / "auth.py", ROOT / "aegan_serve" / "quotas.py")
 # Set for a pod on purpose (deploy/kubernetes/base/configmap.yaml says why); checked below.
 POD_SPECIFIC = {"AEGAN_DEVICE", "AEGAN_WORKERS", "AEGAN_THREADS"}
 
@@ -316,28 +321,20 @@ def test_ports_are_the_images(variant: str) -> None:
     assert "command" not in container and "args" not in container  # the image's CMD sets the port
 
 
-def access_variables() -> set[str]:
-    """The AEGAN_* variables of keys and quotas, as their modules read them."""
-    return {
-        name
-        for source in ACCESS_SOURCES
-        for name in re.findall(r'"(AEGAN_[A-Z0-9_]*[A-Z0-9])"', source.read_text())
-    }
-
-
 def service_variables() -> set[str]:
-    """Every AEGAN_* variable the service reads: one per field of Settings and Limits, and those
-    of keys and quotas."""
-    settings = {f"AEGAN_{f.name.upper()}" for f in fields(Settings) if f.name != "limits"}
-    limits = {Limits().env_name(f.name) for f in fields(Limits)}
-    return settings | limits | access_variables()
+    """Every AEGAN_* variable the service reads: one per field of its Environment."""
+    return {env_var(name) for name in Environment.model_fields}
 
 
-def test_service_variables_are_what_config_py_reads() -> None:
-    assert service_variables() - access_variables() == set(
-        re.findall(r"AEGAN_[A-Z0-9_]*[A-Z0-9]", CONFIG_SOURCE.read_text())
-    )
-    assert len(access_variables()) == 9
+def test_the_service_reads_no_variable_its_environment_does_not_declare() -> None:
+    """Each AEGAN_* name in the service's code is a declared field: none is read behind it."""
+    named = {
+        name
+        for source in SERVICE_SOURCES.glob("*.py")
+        for name in re.findall(r"AEGAN_[A-Z0-9_]*[A-Z0-9]", source.read_text())
+    }
+    assert named - service_variables() == set()
+    assert len(service_variables()) == 31
 
 
 def default_settings(variant: str) -> dict[str, str]:
@@ -360,9 +357,7 @@ def default_settings(variant: str) -> dict[str, str]:
         "AEGAN_GALLERY": defaults.gallery,
         "AEGAN_GALLERY_ROOT": defaults.gallery_root,
     }
-    values |= {
-        Limits().env_name(f.name): str(getattr(defaults.limits, f.name)) for f in fields(Limits)
-    }
+    values |= {env_var(f.name): str(getattr(defaults.limits, f.name)) for f in fields(Limits)}
     access = AccessSettings.from_env({})  # keys and quotas off: their variables empty
     values |= {
         "AEGAN_API_KEYS_FILE": "",

@@ -50,7 +50,7 @@ def test_budgets_are_a_rate_and_a_burst():
             "AEGAN_QUOTA_REQUESTS_PER_S='fast' is not a number",
         ),
         ({"AEGAN_QUOTA_REQUESTS_PER_S": "-1"}, "must be a number above 0"),
-        ({"AEGAN_QUOTA_IMAGES_PER_S": "inf"}, "must be a number above 0"),
+        ({"AEGAN_QUOTA_IMAGES_PER_S": "inf"}, "_IMAGES_PER_S='inf' must be a finite number"),
         (
             {"AEGAN_QUOTA_REQUESTS_PER_S": "10", "AEGAN_QUOTA_REQUESTS_BURST": "25"},
             "a window of 2.5 s; the burst must be the rate times a whole number of seconds, at "

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from aegan_core import runtime
 from aegan_core.bundle import MANIFEST_NAME, BundleError, load_bundle, resolve_bundle_dir
 from aegan_core.runtime import CPU, CUDA, DeviceError, ModelRuntime, available_cpus
 from aegan_serve import config
-from aegan_serve.config import Limits, Settings, SettingsError
+from aegan_serve.config import Settings, SettingsError
 
 
 def cuda_works(bundle: Path) -> bool:
@@ -109,7 +110,8 @@ def test_settings_defaults_and_overrides(monkeypatch):
     assert Settings.from_env({"AEGAN_DEVICE": "cpu"}).workers == 4  # unless told to use the CPU
     monkeypatch.undo()
     assert settings.model.endswith("models/fashion-mnist")
-    assert settings.limits == Limits()
+    declared = config.Environment.model_fields
+    assert asdict(settings.limits) == {k: declared[k].default for k in asdict(settings.limits)}
     env = {
         "AEGAN_DEVICE": "CPU",
         "AEGAN_WORKERS": "2",
@@ -146,7 +148,7 @@ def test_available_cpus_honours_a_cgroup_cpu_quota(monkeypatch, tmp_path, cpu_ma
         ({"AEGAN_DEVICE": "gpu"}, "AEGAN_DEVICE='gpu' must be one of auto, cuda, cpu"),
         ({"AEGAN_MAX_N": "many"}, "AEGAN_MAX_N='many' is not an integer"),
         ({"AEGAN_MAX_IMAGES": "0"}, "AEGAN_MAX_IMAGES=0 must be at least 1"),
-        ({"AEGAN_MAX_STEPS": "1"}, "AEGAN_MAX_STEPS must be at least 2"),
+        ({"AEGAN_MAX_STEPS": "1"}, "AEGAN_MAX_STEPS=1 must be at least 2"),
         ({"AEGAN_THREADS": "-2"}, "AEGAN_THREADS=-2 must be at least 1"),
         ({"AEGAN_FP16": "yes"}, "AEGAN_FP16='yes' must be 0 or 1"),
     ],
