@@ -159,6 +159,27 @@ def plan() -> list[Run]:
                 stage_steps,
             )
         )
+    # The cheaper step with a stochastic encoder, batch-norm statistics recomputed for the EMA
+    # networks, and a short encoder stage at the end, inside the same compute: the stage's
+    # ENCODER_STAGE_STEPS[0] steps take the place of joint steps (a stage step is a G forward and
+    # backward to its input plus E's: about one GAN step, here counted as one cheap step).
+    sets = ("loss.recon_share=0.25", "loss.encoder_noise=0.2", "train.bn_recompute_batches=20")
+    steps = equal_compute_steps("aegan loss.recon_share=0.25", VARIANT_COSTS)
+    stage = ENCODER_STAGE_STEPS[0]
+    for seed in (0, 1, 2):
+        group = "aegan recon_share=0.25, encoder_noise=0.2, BN recomputed, encoder stage"
+        runs.append(
+            Run(
+                f"eqc-noise-bn-stage-seed{seed}",
+                "aegan",
+                seed,
+                sets,
+                group,
+                steps - stage,
+                500,
+                stage,
+            )
+        )
     return runs
 
 
