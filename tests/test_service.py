@@ -587,7 +587,7 @@ def test_work_that_waited_too_long_for_a_thread_is_refused_not_run(image_bundle,
         decoded.append(1)
         return slow_load(*args, **kwargs)
 
-    monkeypatch.setattr("aegan_serve.service.load_uploads", load_uploads)
+    monkeypatch.setattr("aegan_serve.app.load_uploads", load_uploads)
     limits = {"AEGAN_BATCH_LATENCY_MS": "100", "AEGAN_WORKERS": "2"}  # one pool thread
     with serve(image_bundle, **limits) as client:
         upload = image_bytes(gradient())

@@ -1,0 +1,126 @@
+"""The application behind the endpoints (aegan_serve/app.py), called directly: no server, no HTTP.
+And the endpoints' declarations (@endpoint): route, scope and image use, each in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aegan_core.errors import ClientError, RequestError, WrongModelKind
+from aegan_core.gallery import GalleryNotFound
+from aegan_serve.app import Application
+from aegan_serve.config import Settings
+
+
+def application(bundle: Path, **env: str) -> Application:
+    environ = {"AEGAN_MODEL": str(bundle), "AEGAN_DEVICE": "cpu", "AEGAN_WORKERS": "1"}
+    return Application(Settings.from_env(environ | env))
+
+
+def png(seed: int, size: tuple[int, int] = (28, 28), mode: str = "L") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_app(image_bundle: Path) -> Application:
+    return application(image_bundle)
+
+
+def test_draws_are_repeatable_and_make_images(image_app):
+    seed, z = image_app.draw(4, 7, 1.0)
+    assert seed == 7 and z.shape == (4, 32)
+    assert np.array_equal(image_app.draw(4, 7, 1.0)[1], z)
+    assert not np.array_equal(image_app.draw(4, 8, 1.0)[1], z)
+    assert image_app.draw(2, None, 1.0)[0] >= 0  # a random seed, reported
+    grid = Image.open(io.BytesIO(asyncio.run(image_app.grid_png(z))))
+    assert grid.format == "PNG" and grid.size[0] >= 2 * 28
+    decoded = asyncio.run(image_app.decode(z))
+    assert list(decoded) == ["images"] and len(decoded["images"]) == 4
+
+
+def test_encode_and_reconstruct_keep_the_uploads_order(image_app):
+    uploads = [png(i) for i in range(5)]
+    z = asyncio.run(image_app.encode(uploads))
+    assert z.shape == (5, 32)
+    alone = [asyncio.run(image_app.encode([u]))[0] for u in uploads]
+    np.testing.assert_allclose(z, np.stack(alone), atol=1e-5)
+    answer = asyncio.run(image_app.reconstruct(uploads))
+    assert {k: len(v) for k, v in answer.items()} == {
+        "latents": 5,
+        "images": 5,
+        "mse": 5,
+        "psnr": 5,
+    }
+    np.testing.assert_allclose(answer["latents"], z, atol=1e-5)
+    assert all(m >= 0 for m in answer["mse"])
+
+
+def test_a_broken_upload_is_a_client_error_naming_it(image_app):
+    with pytest.raises(ClientError, match=r"images\[1\] is not a readable image"):
+        asyncio.run(image_app.encode([png(0), b"not an image"]))
+
+
+def test_animation_frames_and_formats(image_app):
+    ends = image_app.latents([[0.0] * 32, [1.0] * 32])
+    gif = asyncio.run(image_app.animation(ends, 5, "slerp", "gif", 100))
+    assert Image.open(io.BytesIO(gif)).n_frames == 5
+    strip = Image.open(io.BytesIO(asyncio.run(image_app.animation(ends, 5, "lerp", "png", 100))))
+    assert strip.format == "PNG" and strip.size[0] >= 5 * 28
+
+
+def test_latents_are_checked_against_the_model(image_app):
+    with pytest.raises(RequestError, match="32"):
+        image_app.latents([[0.0] * 31])
+
+
+def test_no_gallery_is_a_404_saying_how_to_get_one(image_app):
+    with pytest.raises(GalleryNotFound, match="AEGAN_GALLERY=DEST"):
+        asyncio.run(image_app.similar(np.zeros((1, 32), np.float32), 3))
+    with pytest.raises(GalleryNotFound):
+        image_app.gallery_png("x")
+
+
+def test_info_reports_the_model_runtime_and_limits(image_app):
+    info = image_app.info()
+    assert info["model"]["latent_dim"] == 32 and info["model"]["kind"] == "image"
+    assert info["runtime"]["provider"] == "CPUExecutionProvider"
+    assert info["limits"]["AEGAN_MAX_IMAGES"] == image_app.settings.limits.max_images
+    assert info["gallery"] is None
+
+
+def test_a_vector_model_decodes_vectors_and_refuses_image_work(vector_bundle):
+    app = application(vector_bundle)
+    _, z = app.draw(3, 1, 1.0)
+    assert len(asyncio.run(app.decode(z))["vectors"]) == 3
+    with pytest.raises(WrongModelKind, match="/sample works with images only"):
+        app.require_images("/sample")
+    with pytest.raises(WrongModelKind):
+        asyncio.run(app.encode([png(0)]))
+
+
+# --- the declarations ----------------------------------------------------------------------------
+
+
+def test_each_endpoint_declares_its_scope_and_image_use_once():
+    from aegan_serve.service import DECLARED, SERVICE
+
+    routes = {d.route: d for d in DECLARED}
+    assert set(routes) == {api.route for api in SERVICE.apis.values()}
+    assert {r for r, d in routes.items() if d.images == "always"} == {
+        "/sample",
+        "/encode",
+        "/reconstruct",
+        "/interpolate",
+        "/gallery/image",
+    }
+    assert routes["/similar"].images == "when uploaded"
+    assert routes["/info"].scope is None and routes["/similar"].scope == "search"
+    assert all(d.scope in (None, "generate", "encode", "search") for d in DECLARED)
