@@ -43,7 +43,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_lever_settings_are_checked_and_named():
     for assignment, flag in (
-        (("train", "encoder_stage_steps", -1), "train.encoder_stage_steps"),
+        (("train", "encoder_stage_steps", -1), "--encoder-stage-steps"),
         (("train", "bn_recompute_batches", -2), "train.bn_recompute_batches"),
         (("optim", "lr_encoder_stage", 0.0), "optim.lr_encoder_stage"),
     ):

@@ -14,7 +14,9 @@ import os
 import re
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from annotated_types import Ge, Gt, Le, Lt
 
 from aegan_core.errors import UserError
 
@@ -27,6 +29,24 @@ Mode = Literal["aegan", "gan"]
 OnBadFile = Literal["fail", "skip"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+@dataclass(frozen=True)
+class Matches:
+    """A field's declared form: the whole value matches ``pattern`` (``meaning``: the same in
+    words)."""
+
+    pattern: str
+    meaning: str
+
+
+# Declared bounds of numeric fields (annotated_types), checked by validate() for every field.
+Count = Annotated[int, Ge(1)]  # at least 1
+Every = Annotated[int, Ge(0)]  # an interval in steps; 0: off (or only at the end)
+Weight = Annotated[float, Ge(0)]  # a loss weight or a noise level
+Fraction = Annotated[float, Ge(0), Le(1)]  # in [0, 1]
+Rate = Annotated[float, Gt(0)]  # a learning rate
+Beta = Annotated[float, Ge(0), Lt(1)]  # an Adam beta
 CONV_IMAGE_SIZES = (28, 32, 64)  # square sides the conv networks are built for
 
 
@@ -39,24 +59,24 @@ class DataConfig:
     image_size: int = (
         28  # Side in pixels that image folders are resized to (28, 32 or 64 for conv).
     )
-    channels: int = 1  # Channels of image-folder data: 1 (grey) or 3 (RGB).
+    channels: Literal[1, 3] = 1  # Channels of image-folder data: 1 (grey) or 3 (RGB).
     on_bad_file: OnBadFile = (
         "fail"  # Image folders: 'fail' on an unreadable image, or 'skip' and report.
     )
-    limit: int | None = None  # Use only the first N samples (quick runs and tests); None: all.
+    limit: Count | None = None  # Use only the first N samples (quick runs and tests); None: all.
     # Image folders: share of the images kept out of training, for ``aegan eval``'s held-out
     # reconstruction and sample quality. An image is held out by the SHA-256 of its path in the
     # folder (training/data.py ``is_held_out``): deterministic, so eval finds the same split.
-    held_out: float = 0.1
+    held_out: Annotated[float, Ge(0), Lt(1)] = 0.1
 
 
 @dataclass
 class ModelConfig:
     arch: Arch = "conv"  # Network family: 'conv' (DCGAN-like, images) or 'mlp' (vectors, flat).
-    latent_dim: int = 32  # Dimension of z; prior N(0, I).
-    width: int = 32  # conv: channels of the widest-resolution layer; mlp: ignored.
-    hidden: int = 256  # mlp: units per hidden layer; conv: units of the latent discriminator.
-    depth: int = 3  # mlp: hidden layers per network; conv: ignored.
+    latent_dim: Count = 32  # Dimension of z; prior N(0, I).
+    width: Count = 32  # conv: channels of the widest-resolution layer; mlp: ignored.
+    hidden: Count = 256  # mlp: units per hidden layer; conv: units of the latent discriminator.
+    depth: Count = 3  # mlp: hidden layers per network; conv: ignored.
     data_shape: list[int] = field(default_factory=list)  # (C, H, W) or (D,); filled from the data.
 
 
@@ -64,68 +84,68 @@ class ModelConfig:
 class LossConfig:
     mode: Mode = "aegan"  # 'aegan' (G, E, Dx, Dz, reconstruction terms) or 'gan' (G and Dx only).
     # Image defaults tuned on Fashion-MNIST at 10 000 steps against the GAN (docs/RESULTS.md).
-    adv_x: float = 3.0  # Weight of the image adversarial terms for G(z) and G(E(x)) (aegan only).
+    adv_x: Weight = 3.0  # Weight of the image adversarial terms for G(z) and G(E(x)) (aegan only).
     # The reconstructions' share of the image adversarial game: Dx calls G(E(x)) fake (as one fake
     # kind of two, weighted adv_x_recon / (1 + adv_x_recon)) and G+E make it pass as real (weight
     # adv_x * adv_x_recon). 1 is Lazarou's AEGAN; 0 leaves Dx to real against G(z), skips its pass
     # on G(E(x)), and keeps G(E(x)) only in the reconstruction term.
-    adv_x_recon: float = 1.0
-    adv_z: float = 3.0  # Weight of the latent adversarial terms for E(x) and E(G(z)).
-    recon_x: float = 5.0  # Weight of the image reconstruction ||G(E(x)) - x||_1 (mean per pixel).
-    recon_z: float = 2.0  # Weight of the latent reconstruction ||E(G(z)) - z||_2^2 (mean per dim).
-    recon_x_final: float = 0.2  # recon_x weight at the last step, as a fraction (linear anneal).
+    adv_x_recon: Weight = 1.0
+    adv_z: Weight = 3.0  # Weight of the latent adversarial terms for E(x) and E(G(z)).
+    recon_x: Weight = 5.0  # Weight of the image reconstruction ||G(E(x)) - x||_1 (mean per pixel).
+    recon_z: Weight = 2.0  # Weight of the latent reconstruction ||E(G(z)) - z||_2^2 (mean per dim).
+    recon_x_final: Fraction = 0.2  # recon_x weight at the last step, as a fraction (linear anneal).
     # Share of each batch reconstructed through G(E(x)) (the first samples; every sample still
     # passes E for the latent terms). Below 1 the second pass of G, an AEGAN step's largest extra
     # cost, shrinks with it.
-    recon_share: float = 1.0
+    recon_share: Annotated[float, Gt(0), Le(1)] = 1.0
     # Std of Gaussian noise added to each encoding (E(x) and E(G(z))): a stochastic encoder, whose
     # encodings of tight clusters can fill the prior. 0: E is deterministic.
-    encoder_noise: float = 0.0
+    encoder_noise: Weight = 0.0
     # Reconstruct inside G's own batch: one G pass over [z; E(x)] concatenated, so G(z) and
     # G(E(x)) share batch-norm statistics and a step costs one G pass fewer (E(G(z)) then waits
     # for that pass, a second E call). False: separate G calls per input kind.
     recon_in_g_batch: bool = False
-    instance_noise: float = 0.0  # Std of Gaussian noise added to Dx inputs at step 0, decayed to 0.
+    instance_noise: Weight = 0.0  # Std of Gaussian noise added to Dx inputs at step 0, decayed.
 
 
 @dataclass
 class OptimConfig:
-    lr_g: float = 2e-4  # Adam learning rate of G and E (one optimiser, one backward).
-    lr_d: float = 2e-4  # Adam learning rate of Dx and Dz.
-    beta1: float = 0.5  # Adam beta1 (DCGAN's choice).
-    beta2: float = 0.999  # Adam beta2.
-    lr_final: float = 1.0  # Both learning rates at the last step, as a fraction (linear anneal).
-    lr_encoder_stage: float = 2e-4  # Adam learning rate of E in the encoder stage (constant).
+    lr_g: Rate = 2e-4  # Adam learning rate of G and E (one optimiser, one backward).
+    lr_d: Rate = 2e-4  # Adam learning rate of Dx and Dz.
+    beta1: Beta = 0.5  # Adam beta1 (DCGAN's choice).
+    beta2: Beta = 0.999  # Adam beta2.
+    lr_final: Fraction = 1.0  # Both learning rates at the last step, as a fraction (linear anneal).
+    lr_encoder_stage: Rate = 2e-4  # Adam learning rate of E in the encoder stage (constant).
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 8000  # Optimiser steps (one D step and one G+E step each).
-    batch_size: int = 64  # Samples per step per process.
+    steps: Count = 8000  # Optimiser steps (one D step and one G+E step each).
+    batch_size: Annotated[int, Ge(2)] = 64  # Samples per step per process.
     seed: int = 0  # Seeds initialisation, data order and noise; ranks add their rank.
-    ema_halflife: float = 500.0  # Half-life of the EMA of G and E weights, in steps.
-    log_every: int = 50  # Steps between metrics.jsonl records.
-    image_every: int = 500  # Steps between sample and reconstruction grids (0: only at the end).
-    checkpoint_every: int = 1000  # Steps between checkpoints (0: only at the end).
-    keep_checkpoints: int = 3  # Newest checkpoints kept on disk.
-    grid_size: int = 64  # Images in each sample grid (fixed noise).
-    eval_every: int = 0  # Steps between sample-quality evaluations (0: off; Fashion-MNIST only).
-    eval_samples: int = 2000  # Generated samples per periodic evaluation.
-    threads: int | None = None  # torch intra-op threads; None: torch's default.
+    ema_halflife: Annotated[float, Gt(0)] = 500.0  # Half-life of the EMA of G and E, in steps.
+    log_every: Count = 50  # Steps between metrics.jsonl records.
+    image_every: Every = 500  # Steps between sample and reconstruction grids (0: only at the end).
+    checkpoint_every: Every = 1000  # Steps between checkpoints (0: only at the end).
+    keep_checkpoints: Count = 3  # Newest checkpoints kept on disk.
+    grid_size: Count = 64  # Images in each sample grid (fixed noise).
+    eval_every: Every = 0  # Steps between sample-quality evaluations (0: off; Fashion-MNIST only).
+    eval_samples: Annotated[int, Ge(10)] = 2000  # Generated samples per periodic evaluation.
+    threads: Count | None = None  # torch intra-op threads; None: torch's default.
     # Encoder stage, after the ``steps`` joint steps (aegan only; 0: none): this many more steps
     # train E alone against the frozen EMA generator (batch norm in eval mode): image
     # reconstruction at the full weight recon_x (no anneal: G's samples cannot change), latent
     # reconstruction E(G(z)) ~ z (recon_z), and the latent adversarial terms against Dz (adv_z),
     # which trains on, so the codes stay on the prior. FD of the samples is unchanged by it.
-    encoder_stage_steps: int = 0
+    encoder_stage_steps: Every = 0
     # Batches (of batch_size) over which the EMA networks' batch-norm statistics are recomputed
     # before each checkpoint and periodic evaluation (G on prior draws, E on training data, from
     # a generator seeded by the run's seed alone); 0: the EMA keeps the live networks' statistics.
-    bn_recompute_batches: int = 0
+    bn_recompute_batches: Every = 0
     progress: bool = True  # Show a live progress bar.
     # Where to train: 'auto' (CUDA when torch sees a GPU for every local rank, else the CPU),
     # 'cpu', 'cuda' (under torchrun each rank takes GPU LOCAL_RANK) or 'cuda:N' (one process).
-    device: str = "auto"
+    device: Annotated[str, Matches(DEVICE_PATTERN, "auto, cpu, cuda or cuda:N")] = "auto"
     # Bit-exact runs and resumes on CUDA: deterministic kernels (torch.use_deterministic_algorithms,
     # cuDNN's deterministic algorithms, CUBLAS_WORKSPACE_CONFIG); slower. The CPU is deterministic
     # without it.
@@ -325,77 +345,94 @@ class DataFacts:
     source: str
 
 
-def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
-    """All sanity checks, in one place: the flags' values (types and enumerations are checked when
-    they are set) and, once the data is loaded, whether it suits them. Raises :class:`ConfigError`
-    naming the flag to fix."""
-    d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
-    for flag, value, kind in (
-        ("--arch", m.arch, Arch),
-        ("--mode", lo.mode, Mode),
-        ("--on-bad-file", d.on_bad_file, OnBadFile),
+# The command-line flags of `aegan train` that set a config field; every other field is set with
+# ``--set SECTION.FIELD=VALUE``. Messages name the flag a user would type.
+CLI_FLAGS = {
+    ("data", "source"): "--data",
+    ("data", "image_size"): "--image-size",
+    ("data", "channels"): "--channels",
+    ("data", "on_bad_file"): "--on-bad-file",
+    ("data", "limit"): "--limit",
+    ("data", "fashion_mnist_dir"): "--fashion-mnist-dir",
+    ("model", "arch"): "--arch",
+    ("model", "latent_dim"): "--latent-dim",
+    ("model", "width"): "--width",
+    ("loss", "mode"): "--mode",
+    ("train", "steps"): "--steps",
+    ("train", "encoder_stage_steps"): "--encoder-stage-steps",
+    ("train", "batch_size"): "--batch-size",
+    ("train", "seed"): "--seed",
+    ("train", "threads"): "--threads",
+    ("train", "device"): "--device",
+}
+SECTIONS = ("data", "model", "loss", "optim", "train")
+
+
+def flag_of(section: str, name: str) -> str:
+    """The flag that sets ``section.name``: its own, or the ``--set`` key."""
+    return CLI_FLAGS.get((section, name), f"{section}.{name}")
+
+
+def declared_problem(value: Any, annotation: Any) -> str | None:
+    """What is wrong with ``value`` against the declarations of its field's ``annotation`` (a
+    Literal's choices, annotated_types bounds, a :class:`Matches` form), or None. None passes
+    an optional field."""
+    if value is None:
+        return None
+    extras: tuple[Any, ...] = ()
+    if get_origin(annotation) is Annotated:
+        annotation, *rest = get_args(annotation)
+        extras = tuple(rest)
+    for option in (
+        get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
     ):
-        if value not in get_args(kind):
-            raise ConfigError(flag, f"must be {describe_type(kind)}, not {value!r}")
-    if d.channels not in (1, 3):
-        raise ConfigError("--channels", f"must be 1 or 3, not {d.channels}")
+        if get_origin(option) is Annotated:  # Count | None: the bounds are on the option
+            return declared_problem(value, option)
+    if get_origin(annotation) is Literal and value not in get_args(annotation):
+        return f"must be {describe_type(annotation)}, not {value!r}"
+    low = next((b for b in extras if isinstance(b, Ge | Gt)), None)
+    high = next((b for b in extras if isinstance(b, Le | Lt)), None)
+    inside = (
+        (low is None or (value >= low.ge if isinstance(low, Ge) else value > low.gt))
+        and (high is None or (value <= high.le if isinstance(high, Le) else value < high.lt))
+    )  # fmt: skip
+    if not inside:
+        return f"must be {_range(low, high)}, not {value}"
+    for form in extras:
+        if isinstance(form, Matches) and not re.fullmatch(form.pattern, value):
+            return f"must be {form.meaning}, not {value!r}"
+    return None
+
+
+def _range(low: Ge | Gt | None, high: Le | Lt | None) -> str:
+    if high is None:
+        assert low is not None
+        return f"at least {low.ge}" if isinstance(low, Ge) else f"above {low.gt}"
+    lower = "[" + str(low.ge) if isinstance(low, Ge) else "(" + str(getattr(low, "gt", "-inf"))
+    upper = str(high.le) + "]" if isinstance(high, Le) else str(high.lt) + ")"
+    return f"in {lower}, {upper}"
+
+
+def validate(cfg: RunConfig, data: DataFacts | None = None) -> RunConfig:
+    """All sanity checks, in one place: every field against what its declaration allows (choices,
+    bounds, form: declared on the field, above), then the checks across fields and, once the data
+    is loaded, whether it suits them. Raises :class:`ConfigError` naming the flag to fix."""
+    for section in SECTIONS:
+        target = getattr(cfg, section)
+        hints = get_type_hints(type(target), include_extras=True)
+        for f in fields(target):
+            problem = declared_problem(getattr(target, f.name), hints[f.name])
+            if problem is not None:
+                raise ConfigError(flag_of(section, f.name), problem)
+    d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
     if m.arch == "conv" and d.image_size not in CONV_IMAGE_SIZES:
         raise ConfigError("--image-size", f"conv networks take {_sizes()} px, not {d.image_size}")
     if d.source == "fashion-mnist" and (d.image_size, d.channels) != (28, 1):
         raise ConfigError("--image-size", "Fashion-MNIST is 28x28 grey: use --image-size 28")
-    if not 0 <= d.held_out < 1:
-        raise ConfigError("data.held_out", f"must be a fraction in [0, 1), not {d.held_out}")
-    if d.limit is not None and d.limit < 1:
-        raise ConfigError("--limit", "must be at least 1")
-    for name, value in (("--latent-dim", m.latent_dim), ("--width", m.width)):
-        if value < 1:
-            raise ConfigError(name, f"must be at least 1, not {value}")
-    for name, value in (("model.hidden", m.hidden), ("model.depth", m.depth)):
-        if value < 1:
-            raise ConfigError(name, f"must be at least 1, not {value}")
-    nonnegative = ("adv_x", "adv_x_recon", "adv_z", "recon_x", "recon_z", "encoder_noise")
-    for name in (*nonnegative, "instance_noise"):
-        if getattr(lo, name) < 0:
-            raise ConfigError(f"loss.{name}", "must be non-negative")
-    if not 0 < lo.recon_share <= 1:
-        raise ConfigError("loss.recon_share", "must be a fraction in (0, 1]")
-    if not 0 <= lo.recon_x_final <= 1:
-        raise ConfigError("loss.recon_x_final", "must be a fraction in [0, 1]")
-    for name, value in (("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d)):
-        if value <= 0:
-            raise ConfigError(name, f"must be positive, not {value}")
-    if not 0 <= o.lr_final <= 1:
-        raise ConfigError("optim.lr_final", "must be a fraction in [0, 1]")
-    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
-        raise ConfigError("optim.beta1", "Adam betas must be in [0, 1)")
-    if t.steps < 1:
-        raise ConfigError("--steps", f"must be at least 1, not {t.steps}")
-    if t.batch_size < 2:
-        raise ConfigError("--batch-size", f"must be at least 2, not {t.batch_size}")
-    if t.ema_halflife <= 0:
-        raise ConfigError("train.ema_halflife", "must be positive")
-    if min(t.log_every, t.keep_checkpoints, t.grid_size) < 1:
-        raise ConfigError("train.log_every", "log_every, keep_checkpoints, grid_size must be >= 1")
-    if t.image_every < 0 or t.checkpoint_every < 0:
-        raise ConfigError("train.checkpoint_every", "intervals must be >= 0 (0: only at the end)")
-    if t.eval_every < 0 or t.eval_every % t.log_every:
-        raise ConfigError("train.eval_every", "must be >= 0 and a multiple of train.log_every")
-    if t.eval_samples < 10:
-        raise ConfigError("train.eval_samples", "must be at least 10")
-    if t.encoder_stage_steps < 0:
-        raise ConfigError("train.encoder_stage_steps", "must be >= 0")
+    if t.eval_every % t.log_every:
+        raise ConfigError("train.eval_every", "must be a multiple of train.log_every")
     if t.encoder_stage_steps > 0 and lo.mode != "aegan":
-        raise ConfigError("train.encoder_stage_steps", "the encoder stage needs --mode aegan")
-    if o.lr_encoder_stage <= 0:
-        raise ConfigError("optim.lr_encoder_stage", "must be positive")
-    if t.bn_recompute_batches < 0:
-        raise ConfigError("train.bn_recompute_batches", "must be >= 0")
-    if t.threads is not None and t.threads < 1:
-        raise ConfigError("--threads", "must be at least 1")
-    if not re.fullmatch(DEVICE_PATTERN, t.device):
-        raise ConfigError("--device", f"must be auto, cpu, cuda or cuda:N, not {t.device!r}")
-    if t.precision not in get_args(Precision):
-        raise ConfigError("train.precision", f"must be {describe_type(Precision)}")
+        raise ConfigError("--encoder-stage-steps", "the encoder stage needs --mode aegan")
     if t.deterministic and t.cudnn_benchmark:
         raise ConfigError(
             "train.cudnn_benchmark", "cuDNN's benchmark picks kernels by timing: not deterministic"
