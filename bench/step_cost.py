@@ -43,7 +43,7 @@ from training import losses as current_losses
 from training.config import DataFacts, RunConfig, apply_assignment, from_preset, validate
 from training.data import load_dataset
 from training.networks import build_networks
-from training.training_loop import ema_beta, schedules, set_learning_rates, update_ema
+from training.schedules import ema_beta, schedules, set_learning_rates, update_ema
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import machine  # noqa: E402

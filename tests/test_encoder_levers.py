@@ -14,7 +14,8 @@ from training.checkpoint import load_checkpoint
 from training.config import ConfigError, RunConfig, from_preset, validate
 from training.losses import encoder_stage_forward, encoder_stage_loss, forward
 from training.networks import build_networks
-from training.training_loop import ENCODER_STAGE, recompute_batch_norm, train
+from training.schedules import ENCODER_STAGE, recompute_batch_norm
+from training.training_loop import train
 
 
 def tiny_config(**train_overrides) -> RunConfig:

@@ -41,15 +41,8 @@ from training.losses import (
     weighted_total,
 )
 from training.networks import build_networks
-from training.training_loop import (
-    Networks,
-    ema_beta,
-    restore,
-    schedules,
-    snapshot,
-    train,
-    update_ema,
-)
+from training.schedules import ema_beta, schedules, update_ema
+from training.training_loop import Networks, restore, snapshot, train
 
 
 def tiny_config(**train_overrides) -> RunConfig:

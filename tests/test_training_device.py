@@ -11,16 +11,11 @@ import pytest
 import torch
 from cli_helpers import run_aegan
 
-from training import training_loop
+from training import device, training_loop
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError, RunConfig, from_preset, validate
-from training.training_loop import (
-    backend_for,
-    backend_settings,
-    resolve_device,
-    to_device,
-    train,
-)
+from training.device import backend_for, backend_settings, resolve_device, to_device
+from training.training_loop import train
 
 
 def mixture_config(**train_overrides) -> RunConfig:
@@ -150,7 +145,7 @@ def test_mixed_precision_autocasts_the_forward_passes(tmp_path, monkeypatch, pre
 
     monkeypatch.setattr(training_loop, "forward", recording)
     final = train(mixture_config(precision=precision), tmp_path)
-    dtype = training_loop.AUTOCAST_DTYPES[precision]
+    dtype = device.AUTOCAST_DTYPES[precision]
     assert seen == [(True, dtype)] * 4
     state = load_checkpoint(final)
     assert ("scaler" in state) == (precision == "fp16")  # fp16 gradients are scaled
@@ -174,7 +169,7 @@ def test_the_encoder_stage_runs_in_the_precision_of_the_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(training_loop, "encoder_stage_forward", recording)
     straight = weights(train(mixture_config(precision=precision, encoder_stage_steps=2), tmp_path))
-    assert seen == [(True, training_loop.AUTOCAST_DTYPES[precision])] * 2
+    assert seen == [(True, device.AUTOCAST_DTYPES[precision])] * 2
     run = tmp_path / "resumed"
     final = train(mixture_config(precision=precision, encoder_stage_steps=2), run)
     assert ("scaler" in load_checkpoint(final)) == (precision == "fp16")

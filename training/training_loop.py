@@ -1,5 +1,9 @@
 """The training loop: fetch -> D step -> G+E step -> EMA -> log / snapshot.
 
+Beside it: training/device.py (process group, device, autocast), training/schedules.py (EMA,
+learning-rate and loss schedules, batch-norm recomputation), training/run_files.py (config,
+metrics, grids, progress) and training/checkpoint.py.
+
 One code path for one process and for ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs). Every rank
 runs the same steps on its own data and noise; gradients are averaged by DDP, so every rank holds
 the same weights. Rank 0 alone writes the run folder: ``config.json``, ``metrics.jsonl``,
@@ -10,27 +14,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aegan_core.files import write_atomic
-from aegan_core.images import save_grid
 from training.checkpoint import (
-    CONFIG_FILE,
-    remove_temp_files,
     resolve_checkpoint,
     resume_point,
     run_config,
@@ -39,13 +35,18 @@ from training.checkpoint import (
 from training.config import (
     ConfigError,
     DataFacts,
-    LossConfig,
-    OptimConfig,
     RunConfig,
-    TrainConfig,
     validate,
 )
 from training.data import load_dataset
+from training.device import (
+    autocast,
+    backend_for,
+    backend_settings,
+    setup_distributed,
+    to_device,
+    unwrap,
+)
 from training.losses import (
     discriminator_loss,
     encoder_stage_forward,
@@ -57,101 +58,25 @@ from training.losses import (
     weighted_total,
 )
 from training.networks import build_networks
+from training.run_files import (
+    EvalHook,
+    MetricsLog,
+    prepare_run_dir,
+    progress_bar,
+    progress_stats,
+    total_steps,
+    write_grids,
+)
+from training.schedules import (
+    ENCODER_STAGE,
+    ema_beta,
+    recompute_batch_norm,
+    schedules,
+    set_learning_rates,
+    update_ema,
+)
 
 log = logging.getLogger(__name__)
-
-# Called on rank 0 after each metrics record: (step, record, ema networks) -> extra fields.
-EvalHook = Callable[[int, dict[str, Any], dict[str, nn.Module]], dict[str, Any]]
-ENCODER_STAGE = "E_stage"  # the optimiser of E in the encoder stage
-
-
-# --- process group --------------------------------------------------------------------------
-
-
-def setup_distributed(device_setting: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun, joins the process group: NCCL on GPUs, gloo on
-    the CPU (:func:`backend_for`)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    device = resolve_device(device_setting, local_rank, local_world, world)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend_for(device))
-    return rank, world, device
-
-
-def resolve_device(setting: str, local_rank: int, local_world: int, world: int) -> torch.device:
-    """The device of this process for ``train.device``. ``auto`` takes CUDA only when there is a
-    GPU for every process on this host (two ranks on a one-GPU host train on the CPU, all of them:
-    the ranks of one run share one backend)."""
-    if setting == "cpu":
-        return torch.device("cpu")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if setting == "auto":
-        return torch.device("cuda", local_rank) if gpus >= local_world else torch.device("cpu")
-    if gpus == 0:
-        raise ConfigError(
-            "--device",
-            f"{setting}: torch sees no CUDA device (torch {torch.__version__}, CUDA build "
-            f"{torch.version.cuda or 'none'}: install torch's CUDA build, docs/SERVING.md)",
-        )
-    if ":" in setting and world > 1:
-        raise ConfigError(
-            "--device", f"{setting} is for one process; under torchrun use cuda (GPU LOCAL_RANK)"
-        )
-    index = int(setting.partition(":")[2] or local_rank)
-    if index >= gpus:
-        raise ConfigError("--device", f"{setting}: GPU {index} asked for, torch sees {gpus}")
-    return torch.device("cuda", index)
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-@contextmanager
-def backend_settings(t: TrainConfig) -> Iterator[None]:
-    """The run's determinism and cuDNN settings (process-wide in torch), put back afterwards."""
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
-    if t.deterministic:
-        # cuBLAS needs a fixed workspace for reproducible results; read when its handle is made.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1:]
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device``: to a GPU through pinned memory, without blocking the host."""
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(precision: str, device: torch.device) -> torch.autocast:
-    """Mixed precision of the forward passes for ``train.precision`` (``fp32``: off)."""
-    dtype = AUTOCAST_DTYPES.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def _unwrap(net: nn.Module) -> nn.Module:
-    return net.module if isinstance(net, DistributedDataParallel) else net
-
 
 # --- pieces of the loop ---------------------------------------------------------------------
 
@@ -161,54 +86,10 @@ def fingerprint(nets: dict[str, nn.Module], ema: dict[str, nn.Module]) -> str:
     digest = hashlib.sha256()
     for group in (nets, ema):
         for name in sorted(group):
-            for key, tensor in _unwrap(group[name]).state_dict().items():
+            for key, tensor in unwrap(group[name]).state_dict().items():
                 digest.update(key.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def ema_beta(step: int, halflife: float) -> float:
-    """Per-step EMA decay for a half-life in steps, warmed up so early averages are not stale."""
-    return min(0.5 ** (1.0 / halflife), (1.0 + step) / (10.0 + step))
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.lerp_(p, 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
-        b_ema.copy_(b)  # batch-norm statistics follow the live network
-
-
-def run_fraction(step: int, steps: int) -> float:
-    """How far ``step`` is through a run of ``steps``: 0 at the first step, 1 at the last and
-    after it (a bench may step on past a run's length)."""
-    return min(1.0, step / max(1, steps - 1))
-
-
-def schedules(step: int, steps: int, loss: LossConfig) -> tuple[float, float]:
-    """(instance noise std, image reconstruction weight) at ``step`` of a run of ``steps``: both
-    linear over the run, noise from ``instance_noise`` to 0 and the weight from ``recon_x`` to
-    ``recon_x * recon_x_final`` at the last step."""
-    frac = run_fraction(step, steps)
-    noise_std = loss.instance_noise * (1.0 - frac)
-    recon_x_weight = loss.recon_x * (1.0 - frac * (1.0 - loss.recon_x_final))
-    return noise_std, recon_x_weight
-
-
-def set_learning_rates(
-    optimizers: dict[str, torch.optim.Optimizer], step: int, steps: int, optim: OptimConfig
-) -> None:
-    """Both optimisers' learning rates at ``step``: linear from ``lr_g``/``lr_d`` at step 0 to
-    ``lr_final`` times them at the last step and after it. Set every step from the step number, so
-    a resumed run follows the schedule it was on (a run extended with more steps follows the new
-    schedule, as the loss schedules do)."""
-    factor = 1.0 - run_fraction(step, steps) * (1.0 - optim.lr_final)
-    for name, opt in optimizers.items():
-        if name == ENCODER_STAGE:  # constant: optim.lr_encoder_stage
-            continue
-        for group in opt.param_groups:
-            group["lr"] = (optim.lr_d if name == "D" else optim.lr_g) * factor
 
 
 def restore(
@@ -232,44 +113,6 @@ def restore(
     if device.type == "cuda" and cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
     return int(state["step"])
-
-
-def write_grids(
-    ema: dict[str, nn.Module], fixed_z: torch.Tensor, fixed_x: torch.Tensor, folder: Path, step: int
-) -> None:
-    """Samples of the EMA generator on fixed noise; real images above their reconstructions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for net in ema.values():
-        net.eval()
-    with torch.no_grad():
-        fakes = ema["G"](fixed_z).cpu().numpy()
-        save_grid(fakes, str(folder / f"fakes-{step:07d}.png"))
-        if "E" in ema:
-            recon = ema["G"](ema["E"](fixed_x)).cpu()
-            n = min(8, len(fixed_x))
-            rows = [
-                torch.cat([fixed_x[i : i + n].cpu(), recon[i : i + n]]) for i in range(0, 32, n)
-            ]
-            save_grid(torch.cat(rows).numpy(), str(folder / f"recon-{step:07d}.png"), nrow=n)
-    for net in ema.values():
-        net.train()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint we resume from, and a last record cut
-    off by a crash in the middle of its write; the history is replaced atomically."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a record cut off mid-write
-            continue
-        recorded = record.get("step") if isinstance(record, dict) else None
-        if isinstance(recorded, int) and recorded <= step:
-            kept.append(line)
-    write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -308,55 +151,11 @@ class Networks:
 
     def state(self) -> dict[str, Any]:
         return {
-            "nets": {k: _unwrap(v).state_dict() for k, v in self.nets.items()},
+            "nets": {k: unwrap(v).state_dict() for k, v in self.nets.items()},
             "ema": {k: v.state_dict() for k, v in self.ema.items()},
             "optim": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
-
-
-class MetricsLog:
-    """Loss terms summed on the device (no sync per step), averaged into one ``metrics.jsonl``
-    record every ``log_every`` steps, with throughput and, on rank 0, the evaluation hook's
-    fields."""
-
-    def __init__(
-        self, path: Path, cfg: RunConfig, world: int, writer: bool, eval_hook: EvalHook | None
-    ) -> None:
-        self.path, self.cfg, self.world, self.writer = path, cfg, world, writer
-        self.eval_hook = eval_hook
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self.run_start = self.interval_start = time.perf_counter()
-
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
-        self.steps += 1
-
-    def due(self, done: int) -> bool:
-        return done % self.cfg.train.log_every == 0 or done == total_steps(self.cfg)
-
-    def write(self, done: int, ema: dict[str, nn.Module]) -> dict[str, Any]:
-        """The record of the steps since the last one; appended to the file on rank 0."""
-        elapsed = time.perf_counter() - self.interval_start
-        losses = {k: float(v) / self.steps for k, v in self.sums.items()}
-        if not all(map(_finite, losses.values())):
-            raise FloatingPointError(f"non-finite loss at step {done}: {losses}")
-        t = self.cfg.train
-        record = {
-            "step": done,
-            "time_s": round(time.perf_counter() - self.run_start, 3),
-            "images_per_s": round(t.batch_size * self.world * self.steps / elapsed, 1),
-            **losses,
-        }
-        if self.writer:
-            if self.eval_hook is not None:
-                record.update(self.eval_hook(done, record, ema))
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        self.sums, self.steps, self.interval_start = {}, 0, time.perf_counter()
-        return record
 
 
 def train(
@@ -485,7 +284,7 @@ def _train(
                             dist.broadcast(buffer, 0)
                 beta = ema_beta(step, t.ema_halflife)
                 for k, net in ema.items():
-                    update_ema(net, _unwrap(nets[k]), beta)
+                    update_ema(net, unwrap(nets[k]), beta)
                 terms = {**d_terms, **ge_terms}
 
             # (5) Log, grids, checkpoints.
@@ -512,11 +311,6 @@ def _train(
     if world > 1:
         dist.barrier()
     return final
-
-
-def total_steps(cfg: RunConfig) -> int:
-    """Joint steps, then the encoder stage's."""
-    return cfg.train.steps + cfg.train.encoder_stage_steps
 
 
 def _after_step(
@@ -596,41 +390,8 @@ def encoder_stage_step(
     if world > 1:
         for buffer in nets["E"].module.buffers():
             dist.broadcast(buffer, 0)
-    update_ema(ema["E"], _unwrap(nets["E"]), ema_beta(step, t.ema_halflife))
+    update_ema(ema["E"], unwrap(nets["E"]), ema_beta(step, t.ema_halflife))
     return {**d_terms, **e_terms}
-
-
-@torch.no_grad()
-def recompute_batch_norm(
-    ema: dict[str, nn.Module], samples: torch.Tensor, cfg: RunConfig, device: torch.device
-) -> None:
-    """The batch-norm statistics of the EMA networks, measured on ``train.bn_recompute_batches``
-    batches in training mode with a cumulative average (G on prior draws, E on training data),
-    instead of those copied from the live networks. The draws come from a generator seeded by the
-    run's seed alone: the training RNG is untouched (resume gives the same run) and a frozen
-    network gets the same statistics every time."""
-    t = cfg.train
-    gen = torch.Generator().manual_seed(t.seed * 7919 + 17)
-    for key in sorted(ema):
-        net = ema[key]
-        norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
-            continue
-        momenta = [m.momentum for m in norms]
-        was_training = net.training
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch weighs the same
-        net.train()
-        for _ in range(t.bn_recompute_batches):
-            if key == "G":
-                inputs = torch.randn(t.batch_size, cfg.model.latent_dim, generator=gen)
-            else:
-                inputs = samples[torch.randint(len(samples), (t.batch_size,), generator=gen)]
-            net(inputs.to(device))
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        net.train(was_training)
 
 
 def _run_config(
@@ -652,17 +413,6 @@ def _run_config(
     if steps is not None:
         cfg.train.steps = steps
     return cfg, state
-
-
-def prepare_run_dir(run_dir: Path, cfg: RunConfig, start: int) -> None:
-    """Rank 0, before the first step: the folder, no leftovers of cut-off writes, the resolved
-    config, and a metrics history that ends at the step the run continues from."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    removed = remove_temp_files(run_dir)
-    if removed:
-        log.info("removed %d temporary file(s) of cut-off writes", len(removed))
-    write_atomic(run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-    _truncate_metrics(run_dir / "metrics.jsonl", start)
 
 
 def snapshot(
@@ -706,28 +456,3 @@ def snapshot(
 
 def _due(done: int, every: int, total: int) -> bool:
     return done == total or (every > 0 and done % every == 0)
-
-
-def _finite(v: float) -> bool:
-    return v == v and abs(v) != float("inf")
-
-
-def progress_bar(enabled: bool) -> Progress:
-    """A rich progress bar with the live figures (``disable``: nothing is drawn)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"),
-        disable=not enabled,
-    )
-
-
-def progress_stats(record: dict[str, Any]) -> str:
-    stats = " ".join(
-        f"{k.removeprefix('loss/')}={record[k]:.3f}"
-        for k in ("loss/Dx/real", "loss/G/adv_x", "loss/GE/recon_x")
-        if k in record
-    )
-    return f"{stats} {record['images_per_s']:.0f} img/s"
