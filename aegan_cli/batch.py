@@ -200,7 +200,7 @@ def index_command(dest: Path, model: str | None, kind: str, threads: int | None)
     encoded by another bundle than --model, and writes the index and _index.json beside the
     parts, replacing an earlier one whole.
     """
-    from aegan_batch.similar import build_gallery
+    from aegan_batch.index import build_gallery
     from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle, resolve_bundle_dir
     from aegan_core.runtime import available_cpus
 

@@ -1,6 +1,6 @@
 """Galleries: the latents of an ``aegan encode`` output, indexed for nearest-neighbour search.
 
-``aegan index DEST --model BUNDLE`` (:mod:`aegan_batch.similar`) writes the gallery beside
+``aegan index DEST --model BUNDLE`` (:mod:`aegan_batch.index`) writes the gallery beside
 the Parquet parts of DEST; the service (``AEGAN_GALLERY=DEST``, ``POST /similar``) and ``aegan
 similar`` load it with :func:`load_gallery`. Files, all in DEST and ignored by Parquet readers
 (their names start with ``_``):

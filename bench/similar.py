@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aegan_batch import plan_job, run_job  # noqa: E402
-from aegan_batch.similar import ReadGallery, build_gallery, build_ivf, write_gallery  # noqa: E402
+from aegan_batch.index import ReadGallery, build_gallery, build_ivf, write_gallery  # noqa: E402
 from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle  # noqa: E402
 from aegan_core.gallery import exact_search, load_gallery  # noqa: E402
 from aegan_core.runtime import ModelRuntime, available_cpus  # noqa: E402

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aegan_batch import plan_job, run_job
-from aegan_batch.similar import build_gallery, recall_at_10
+from aegan_batch.index import build_gallery, recall_at_10
 from aegan_cli import main
 from aegan_core.bundle import load_bundle
 from aegan_core.errors import RequestError

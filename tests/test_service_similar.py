@@ -25,7 +25,7 @@ from service_helpers import (
 )
 from test_gallery import PICTURES, encode_to, make_collection
 
-from aegan_batch.similar import build_gallery
+from aegan_batch.index import build_gallery
 from aegan_core.bundle import load_bundle
 
 pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")

@@ -420,7 +420,7 @@ def test_similar_panel_finds_the_neighbours_of_the_selection_and_of_an_upload(
     pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
     from test_gallery import PICTURES, encode_to, make_collection
 
-    from aegan_batch.similar import build_gallery
+    from aegan_batch.index import build_gallery
     from aegan_core.bundle import load_bundle
 
     pictures = make_collection(tmp_path / "pictures")
