@@ -44,7 +44,9 @@ STABILITY_COMPONENTS = 8  # leading components whose split-half agreement the ma
 ENCODE_BATCH = 500  # training samples per encoder run
 
 
-def pca(latents: np.ndarray, count: int = MAX_DIRECTIONS) -> tuple[np.ndarray, ...]:
+def pca(
+    latents: np.ndarray, count: int = MAX_DIRECTIONS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(mean, components (k, d), variances (k,), total variance) of ``latents`` (N, d), N >= 2.
 
     Components are unit eigenvectors of the covariance by decreasing eigenvalue, k = min(count, d),

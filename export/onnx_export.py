@@ -92,6 +92,8 @@ def export_graph(
             optimize=True,
             verbose=False,
         )
+    if program is None:  # torch.onnx.export answers None only for the legacy exporter
+        raise RuntimeError(f"the ONNX export of {graph_name} returned no program")
     model = program.model_proto
     model.graph.name = graph_name
     onnx.checker.check_model(model, full_check=True)

@@ -1,6 +1,6 @@
-"""The type checker passes on the packages pyproject's ``[tool.mypy]`` names (the core and the
-batch jobs with the checks of ``mypy --strict``, the service with mypy's defaults), so a wrong type
-in them fails the suite."""
+"""The type checker passes on the packages pyproject's ``[tool.mypy]`` names: every product
+package (the core and the batch jobs with the checks of ``mypy --strict``, the service, the CLI,
+training and export with mypy's defaults), so a wrong type in them fails the suite."""
 
 from __future__ import annotations
 

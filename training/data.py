@@ -55,7 +55,14 @@ class DataError(UserError, ValueError):
 class Dataset:
     samples: torch.Tensor  # (N, C, H, W) in [-1, 1] for images, (N, D) for vectors; float32.
     labels: torch.Tensor | None  # (N,) int64 class labels where the source has them.
-    kind: str  # 'image' or 'vector'
+    kind: Literal["image", "vector"]
+
+    def labelled(self) -> torch.Tensor:
+        """The class labels (a data set without them is a caller's mistake)."""
+        if self.labels is None:
+            raise ValueError(f"{self.source} has no class labels")
+        return self.labels
+
     source: str  # Where it came from, for logs and manifests.
 
     @property
@@ -267,7 +274,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     elif source.endswith(".npy"):
         data = load_npy(source)
     else:
-        split = "train" if cfg.held_out > 0 else "all"
+        split: ImageSplit = "train" if cfg.held_out > 0 else "all"
         data = load_image_folder(
             source, cfg.image_size, cfg.channels, cfg.on_bad_file, split, cfg.held_out
         )

@@ -171,7 +171,7 @@ def image_folder_reference(
     gives its held-out split (``data.held_out`` of the run) and its training split for the PCA
     baseline; another folder is held out whole (the run's folder, if it still exists, gives the
     training images)."""
-    from training.data import load_image_folder
+    from training.data import ImageSplit, load_image_folder
 
     channels, size = data_shape[0], data_shape[-1]
     on_bad_file = str(data_cfg.get("on_bad_file", "fail"))
@@ -182,14 +182,14 @@ def image_folder_reference(
         raise ConfigError(
             "--data", f"{directory} is the run's training folder and the run held out no images"
         )
-    split = "held-out" if same else "all"
+    split: ImageSplit = "held-out" if same else "all"
     held = load_image_folder(directory, size, channels, on_bad_file, split, share)
 
     training_split = None
     if trained_on is not None and Path(trained_on).is_dir():
 
         def training_split() -> tuple[np.ndarray, None]:
-            train_split = "train" if share > 0 else "all"
+            train_split: ImageSplit = "train" if share > 0 else "all"
             train = load_image_folder(trained_on, size, channels, "skip", train_split, share)
             return train.samples.numpy(), None
 
@@ -207,7 +207,8 @@ def pick_reference(
     ``--data DIR``) is compared as the user's own images (training/metrics/heldout.py)."""
     from training.mixtures import MIXTURE_PREFIX
 
-    data_cfg = config.get("data") if isinstance(config.get("data"), dict) else {}
+    raw_data = config.get("data")
+    data_cfg: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
     source = data or data_cfg.get("source")
     trained_on = data_cfg.get("source")
     if len(data_shape) == 3 and source and Path(str(source)).is_dir():
@@ -349,7 +350,7 @@ def print_report(report: dict[str, Any], title: str) -> None:
         console.print(f"note: {note}")
     for note in other["notes"] if other is not None else []:
         if note not in report["notes"]:  # the caveats of both are the same
-            console.print(f"note ({other['source']}): {note}")
+            console.print(f"note ({other and other['source']}): {note}")
 
 
 def run_evaluation(

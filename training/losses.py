@@ -53,6 +53,21 @@ class Passes:
     x_rec: torch.Tensor | None = None  # G(E(x))         (aegan only)
     z_rec: torch.Tensor | None = None  # E(G(z))         (aegan only)
 
+    def encoder_passes(self) -> EncoderPasses | None:
+        """The passes through E of an AEGAN step (None for a GAN's)."""
+        if self.z_enc is None or self.x_rec is None or self.z_rec is None:
+            return None
+        return EncoderPasses(self.z_enc, self.x_rec, self.z_rec)
+
+
+@dataclass
+class EncoderPasses:
+    """E(x), G(E(x)) and E(G(z)) of an AEGAN step."""
+
+    z_enc: torch.Tensor
+    x_rec: torch.Tensor
+    z_rec: torch.Tensor
+
 
 def has_batch_norm(net: Net) -> bool:
     """Whether a batch-norm layer would mix the samples of one call (plain functions: no)."""
@@ -208,17 +223,17 @@ def discriminator_loss(
 ) -> dict[str, torch.Tensor]:
     """Dx: real x vs G(z) and (``recon_adv``) G(E(x)); Dz: prior z vs E(x) and E(G(z)). Generator
     side detached."""
-    aegan = p.z_enc is not None
+    enc = p.encoder_passes()
     images = [x, p.x_fake.detach()]
-    if aegan and recon_adv:
-        images.append(p.x_rec.detach())
+    if enc is not None and recon_adv:
+        images.append(enc.x_rec.detach())
     # Noise is drawn per input kind, in the order real, G(z), G(E(x)).
     logits = run_joint(nets["Dx"], [_noisy(t, noise_std) for t in images])
     terms = {"loss/Dx/real": _real(logits[0]), "loss/Dx/fake": _fake(logits[1])}
-    if aegan and recon_adv:
+    if enc is not None and recon_adv:
         terms["loss/Dx/recon"] = _fake(logits[2])
-    if aegan:
-        prior, encoded, recon = run_joint(nets["Dz"], [p.z, p.z_enc.detach(), p.z_rec.detach()])
+    if enc is not None:
+        prior, encoded, recon = run_joint(nets["Dz"], [p.z, enc.z_enc.detach(), enc.z_rec.detach()])
         terms["loss/Dz/prior"] = _real(prior)
         terms["loss/Dz/encoded"] = _fake(encoded)
         terms["loss/Dz/recon"] = _fake(recon)
@@ -235,24 +250,24 @@ def generator_encoder_loss(
 ) -> dict[str, torch.Tensor]:
     """G and E fool both discriminators on all four passes (G(E(x)) only with ``recon_adv``) and
     reconstruct x and z."""
-    aegan = p.z_enc is not None
+    enc = p.encoder_passes()
     with frozen(*[nets[k] for k in ("Dx", "Dz") if k in nets]) as discriminators:
         dx = discriminators[0]
-        images = [p.x_fake, p.x_rec] if aegan and recon_adv else [p.x_fake]
+        images = [p.x_fake, enc.x_rec] if enc is not None and recon_adv else [p.x_fake]
         logits = run_joint(dx, [_noisy(t, noise_std) for t in images])  # noise: G(z), G(E(x))
         terms = {"loss/G/adv_x": _real(logits[0])}
-        if aegan:
+        if enc is not None:
             dz = discriminators[1]
             if recon_adv:
                 terms["loss/GE/adv_x_recon"] = _real(logits[1])
             # The latent adversarial signal reaches E through Dz(E(x)) and Dz(E(G(z))): it must be
             # computed from the latent passes, not copied from the image terms.
-            encoded, recon = run_joint(dz, [p.z_enc, p.z_rec])
+            encoded, recon = run_joint(dz, [enc.z_enc, enc.z_rec])
             terms["loss/E/adv_z"] = _real(encoded)
             terms["loss/GE/adv_z_recon"] = _real(recon)
-    if aegan:
-        terms["loss/GE/recon_x"] = (p.x_rec - x[: len(p.x_rec)]).abs().mean()
-        terms["loss/GE/recon_z"] = (p.z_rec - p.z).pow(2).mean()
+    if enc is not None:
+        terms["loss/GE/recon_x"] = (enc.x_rec - x[: len(enc.x_rec)]).abs().mean()
+        terms["loss/GE/recon_z"] = (enc.z_rec - p.z).pow(2).mean()
     return terms
 
 
@@ -282,4 +297,6 @@ def weighted_total(
     for group in (dx_fakes, dz_fakes):
         for k in group:
             weights[k] = shares.get(k, 1.0) / sum(shares.get(j, 1.0) for j in group)
-    return sum(weights[k] * v for k, v in terms.items())
+    total = sum(weights[k] * v for k, v in terms.items())
+    assert isinstance(total, torch.Tensor), "no loss terms to weigh"
+    return total

@@ -136,7 +136,8 @@ class Mixture:
         if weights.shape != (k,) or np.any(weights <= 0) or not math.isclose(weights.sum(), 1.0):
             # A mode of weight 0 is not a mode: reverse KL against it would be infinite.
             raise ValueError(f"{where}: 'weights' must be {k} positive numbers summing to 1")
-        mode_dim = int(raw.get("mode_dim", d))
+        declared_dim: Any = raw.get("mode_dim", d)
+        mode_dim = int(declared_dim)
         if not 1 <= mode_dim <= d:
             raise ValueError(f"{where}: 'mode_dim' must be between 1 and {d}, not {mode_dim}")
         radius = raw.get("hq_radius")

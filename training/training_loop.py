@@ -133,7 +133,9 @@ class Networks:
         """Identical on every rank: built from the run's seed."""
         torch.manual_seed(cfg.train.seed)
         nets = {k: v.to(device) for k, v in build_networks(cfg.model, cfg.loss.mode).items()}
-        ema = {k: copy.deepcopy(nets[k]).requires_grad_(False) for k in ("G", "E") if k in nets}
+        ema: dict[str, nn.Module] = {
+            k: copy.deepcopy(nets[k]).requires_grad_(False) for k in ("G", "E") if k in nets
+        }
         betas = (cfg.optim.beta1, cfg.optim.beta2)
 
         def adam(names: tuple[str, ...], lr: float) -> torch.optim.Optimizer:
@@ -280,7 +282,7 @@ def _train(
                 # averages alike.
                 if world > 1:
                     for net in nets.values():
-                        for buffer in net.module.buffers():
+                        for buffer in unwrap(net).buffers():
                             dist.broadcast(buffer, 0)
                 beta = ema_beta(step, t.ema_halflife)
                 for k, net in ema.items():
@@ -388,7 +390,7 @@ def encoder_stage_step(
 
     # (4) EMA of E alone (G is frozen); batch norm as in the joint steps.
     if world > 1:
-        for buffer in nets["E"].module.buffers():
+        for buffer in unwrap(nets["E"]).buffers():
             dist.broadcast(buffer, 0)
     update_ema(ema["E"], unwrap(nets["E"]), ema_beta(step, t.ema_halflife))
     return {**d_terms, **e_terms}
@@ -428,8 +430,10 @@ def snapshot(
     """A checkpoint written by rank 0 holding every rank's RNG states (the GPU's too, on a GPU);
     all ranks must hold the same weights (compared by fingerprint). Returns its path on rank 0."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    rng_data, rng_torch, rng_cuda = [gen.get_state()], [torch.get_rng_state()], [cuda]
-    fingerprints = [fingerprint(model.nets, model.ema)]
+    rng_data: list[Any] = [gen.get_state()]
+    rng_torch: list[Any] = [torch.get_rng_state()]
+    rng_cuda: list[Any] = [cuda]
+    fingerprints: list[Any] = [fingerprint(model.nets, model.ema)]
     if world > 1:
         rng_data, rng_torch, rng_cuda = [None] * world, [None] * world, [None] * world
         fingerprints = [None] * world

@@ -156,10 +156,10 @@ def report(data_dir: str, path: str | None = None) -> dict[str, Any]:
 
     net = load_classifier(path)
     test = load_fashion_mnist(data_dir, "test")
-    recalls = per_class_recall(net, test.samples, test.labels)
+    recalls = per_class_recall(net, test.samples, test.labelled())
     return {
         "parameters": sum(p.numel() for p in net.parameters()),
-        "test_accuracy": round(accuracy(net, test.samples, test.labels), 4),
+        "test_accuracy": round(accuracy(net, test.samples, test.labelled()), 4),
         "test_recall_per_class": {
             name: round(r, 4) for name, r in zip(FASHION_MNIST_CLASSES, recalls, strict=True)
         },
@@ -179,6 +179,7 @@ def train_classifier(
 
     torch.manual_seed(seed)
     train, test = load_fashion_mnist(data_dir, "train"), load_fashion_mnist(data_dir, "test")
+    train_labels = train.labelled()
     net = FMNISTClassifier()
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train) / batch_size)
@@ -191,19 +192,19 @@ def train_classifier(
         for i in range(steps_per_epoch):
             idx = order[i * batch_size : (i + 1) * batch_size]
             x = _augment(train.samples[idx], gen)
-            loss = F.cross_entropy(net(x), train.labels[idx], label_smoothing=0.05)
+            loss = F.cross_entropy(net(x), train_labels[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        acc = accuracy(net, test.samples, test.labels)
+        acc = accuracy(net, test.samples, test.labelled())
         log(
             f"epoch {epoch + 1}/{epochs}: test accuracy {acc:.4f} "
             f"({time.perf_counter() - start:.0f} s)"
         )
     stats = {
-        "test_accuracy": round(accuracy(net, test.samples, test.labels), 4),
-        "train_accuracy": round(accuracy(net, train.samples, train.labels), 4),
+        "test_accuracy": round(accuracy(net, test.samples, test.labelled()), 4),
+        "train_accuracy": round(accuracy(net, train.samples, train.labelled()), 4),
         "train_seconds": round(time.perf_counter() - start, 1),
     }
     return net.eval(), stats

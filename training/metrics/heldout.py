@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from training.metrics.frechet import frechet_distance, mean_cov
-from training.metrics.latents import fit_pca
+from training.metrics.latents import PCA, fit_pca
 from training.metrics.precision_recall import K, precision_recall
 from training.metrics.reconstruction import image_errors
 from training.metrics.registry import EvalContext, Reference, register_metric
@@ -43,7 +43,7 @@ CAVEATS = {
 }
 
 
-def _pca_space(reference: Reference) -> tuple[object, int]:
+def _pca_space(reference: Reference) -> tuple[PCA, int]:
     """The PCA of the held-out images (cached on the reference) and its size."""
     n, pixels = len(reference.samples), int(np.prod(reference.samples.shape[1:]))
     size = min(PCA_DIMS, max(1, n // 4), pixels)

@@ -97,7 +97,7 @@ def knn_accuracy(
         a = torch.nn.functional.normalize(a, dim=1)
     a_sq = (a * a).sum(1)
     labels = torch.as_tensor(np.asarray(train_labels, dtype=np.int64))
-    classes = int(max(labels.max(), int(np.max(test_labels)))) + 1
+    classes = max(int(labels.max()), int(np.max(test_labels))) + 1
     predicted = []
     for start in range(0, len(test), CHUNK):
         b = torch.as_tensor(np.asarray(test[start : start + CHUNK], dtype=np.float32))
@@ -147,8 +147,11 @@ def representation_scores(
 def pca_scores(reference: Reference, size: int, n: int) -> dict[str, float]:
     """The PCA-``size`` row for the first ``n`` reference samples, cached on the reference."""
     key = ("pca_scores", size, n)
+    assert reference.training_split is not None and reference.labels is not None  # checked above
     if key not in reference.cache:
         train, train_labels = reference.training_split()
+        if train_labels is None:
+            raise ValueError("the PCA row needs the class labels of the training split")
         pca = reference.cache.get(("pca", size))
         if pca is None:
             pca = reference.cache[("pca", size)] = fit_pca(train, size)
@@ -193,6 +196,9 @@ def latents(ctx: EvalContext) -> dict[str, float]:
         return {}
     n = len(reference.subset_indices(ctx.num_samples))
     train, train_labels = reference.training_split()
+    if train_labels is None:
+        ctx.notes.append("latents skipped: the reference's training split has no labels")
+        return {}
     train_latents = batched(model.encode, train, ctx.batch_size)
     test_latents = batched(model.encode, reference.subset(n), ctx.batch_size)
     test_labels = reference.labels[reference.subset_indices(n)]

@@ -89,6 +89,7 @@ def mode_coverage(samples: np.ndarray, modes: Mixture, min_count: int = 1) -> Mo
     },
 )
 def modes(ctx: EvalContext) -> dict[str, float]:
+    assert ctx.reference is not None  # the registry runs it only with its reference
     declared = ctx.reference.modes
     result = mode_coverage(ctx.fakes, declared)
     ctx.details["modes"] = {
