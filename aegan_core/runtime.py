@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,7 @@ __all__ = [
     "buckets",
     "cuda_unavailable_reason",
     "gpu_visible",
+    "open_session",
     "session_options",
 ]
 
@@ -80,6 +81,22 @@ def session_options(threads: int) -> ort.SessionOptions:
     # Idle threads sleep instead of spinning: a server is idle between requests.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
+
+
+Providers = Sequence[str | tuple[str, dict[str, str]]]
+
+
+def open_session(
+    model: str | bytes, providers: Providers, threads: int = 0, *, quiet: bool = False
+) -> ort.InferenceSession:
+    """The one way a session is made (the service, the batch jobs, export's parity checks and the
+    directions): ``model`` a path or serialised ONNX, ``providers`` in order of preference,
+    :func:`session_options` of ``threads`` (0: ONNX Runtime's default); ``quiet`` shows errors
+    only (no warnings)."""
+    options = session_options(threads)
+    if quiet:
+        options.log_severity_level = 3
+    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
 
 
 @dataclass
@@ -188,11 +205,7 @@ class ModelRuntime:
     # --- internals -------------------------------------------------------------------------------
 
     def _graph(self, role: str, providers: list[str | tuple[str, dict[str, str]]]) -> Graph:
-        session = ort.InferenceSession(
-            str(self.bundle.file(role)),
-            sess_options=session_options(self.threads),
-            providers=providers,
-        )
+        session = open_session(str(self.bundle.file(role)), providers, self.threads)
         input_name, output_name = self.bundle.tensor_names(role)
         device_id = self.cuda_options.device_id if providers[0] != CPU else None
         return Graph(session, input_name, output_name, device_id, role)

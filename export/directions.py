@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from aegan_core.bundle import (
     DIRECTIONS_KEY,
@@ -33,6 +32,7 @@ from aegan_core.bundle import (
     write_directions,
     write_manifest,
 )
+from aegan_core.runtime import CPU, open_session
 
 if TYPE_CHECKING:
     from training.config import DataConfig
@@ -79,12 +79,7 @@ def split_half_cosine(latents: np.ndarray, count: int = STABILITY_COMPONENTS) ->
 
 def encode(bundle: Bundle, samples: np.ndarray, threads: int = 0) -> np.ndarray:
     """The bundle's fp32 ONNX encoder over ``samples`` (model inputs), in batches, on the CPU."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(bundle.file(ENCODER)), options, providers=["CPUExecutionProvider"]
-    )
+    session = open_session(str(bundle.file(ENCODER)), [CPU], threads, quiet=True)
     input_name, _ = bundle.tensor_names(ENCODER)
     parts = [
         session.run(None, {input_name: np.ascontiguousarray(samples[i : i + ENCODE_BATCH])})[0]

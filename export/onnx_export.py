@@ -27,7 +27,7 @@ from torch import nn
 
 from aegan_core.cuda import CudaOptions, preload_libraries
 from aegan_core.errors import UserError
-from aegan_core.runtime import cuda_unavailable_reason
+from aegan_core.runtime import Providers, cuda_unavailable_reason, open_session
 
 OPSET = 18  # ONNX opset of every graph; ONNX Runtime >= 1.14 runs it.
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -194,13 +194,11 @@ def torch_outputs(net: nn.Module, inputs: list[np.ndarray]) -> list[np.ndarray]:
 
 def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
     """An ONNX Runtime session on exactly ``provider`` (raises if it cannot be created there)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    providers: list = [provider]
+    providers: Providers = [provider]
     if provider == CUDA:  # the service's CUDA settings: libraries preloaded, TF32 off
         preload_libraries()
         providers = [(CUDA, CudaOptions().provider_options())]
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    sess = open_session(model.SerializeToString(), providers, quiet=True)
     if sess.get_providers()[0] != provider:
         raise RuntimeError(f"ONNX Runtime could not create the {provider} (missing libraries?)")
     return sess

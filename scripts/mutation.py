@@ -49,6 +49,7 @@ SCOPE: dict[str, list[str] | None] = {
     "aegan_serve/middleware.py": None,
     "training/metrics/registry.py": None,
     "training/metrics/frechet.py": None,
+    "training/metrics/gaussian.py": None,
     "training/metrics/precision_recall.py": None,
     "training/metrics/coverage.py": None,
     "training/metrics/reconstruction.py": None,

@@ -28,7 +28,7 @@ from training.metrics import (
 )
 from training.metrics.classifier import WEIGHTS, classifier_info, load_classifier, report
 from training.metrics.coverage import class_histogram, classes_covered, kl_to_uniform
-from training.metrics.frechet import frechet_distance, mean_cov
+from training.metrics.gaussian import frechet_distance, mean_cov
 from training.metrics.precision_recall import knn_radii, precision_recall
 from training.metrics.registry import Metric
 from training.metrics.vectors import energy_distance

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.metrics.frechet import frechet_distance, mean_cov
+from training.metrics.gaussian import frechet_distance, mean_cov
 from training.metrics.latents import PCA, fit_pca
 from training.metrics.precision_recall import K, precision_recall
 from training.metrics.reconstruction import image_errors

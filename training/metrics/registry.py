@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from aegan_core.errors import UserError
+from training.metrics.gaussian import mean_cov
 
 # --- the model under evaluation -------------------------------------------------------------
 
@@ -95,8 +96,6 @@ class Reference:
     @cached_property
     def feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and covariance of the classifier features of the whole reference set."""
-        from training.metrics.frechet import mean_cov
-
         return mean_cov(self.features_and_logits[0])
 
 
