@@ -83,6 +83,7 @@ class JobSummary:
     errors: int  # inputs of this run that could not be encoded
     seconds: float  # this run: listing SOURCE and checking the model and DEST included
     error_examples: list[tuple[str, str]] = field(default_factory=list)  # (id, message), a few
+    providers: set[str] = field(default_factory=set)  # ONNX Runtime providers that encoded
 
     @property
     def images_per_s(self) -> float:

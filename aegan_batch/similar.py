@@ -146,7 +146,7 @@ def run_similar(
             try:
                 if ray:
                     run_job_on_ray(
-                        plan, address=ray_address, workers=workers, batch_size=256, device=device
+                        plan, address=ray_address, workers=workers, batch_size=None, device=device
                     )
                 else:
                     run_job(

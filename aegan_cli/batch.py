@@ -35,9 +35,8 @@ from .base import main, needs_extras
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-    help="Images per encoder run.",
+    default=None,
+    help="Images per encoder run (default: 256; 1024 on a Ray actor with a GPU).",
 )
 @click.option(
     "--chunk-size",
@@ -75,7 +74,7 @@ def encode_command(
     model: str | None,
     dest: Path,
     workers: int | None,
-    batch_size: int,
+    batch_size: int | None,
     chunk_size: int,
     device: str,
     pool: str,
@@ -107,6 +106,7 @@ def encode_command(
         run_job,
         run_job_on_ray,
     )
+    from aegan_batch.on_ray import CPU_BATCH_SIZE
     from aegan_core.bundle import DEFAULT_MODEL_DIR
 
     if use_ray or ray_address is not None:
@@ -148,7 +148,7 @@ def encode_command(
                 summary = run_job(
                     plan,
                     workers=workers or default_workers(device, pool),  # type: ignore[arg-type]
-                    batch_size=batch_size,
+                    batch_size=batch_size or CPU_BATCH_SIZE,
                     device=device,
                     pool=pool,  # type: ignore[arg-type]
                     progress=advance,
@@ -163,6 +163,7 @@ def encode_command(
         f"{dest}: {summary.inputs} inputs, {summary.encoded} encoded, {summary.errors} errors, "
         f"{summary.skipped} skipped (done before), {summary.seconds:.1f} s, "
         f"{summary.images_per_s:.0f} images/s"
+        + (f" ({', '.join(sorted(summary.providers))})" if summary.providers else "")
     )
 
 

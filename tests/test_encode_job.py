@@ -315,6 +315,7 @@ def test_ray_gives_the_same_table_and_skips_written_parts(collection, local_job,
     result = run_aegan(["encode", str(collection), *args, "--ray"], timeout=240)
     assert result.returncode == 0, result.stderr
     assert f"304 inputs, 252 encoded, {len(BROKEN)} errors, 48 skipped" in result.stdout
+    assert "images/s (CPUExecutionProvider)" in result.stdout  # the actors ran on the CPU
     assert (dest / "part-00004.parquet").stat().st_mtime_ns == kept
     expected, rows = read(local_job[0]), read(dest)
     assert rows.keys() == expected.keys()
