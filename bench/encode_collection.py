@@ -15,14 +15,24 @@ checked against the local job's latents. The local job's process pool is also co
 process, with threads sharing one ONNX Runtime session
 (``aegan_batch.run_job(pool=...)``, timed the same way from ``plan_job``).
 
-Writes docs/bench-encode.json and the batch-encoding section of docs/BENCHMARKS.md (between its
-``encode-bench`` markers).
+Every way is also set against the ceiling measured in the same run: a naive loop in this process
+(decode over the CPUs' threads, then the encoder on batches of 512, nothing written). Ray runs
+three ways: started by the command (``--ray``), already running in this process, and a one-node
+cluster that ``ray start --head`` runs (``--ray-address``), the way a cluster is used.
+
+    .venv/bin/python bench/encode_collection.py --images 10000 --out docs/bench-encode-10k.json
+    .venv/bin/python bench/encode_collection.py --images 100000 --repeats 1 \
+        --out docs/bench-encode-100k.json
+
+Writes the JSON and the batch-encoding section of docs/BENCHMARKS.md for that many images
+(between its ``encode-bench-N`` markers).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -46,8 +56,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aegan_batch import plan_job, run_job, run_job_on_ray  # noqa: E402
-from aegan_core.bundle import DEFAULT_MODEL_DIR  # noqa: E402
-from aegan_core.runtime import available_cpus  # noqa: E402
+from aegan_core.bundle import DEFAULT_MODEL_DIR, load_bundle  # noqa: E402
+from aegan_core.images import UploadLimits, load_uploads  # noqa: E402
+from aegan_core.runtime import ModelRuntime, available_cpus  # noqa: E402
+
+NAIVE_BATCH = 512  # the naive loop's encoder batch
 
 FMNIST_TEST = "t10k-images-idx3-ubyte.gz"
 SUMMARY = re.compile(r"(\d+) encoded, (\d+) errors, .* ([\d.]+) s, (\d+) images/s")
@@ -161,6 +174,85 @@ def warm_ray_runs(
     return init_s, runs
 
 
+def naive_run(paths: list[Path], threads: int) -> dict[str, Any]:
+    """The ceiling: what a user writes by hand in one process, with nothing kept on disk. Load
+    the bundle, decode every file with the service's preprocessing over ``threads`` threads
+    (Pillow releases the GIL), then run the ONNX encoder on batches of NAIVE_BATCH. Timed from
+    the bundle's load to the last latent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    load_before, started = load(), time.perf_counter()
+    bundle = load_bundle(DEFAULT_MODEL_DIR)
+    model = ModelRuntime(bundle, "cpu", threads=available_cpus(), max_rows=NAIVE_BATCH)
+    limits = UploadLimits()
+    shape = bundle.data_shape
+    assert len(shape) == 3
+
+    def decode(part: list[Path]) -> np.ndarray:
+        data = [p.read_bytes() for p in part]
+        return load_uploads(
+            data, shape, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels
+        )
+
+    step = max(1, len(paths) // (threads * 8))
+    with ThreadPoolExecutor(threads) as pool:
+        pixels = np.concatenate(
+            list(pool.map(decode, [paths[i : i + step] for i in range(0, len(paths), step)]))
+        )
+    latents = [
+        model.encode(pixels[i : i + NAIVE_BATCH]) for i in range(0, len(pixels), NAIVE_BATCH)
+    ]
+    seconds = time.perf_counter() - started
+    assert sum(len(z) for z in latents) == len(paths)
+    return {
+        "encoded": len(paths),
+        "errors": 0,
+        "job_s": seconds,
+        "img_per_s": len(paths) / seconds,
+        "load_before": load_before,
+        "load_after": load(),
+    }
+
+
+def cluster_runs(source: Path, work: Path, flags: list[str], repeats: int) -> list[dict[str, Any]]:
+    """``aegan encode --ray-address`` on a one-node Ray cluster already running (``ray start
+    --head`` with this machine's CPUs, its own temporary folder), ``repeats`` times: what a user
+    of a running cluster sees. The cluster's start is not timed; it is stopped at the end."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_dir = tempfile.mkdtemp(prefix="aegan-ray-")  # short: Ray's socket paths are limited
+    log = work / "ray-head.log"
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block"]
+            + ["--num-cpus", str(available_cpus()), "--disable-usage-stats"]
+            + ["--include-dashboard", "false", "--port", str(port), "--temp-dir", ray_dir],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    runs = []
+    try:
+        deadline = time.monotonic() + 120
+        while b"Ray runtime started" not in log.read_bytes():
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        for repeat in range(repeats):
+            address = ["--ray-address", f"127.0.0.1:{port}"]
+            runs.append(cli_run(source, work / f"cluster-{repeat}", [*flags, *address]))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(30)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    return runs
+
+
 def latents_of(dest: Path) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
@@ -221,8 +313,16 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
     m, r = report["machine"], report["results"]
     local, ray_run = r["aegan encode"], r.get("aegan encode --ray")
     http = r["http /encode"]
+    ceiling = median(r["naive loop"], "img_per_s")
+    markers = tuple(
+        marker.replace("encode-bench", f"encode-bench-{report['images']}") for marker in MARKERS
+    )
+
+    def over(runs: list[dict[str, Any]]) -> str:
+        return f"{median(runs, 'img_per_s') / ceiling:.2f}"
+
     lines = [
-        MARKERS[0],
+        markers[0],
         "## Batch encoding (bench/encode_collection.py)",
         "",
         "```bash",
@@ -246,11 +346,17 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
         f"concurrent clients uploading {report['http_batch']} files per request; its answers "
         "were compared with the local job's latents (`wrong`: off by more than 1e-5).",
         "",
-        "| way | images/s | whole command, images/s | ratio to local |",
-        "|---|---|---|---|",
+        "The ceiling is a naive loop in one process (bench/encode_collection.py `naive_run`): "
+        f"the files decoded with the service's preprocessing over {m['cpus']} threads, then the "
+        f"ONNX encoder on batches of {NAIVE_BATCH}, nothing written.",
+        "",
+        "| way | images/s | whole command, images/s | ratio to local | ratio to the naive loop |",
+        "|---|---|---|---|---|",
+        f"| naive loop (the ceiling) | {ceiling:.0f} | | "
+        f"{ceiling / median(local, 'img_per_s'):.2f} | 1.00 |",
         f"| `aegan encode` ({report['workers']} threads, one session) | "
         f"{median(local, 'img_per_s'):.0f} | "
-        f"{median(local, 'command_img_per_s'):.0f} | 1.00 |",
+        f"{median(local, 'command_img_per_s'):.0f} | 1.00 | {over(local)} |",
     ]
     if ray_run:
         worst = max(run["max_abs_diff_to_local"] for run in ray_run)
@@ -258,19 +364,27 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
             f"| `aegan encode --ray` (Ray started by the command, {report['workers']} actors; "
             f"largest difference to the local latents {worst:.1g}) | "
             f"{median(ray_run, 'img_per_s'):.0f} | {median(ray_run, 'command_img_per_s'):.0f} | "
-            f"{median(ray_run, 'img_per_s') / median(local, 'img_per_s'):.2f} |"
+            f"{median(ray_run, 'img_per_s') / median(local, 'img_per_s'):.2f} | {over(ray_run)} |"
         )
     if "--ray, Ray running" in r:
         warm = r["--ray, Ray running"]
         lines.append(
             "| the `--ray` job on a Ray already running (called in the benchmark's process; each "
             f"run starts its actor pool) | {median(warm, 'img_per_s'):.0f} "
-            f"| | {median(warm, 'img_per_s') / median(local, 'img_per_s'):.2f} |"
+            f"| | {median(warm, 'img_per_s') / median(local, 'img_per_s'):.2f} | {over(warm)} |"
+        )
+    if "--ray-address, cluster running" in r:
+        cluster = r["--ray-address, cluster running"]
+        lines.append(
+            f"| `aegan encode --ray-address` on a running one-node cluster (`ray start --head`, "
+            f"{m['cpus']} CPUs) | {median(cluster, 'img_per_s'):.0f} | "
+            f"{median(cluster, 'command_img_per_s'):.0f} | "
+            f"{median(cluster, 'img_per_s') / median(local, 'img_per_s'):.2f} | {over(cluster)} |"
         )
     lines += [
         f"| HTTP `/encode`, {report['clients']} clients (server start-up not counted; wrong "
         f"answers: {sum(h['wrong'] for h in http)}) | {median(http, 'img_per_s'):.0f} | | "
-        f"{median(http, 'img_per_s') / median(local, 'img_per_s'):.2f} |",
+        f"{median(http, 'img_per_s') / median(local, 'img_per_s'):.2f} | {over(http)} |",
         "",
         "Local pools called in one process (`run_job`, the same folder and settings): "
         f"{report['workers']} worker processes, one ONNX Runtime thread each: "
@@ -287,13 +401,13 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
             if "ray_init_s" in report
             else []
         ),
-        MARKERS[1],
+        markers[1],
     ]
     text = path.read_text()
     section = "\n".join(lines)
-    if MARKERS[0] in text:
-        head, rest = text.split(MARKERS[0], 1)
-        text = head + section + rest.split(MARKERS[1], 1)[1]
+    if markers[0] in text:
+        head, rest = text.split(markers[0], 1)
+        text = head + section + rest.split(markers[1], 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
@@ -351,6 +465,7 @@ def main() -> None:
         with start("service", command, env, port) as server:
             for repeat in range(args.repeats):
                 print(f"repeat {repeat + 1} of {args.repeats}", flush=True)
+                record("naive loop", naive_run(paths, available_cpus()))
                 local_dest = work / f"local-{repeat}"
                 record("aegan encode", cli_run(source, local_dest, flags))
                 expected = latents_of(local_dest)
@@ -375,13 +490,22 @@ def main() -> None:
             report["ray_init_s"], runs = warm_ray_runs(source, work, args)
             for figures in runs:
                 record("--ray, Ray running", figures)
+            for figures in cluster_runs(source, work, flags, args.repeats):
+                record("--ray-address, cluster running", figures)
         report["results"] = results
         report["load_average_at_end"] = load()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    ceiling = median(results["naive loop"], "img_per_s")
+    report["over_naive_loop"] = {
+        name: round(median(runs, "img_per_s") / ceiling, 3) for name, runs in results.items()
+    }
     for name, runs in results.items():
-        print(f"{name:<22} median {median(runs, 'img_per_s'):7.0f} images/s")
+        print(
+            f"{name:<32} median {median(runs, 'img_per_s'):7.0f} images/s, "
+            f"{report['over_naive_loop'][name]:.2f}x the naive loop"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
