@@ -262,8 +262,12 @@ def execute(run: Run, threads: int) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(cmd)}", flush=True)
             subprocess.run(_python(cmd), cwd=ROOT, stdout=log, stderr=log, check=True)
         cmds = [eval_command(run, threads)]
+        joint = run.dir / "checkpoints" / f"step-{run.steps:07d}.pt"
         if run.stage_steps and not (run.dir / "eval-joint.json").is_file():
-            cmds.insert(0, joint_eval_command(run, threads))
+            if joint.is_file():
+                cmds.insert(0, joint_eval_command(run, threads))
+            else:  # the joint steps did not end on a checkpoint (train.checkpoint_every)
+                print(f"{run.name}: no checkpoint at step {run.steps}, no joint evaluation")
         for cmd in cmds:
             print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(cmd)}", flush=True)
             subprocess.run(_python(cmd), cwd=ROOT, stdout=log, stderr=log, check=True)
