@@ -208,14 +208,6 @@ class Limits:
             )
         return cls(**{f.name: getattr(env, f.name) for f in fields(cls)})
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
-        return cls.from_environment(read_environment(environ))
-
-    def env_name(self, field: str) -> str:
-        """The environment variable that sets ``field`` (for error messages)."""
-        return env_var(field)
-
 
 @dataclass(frozen=True)
 class Settings:
