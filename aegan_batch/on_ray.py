@@ -8,7 +8,7 @@ import json
 import platform
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,24 +47,27 @@ class RayLayout:
 
 
 def ray_layout(
-    resources: Mapping[str, float], device: str, workers: int | None, batch_size: int | None
+    nodes: Sequence[Mapping[str, float]],
+    device: str,
+    workers: int | None,
+    batch_size: int | None,
 ) -> RayLayout:
-    """The pool for a cluster of ``resources`` (``ray.cluster_resources()``). With GPUs and
-    ``--device`` auto or cuda: one actor per GPU (``num_gpus=1``: one CUDA session per GPU, its
-    share of the CPUs for decoding), batches of :data:`GPU_BATCH_SIZE`. Otherwise one actor per
-    CPU, on the CPU. ``--device cuda`` on a cluster without a GPU is refused; ``workers`` and
-    ``batch_size`` override the defaults."""
-    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    """The pool for a cluster whose live nodes hold ``nodes`` (each node's resources, from
+    ``ray.nodes()``). With GPUs and ``--device`` auto or cuda: one actor per GPU (``num_gpus=1``:
+    one CUDA session per GPU) with the CPUs per GPU of the GPU node that has the fewest (so every
+    GPU's actor fits on its node), batches of :data:`GPU_BATCH_SIZE`; ``workers`` may ask for
+    fewer actors, not more than the GPUs. Otherwise one actor per CPU, on the CPU, ``workers``
+    of them if given. ``--device cuda`` on a cluster without a GPU is refused."""
+    cpus = sum(int(node.get("CPU", 0)) for node in nodes)
+    gpu_nodes = [node for node in nodes if int(node.get("GPU", 0)) > 0]
+    gpus = sum(int(node["GPU"]) for node in gpu_nodes)
     if device == "cuda" and gpus == 0:
-        raise JobError(
-            "--device cuda, but the Ray cluster has no GPU (its resources: "
-            f"{', '.join(f'{k} {v:g}' for k, v in sorted(resources.items()) if k.isupper())})"
-        )
+        raise JobError(f"--device cuda, but the Ray cluster has no GPU ({cpus} CPUs, no GPU)")
     if device != "cpu" and gpus > 0:
-        actors = workers or gpus
+        share = min(int(node.get("CPU", 0)) // int(node["GPU"]) for node in gpu_nodes)
         return RayLayout(
-            actors=actors,
-            num_cpus=max(1, cpus // max(1, gpus)),
+            actors=min(workers, gpus) if workers else gpus,
+            num_cpus=max(1, share),
             num_gpus=1,
             device="cuda" if device == "cuda" else "auto",
             batch_size=batch_size or GPU_BATCH_SIZE,
@@ -189,9 +192,14 @@ def run_job_on_ray(
         for handler in logging.getLogger("ray.data").handlers:
             if type(handler).__name__ != "SessionFileHandler":  # its file log stays complete
                 handler.setLevel(logging.ERROR)
-        resources = ray.cluster_resources()  # type: ignore[no-untyped-call]  # ray is untyped
-        layout = ray_layout(resources, device, workers, batch_size)
-        shipped = ray.put(dataclasses.replace(plan, lock=None))  # once per node, not per actor
+        live = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]  # untyped
+        nodes = [node["Resources"] for node in live]
+        layout = ray_layout(nodes, device, workers, batch_size)
+        # Absolute paths: an actor's working directory is not this process's.
+        bundle = dataclasses.replace(plan.bundle, path=plan.bundle.path.resolve())
+        shipped = ray.put(  # once per node, not per actor
+            dataclasses.replace(plan, lock=None, dest=plan.dest.resolve(), bundle=bundle)
+        )
         dataset = ray.data.from_items(
             [{"chunk": index} for index in plan.missing], override_num_blocks=len(plan.missing)
         ).map_batches(
@@ -240,8 +248,8 @@ def run_job_on_ray(
 
 def _job_error(exc: BaseException) -> JobError | None:
     """The :class:`JobError` an actor raised, inside the errors Ray wraps it in, or None. Ray's
-    wrapper of a task's error subclasses the error's class too, with a traceback as its text (the
-    original is its ``cause``); an actor that fails while it starts is reported by an
+    wrapper of a task's error subclasses the error's class too, with a traceback as its text;
+    the original is its ``cause``. An actor that fails while it starts is reported by an
     ``ActorDiedError`` that keeps only that traceback's text, whose last line is the error's."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
@@ -251,10 +259,10 @@ def _job_error(exc: BaseException) -> JobError | None:
             continue
         seen.add(id(current))
         cause = getattr(current, "cause", None)
+        if isinstance(cause, JobError):
+            return cause
         if isinstance(current, JobError) and not isinstance(cause, BaseException):
             return current
-        told = JOB_ERROR_LINE.findall(str(current))
-        if told:
-            return JobError(told[-1])
-        todo += [current.__cause__, current.__context__, cause]
-    return None
+        todo += [current.__cause__, cause]
+    told = JOB_ERROR_LINE.findall(str(exc))  # ActorDiedError: the text is all that is left
+    return JobError(told[-1]) if told else None

@@ -30,7 +30,7 @@ from .base import main, needs_extras
     type=click.IntRange(min=1),
     default=None,
     help="Worker threads or processes, or Ray actors (default: one per available CPU; one "
-    "process on a GPU; with --ray-address, the cluster's CPUs).",
+    "process on a GPU; on Ray, one actor per CPU of the cluster, or per GPU when it has GPUs).",
 )
 @click.option(
     "--batch-size",

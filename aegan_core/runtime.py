@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +83,7 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-Providers = Sequence[str | tuple[str, dict[str, str]]]
+Providers = list[str | tuple[str, dict[str, str]]]
 
 
 def open_session(
@@ -96,7 +96,7 @@ def open_session(
     options = session_options(threads)
     if quiet:
         options.log_severity_level = 3
-    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    return ort.InferenceSession(model, sess_options=options, providers=providers)
 
 
 @dataclass

@@ -61,22 +61,30 @@ class Declared:
     route: str
     scope: str | None  # the scope a key needs (aegan_serve/auth.py); None: any valid key
     images: ImageUse  # whether it works with image models only (422 on a vector model)
+    gallery: bool = False  # whether it needs the server's gallery (404 without one, checked first)
 
 
 def endpoint(
-    *, scope: str | None, images: ImageUse = "never", route: str | None = None
+    *,
+    scope: str | None,
+    images: ImageUse = "never",
+    gallery: bool = False,
+    route: str | None = None,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Declare a method of the service an endpoint, in one place: a BentoML API at ``route``
     (``/`` and the method's name by default) needing ``scope``, whose client errors are answered
-    with their status, and which answers 422 on a vector model when ``images`` is ``always``, or
-    ``when uploaded`` and its ``images`` argument holds uploads (checked before the method runs,
-    by ``self.app.require_images``)."""
+    with their status; before the method runs, 404 when it needs the ``gallery`` and the server
+    has none (``self.app.require_gallery``), then 422 on a vector model when ``images`` is
+    ``always``, or ``when uploaded`` and its ``images`` argument holds uploads
+    (``self.app.require_images``)."""
 
     def declare(method: Callable[..., Any]) -> Any:
-        declared = Declared(route or f"/{method.__name__}", scope, images)
+        declared = Declared(route or f"/{method.__name__}", scope, images, gallery)
         signature = inspect.signature(method)
 
         def check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if declared.gallery:
+                args[0].app.require_gallery()
             if declared.images == "never":
                 return
             if declared.images == "when uploaded":

@@ -319,7 +319,8 @@ class Application:
 
     def _convert(self, uploads: Sequence[bytes], first_index: int) -> np.ndarray:
         shape = self.bundle.data_shape
-        assert len(shape) == 3  # an image model (load checks): data_shape is (C, H, W)
+        if len(shape) != 3:  # load() checked: an image model's data_shape is (C, H, W)
+            raise WrongModelKind(f"model {self.bundle.name!r} does not take images")
         return load_uploads(
             list(uploads),
             shape,

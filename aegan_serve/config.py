@@ -58,6 +58,19 @@ def _upper(value: Any) -> Any:
     return value.strip().upper() if isinstance(value, str) else value
 
 
+def _strip(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (a Redis URL may hold one)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return url
+    return url.replace(f":{password}@", ":***@", 1) if password else url
+
+
 def _storage_url(url: str) -> str:
     """Refuse a quota storage URL that cannot work, naming the problem (no connection is made)."""
     try:
@@ -105,7 +118,7 @@ class Environment(BaseSettings):
     # The CUDA provider's options (aegan_core/cuda.py, CudaOptions, says what each does):
     cuda_algo_search: Annotated[AlgoSearch, BeforeValidator(_upper)] = "HEURISTIC"
     cuda_mem_limit: int = Field(0, ge=0)  # bytes of GPU memory the arena may hold (0: all)
-    cuda_arena: ArenaStrategy = "kSameAsRequested"
+    cuda_arena: Annotated[ArenaStrategy, BeforeValidator(_strip)] = "kSameAsRequested"
     cuda_tf32: Flag = False  # 0: fp32 parity | 1: TF32 matrix products
     # Per-request limits (Limits); each violation is answered with a 4xx that names the limit.
     max_images: int = Field(64, ge=1)  # uploaded images per request (/encode, /reconstruct)
@@ -166,6 +179,8 @@ def _message(error: Any) -> str:
     """One pydantic error as the sentence a user reads: ``AEGAN_MAX_N='many' is not an integer``."""
     name = env_var(str(error["loc"][0])) if error["loc"] else PREFIX
     value, kind, ctx = error.get("input"), error["type"], error.get("ctx", {})
+    if name == env_var("rate_limit_storage") and isinstance(value, str):
+        value = redacted(value)
     shown = f"{name}={value!r}"
     if kind == "int_parsing" or kind == "int_from_float":
         return f"{shown} is not an integer"

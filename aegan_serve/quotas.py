@@ -32,9 +32,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-from .config import Environment, SettingsError, env_var, read_environment
+from .config import Environment, SettingsError, env_var, read_environment, redacted
 
 if TYPE_CHECKING:  # limits is imported when quotas are on
     from limits import RateLimitItem
@@ -197,7 +196,7 @@ class Quotas:
             else:
                 if self.down:
                     self.down = False
-                    logger.warning("quota store %s answers again", _redacted(self.settings.storage))
+                    logger.warning("quota store %s answers again", redacted(self.settings.storage))
                 return decision
         return await self._fallback(budget, who, cost)
 
@@ -235,7 +234,7 @@ class Quotas:
             self.down = True
             logger.warning(
                 "quota store %s unreachable (%s: %s); AEGAN_RATE_LIMIT_FAILURE=%s until it answers",
-                _redacted(self.settings.storage),
+                redacted(self.settings.storage),
                 type(exc).__name__,
                 exc,
                 self.settings.failure,
@@ -257,11 +256,3 @@ async def _spend(limiter: object, budget: Budget, who: str, cost: int) -> Decisi
     allowed = await limiter.hit(item, who, cost=cost)  # type: ignore[attr-defined]
     stats = await limiter.get_window_stats(item, who)  # type: ignore[attr-defined]
     return Decision(budget, allowed, stats.remaining, max(0.0, stats.reset_time - time.time()))
-
-
-def _redacted(url: str) -> str:
-    """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url

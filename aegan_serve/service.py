@@ -243,7 +243,7 @@ class AEGAN:
         # a ready Response; the annotation keeps the OpenAPI schema (see above)
         return Response(data, media_type=f"image/{format}")  # type: ignore[return-value]
 
-    @endpoint(scope="search", images="when uploaded")
+    @endpoint(scope="search", gallery=True, images="when uploaded")
     async def similar(
         self,
         images: Annotated[list[UploadedFile], Len(0, LIMITS.max_images)] = Field(
@@ -256,7 +256,6 @@ class AEGAN:
         one of: uploaded images (encoded as /encode does) or latents. Distances are Euclidean
         between latents. A neighbour's picture: /gallery/image with its id. 404 when the server
         has no gallery."""
-        self.app.require_gallery()
         if bool(images) == (latents is not None):
             given = "both" if images else "neither"
             raise RequestError(f"give exactly one of: images (uploads) or latents; got {given}")
@@ -270,7 +269,7 @@ class AEGAN:
             results=[[Neighbour(id=id, distance=d) for id, d in query] for query in found]
         )
 
-    @endpoint(scope="search", images="always", route="/gallery/image")
+    @endpoint(scope="search", gallery=True, images="always", route="/gallery/image")
     async def gallery_image(
         self, id: GalleryId, source: Literal["decoded", "original"] = "decoded"
     ) -> Annotated[Path, ContentType("image/*")]:

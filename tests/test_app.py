@@ -122,5 +122,6 @@ def test_each_endpoint_declares_its_scope_and_image_use_once():
         "/gallery/image",
     }
     assert routes["/similar"].images == "when uploaded"
+    assert {r for r, d in routes.items() if d.gallery} == {"/similar", "/gallery/image"}
     assert routes["/info"].scope is None and routes["/similar"].scope == "search"
     assert all(d.scope in (None, "generate", "encode", "search") for d in DECLARED)

@@ -22,35 +22,42 @@ from aegan_batch.on_ray import (
     run_job_on_ray,
 )
 
+ONE_CPU_NODE = {"CPU": 8.0, "memory": 1.0}
+GPU_NODE = {"CPU": 16.0, "GPU": 2.0}
+
 
 @pytest.mark.parametrize(
-    ("resources", "device", "workers", "batch", "expected"),
+    ("nodes", "device", "workers", "batch", "expected"),
     [
         # CPUs only: one actor per CPU, on the CPU, whatever --device auto says
+        ([ONE_CPU_NODE], "auto", None, None, RayLayout(8, 1, 0, "cpu", CPU_BATCH_SIZE)),
+        ([ONE_CPU_NODE, ONE_CPU_NODE], "cpu", None, 64, RayLayout(16, 1, 0, "cpu", 64)),
+        # GPUs: one actor per GPU with its node's CPUs per GPU, GPU-sized batches
+        ([GPU_NODE], "auto", None, None, RayLayout(2, 8, 1, "auto", GPU_BATCH_SIZE)),
+        ([{"CPU": 16.0, "GPU": 4.0}], "cuda", None, 512, RayLayout(4, 4, 1, "cuda", 512)),
+        # a CPU-only head beside GPU nodes: the share is a GPU node's, not the cluster's
         (
-            {"CPU": 8.0, "memory": 1e9},
+            [ONE_CPU_NODE, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}],
             "auto",
             None,
             None,
-            RayLayout(8, 1, 0, "cpu", CPU_BATCH_SIZE),
+            RayLayout(2, 4, 1, "auto", GPU_BATCH_SIZE),
         ),
-        # GPUs: one actor per GPU with its share of the CPUs, GPU-sized batches
-        ({"CPU": 16.0, "GPU": 2.0}, "auto", None, None, RayLayout(2, 8, 1, "auto", GPU_BATCH_SIZE)),
-        ({"CPU": 16.0, "GPU": 4.0}, "cuda", None, 512, RayLayout(4, 4, 1, "cuda", 512)),
         # --device cpu keeps a GPU cluster's actors off the GPUs
-        ({"CPU": 16.0, "GPU": 2.0}, "cpu", None, None, RayLayout(16, 1, 0, "cpu", CPU_BATCH_SIZE)),
-        # --workers sets the pool's size
-        ({"CPU": 16.0, "GPU": 2.0}, "auto", 1, None, RayLayout(1, 8, 1, "auto", GPU_BATCH_SIZE)),
-        ({"CPU": 4.0}, "cpu", 3, 64, RayLayout(3, 1, 0, "cpu", 64)),
+        ([GPU_NODE], "cpu", None, None, RayLayout(16, 1, 0, "cpu", CPU_BATCH_SIZE)),
+        # --workers: fewer GPU actors, never more than the GPUs (they could not be placed)
+        ([GPU_NODE], "auto", 1, None, RayLayout(1, 8, 1, "auto", GPU_BATCH_SIZE)),
+        ([GPU_NODE], "auto", 5, None, RayLayout(2, 8, 1, "auto", GPU_BATCH_SIZE)),
+        ([{"CPU": 4.0}], "cpu", 3, 64, RayLayout(3, 1, 0, "cpu", 64)),
     ],
 )
-def test_the_pool_follows_the_clusters_resources(resources, device, workers, batch, expected):
-    assert ray_layout(resources, device, workers, batch) == expected
+def test_the_pool_follows_the_clusters_resources(nodes, device, workers, batch, expected):
+    assert ray_layout(nodes, device, workers, batch) == expected
 
 
-def test_cuda_on_a_cluster_without_gpus_is_refused_naming_its_resources():
-    with pytest.raises(JobError, match="--device cuda, but the Ray cluster has no GPU.*CPU 8"):
-        ray_layout({"CPU": 8.0, "memory": 1e9}, "cuda", None, None)
+def test_cuda_on_a_cluster_without_gpus_is_refused():
+    with pytest.raises(JobError, match="--device cuda, but the Ray cluster has no GPU"):
+        ray_layout([ONE_CPU_NODE, ONE_CPU_NODE], "cuda", None, None)
 
 
 def small_job(image_bundle: Path, tmp_path: Path):

@@ -228,6 +228,10 @@ def test_a_vector_model_searches_latents_but_not_images(vector_bundle, tmp_path)
         assert agree >= 0.9 * 5 * len(queries)
         upload = files(image_bytes(Image.new("L", (28, 28))))
         assert "vector model" in error_of(client.post("/similar", files=upload), 422)
+        assert "vector model" in error_of(client.post("/gallery/image", json={"id": "0"}), 422)
+    with serve(vector_bundle, AEGAN_GALLERY="") as plain:  # no gallery: checked first
+        assert "no gallery" in error_of(plain.post("/similar", files=upload), 404)
+        assert "no gallery" in error_of(plain.post("/gallery/image", json={"id": "0"}), 404)
 
 
 @pytest.mark.parametrize("which", ["missing", "another bundle"])
