@@ -243,12 +243,14 @@ class Server:
 
 
 @contextmanager
-def start(name: str, command: list[str], env: dict[str, str], port: int) -> Iterator[Server]:
+def start(
+    name: str, command: list[str], env: dict[str, str], port: int, cwd: Path = REPO
+) -> Iterator[Server]:
     base = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     process = subprocess.Popen(
         command,
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
