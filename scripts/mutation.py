@@ -128,6 +128,7 @@ TESTS = [
     "tests/test_cuda.py",
     "tests/test_deploy.py",
     "tests/test_ui.py",
+    "tests/test_requestlog.py",
 ]
 PYTEST_ARGS = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]
 # Tests that start Python in a subprocess, which cannot load mutmut's instrumented copy.
