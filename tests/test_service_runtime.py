@@ -127,10 +127,6 @@ def test_settings_defaults_and_overrides(monkeypatch):
     assert settings.model == "bentoml:x"
 
 
-@pytest.mark.parametrize(
-    ("cpu_max", "expected"),
-    [("max 100000", 8), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), ("", 8)],
-)
 def test_gpu_visible_looks_for_an_nvidia_device_node(monkeypatch, tmp_path):
     nodes = (str(tmp_path / "nvidiactl"), str(tmp_path / "nvidia0"))
     monkeypatch.setattr(runtime, "NVIDIA_DEVICE_NODES", nodes)
@@ -139,6 +135,10 @@ def test_gpu_visible_looks_for_an_nvidia_device_node(monkeypatch, tmp_path):
     assert runtime.gpu_visible()
 
 
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000", 8), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), ("", 8)],
+)
 def test_available_cpus_honours_a_cgroup_cpu_quota(monkeypatch, tmp_path, cpu_max, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     (tmp_path / "cpu.max").write_text(cpu_max)
