@@ -1,6 +1,7 @@
-"""The run config's declared bounds (training/config.py: Count, Fraction, Rate, ... and Literal
-choices on the fields): validate() enforces every one, naming the flag or ``--set`` key, and admits
-the edge. Found by walking the declarations, so a new bound is tested without listing it."""
+"""The run config's declared bounds (training/config.py: Count, Fraction, Rate, ... built from its
+Ge, Gt, Le, Lt markers, and Literal choices on the fields): validate() enforces every one, naming
+the flag or ``--set`` key, and admits the edge. Found by walking the declarations, so a new bound
+is tested without listing it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import re
 import types
 import typing
 
-import annotated_types
 import pytest
 
 from training import config
@@ -38,13 +38,13 @@ def cases() -> list[tuple[str, str, object, object]]:
             base, extras = _declared(annotation)
             step = 1 if base is int else 1e-9
             for bound in extras:
-                if isinstance(bound, annotated_types.Ge):
+                if isinstance(bound, config.Ge):
                     found.append((section, name, bound.ge - step, bound.ge))
-                elif isinstance(bound, annotated_types.Gt):
+                elif isinstance(bound, config.Gt):
                     found.append((section, name, bound.gt, bound.gt + step))
-                elif isinstance(bound, annotated_types.Le):
+                elif isinstance(bound, config.Le):
                     found.append((section, name, bound.le + step, bound.le))
-                elif isinstance(bound, annotated_types.Lt):
+                elif isinstance(bound, config.Lt):
                     found.append((section, name, bound.lt, bound.lt - step))
                 elif isinstance(bound, config.Matches):
                     found.append((section, name, "nowhere", None))

@@ -16,8 +16,6 @@ import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from annotated_types import Ge, Gt, Le, Lt
-
 from aegan_core.errors import UserError
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -29,6 +27,28 @@ Mode = Literal["aegan", "gan"]
 OnBadFile = Literal["fail", "skip"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+# Bounds declared on a field (the names and attributes of annotated_types', which costs `aegan
+# --help` a third of its start-up to import; these are checked by validate() alone).
+@dataclass(frozen=True)
+class Ge:
+    ge: float  # the value must be >= ge
+
+
+@dataclass(frozen=True)
+class Gt:
+    gt: float  # > gt
+
+
+@dataclass(frozen=True)
+class Le:
+    le: float  # <= le
+
+
+@dataclass(frozen=True)
+class Lt:
+    lt: float  # < lt
 
 
 @dataclass(frozen=True)
