@@ -6,10 +6,12 @@ and of every process it started is sampled once a second from /proc.
     .venv/bin/python bench/encode_scale.py                      # 1M inputs, local then Ray
     .venv/bin/python bench/encode_scale.py --rows 50000 --out /tmp/scale.json   # a quick check
 
-Per mode it records the job's own summary line, the wall-clock time, the peak RSS of the driver
-(the ``aegan`` process) and of the largest other process (a worker, or a Ray process), and how
-flat they stay after the first minute: (max - min) / min of the driver's RSS, and of the sum over
-all processes, over the samples taken after ``--settle`` seconds. Writes
+Per mode it records the job's own summary line, the wall-clock time, the peak resident memory of
+the driver (the ``aegan`` process) and of the largest other process (a worker, or a Ray process),
+and how flat they stay after the first minute: (max - min) / min of the driver's, and of the sum
+over all processes, over the samples taken after ``--settle`` seconds. Resident memory is
+``RssAnon`` (what the processes hold); ``VmRSS`` is recorded beside it, which adds the pages of
+the memory-mapped .npy read so far (file pages the kernel drops when it needs the memory). Writes
 docs/bench-encode-scale.json.
 """
 
@@ -47,18 +49,22 @@ def write_npy(path: Path, rows: int, seed: int = 0) -> None:
     del out
 
 
-def session_rss(sid: int) -> dict[int, int]:
-    """RSS in bytes of every process of session ``sid`` (the command and what it started)."""
+def session_rss(sid: int, kind: str = "RssAnon") -> dict[int, int]:
+    """Resident memory in bytes of every process of session ``sid`` (the command and what it
+    started): ``RssAnon`` (the memory a process holds: heap, buffers, arrays) or ``VmRSS`` (that,
+    and the pages of the files it maps, such as the memory-mapped .npy, which the kernel reclaims
+    when it needs them)."""
     found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) != sid:  # field 6 of stat: the session id
                 continue
-            pages = int((stat.parent / "statm").read_text().split()[1])
-        except (OSError, ValueError, IndexError):
+            status = (stat.parent / "status").read_text()
+            kib = int(re.search(rf"^{kind}:\s+(\d+) kB", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+        except (OSError, ValueError, IndexError, AttributeError):
             continue
-        found[int(stat.parent.name)] = pages * PAGE
+        found[int(stat.parent.name)] = kib * 1024
     return found
 
 
@@ -76,7 +82,7 @@ def run_mode(source: Path, dest: Path, extra: list[str], settle: float) -> dict[
     )  # fmt: skip
     samples: list[dict[str, Any]] = []
     while proc.poll() is None:
-        rss = session_rss(proc.pid)
+        rss, mapped = session_rss(proc.pid), session_rss(proc.pid, "VmRSS")
         if proc.pid in rss:
             others = [v for pid, v in rss.items() if pid != proc.pid]
             samples.append(
@@ -86,6 +92,8 @@ def run_mode(source: Path, dest: Path, extra: list[str], settle: float) -> dict[
                     "largest_other": max(others, default=0),
                     "processes": len(rss),
                     "total": sum(rss.values()),
+                    "driver_vmrss": mapped.get(proc.pid, 0),
+                    "total_vmrss": sum(mapped.values()),
                 }
             )
         time.sleep(1.0)
@@ -107,6 +115,10 @@ def run_mode(source: Path, dest: Path, extra: list[str], settle: float) -> dict[
         "peak_driver_mib": round(max((s["driver"] for s in samples), default=0) / mib, 1),
         "peak_other_mib": round(max((s["largest_other"] for s in samples), default=0) / mib, 1),
         "peak_total_mib": round(max((s["total"] for s in samples), default=0) / mib, 1),
+        "peak_driver_vmrss_mib": round(
+            max((s["driver_vmrss"] for s in samples), default=0) / mib, 1
+        ),
+        "peak_total_vmrss_mib": round(max((s["total_vmrss"] for s in samples), default=0) / mib, 1),
         "settle_s": settle,
         "samples_after_settle": len(later),
         "driver_flatness_after_settle": flatness([s["driver"] for s in later]),
