@@ -67,7 +67,8 @@ def run_job(
     """Encode the missing chunks on this machine and write their parts.
 
     ``pool="threads"``: ``workers`` threads read and convert images (Pillow's codecs release the
-    GIL) and share one ONNX Runtime session with an intra-op thread per CPU.
+    GIL) and share one ONNX Runtime session, each run of it with CPUs / workers intra-op threads
+    (the workers run it at the same time).
     ``pool="processes"``: ``workers`` spawned processes, each with its own session and CPUs /
     workers intra-op threads, so the Python parts of decoding run in parallel too, at the cost
     of starting and importing in every process and of passing results between them. A worker
@@ -85,7 +86,10 @@ def run_job(
         read: Reader = reader or plan.reader(limits)
         batches = (b for index in plan.missing for b in chunk_batches(plan, index, batch_size))
         if workers == 1 or pool == "threads":
-            model = ModelRuntime(plan.bundle, device, available_cpus(), max_rows=batch_size)
+            # The threads run the session at once: CPUs / workers intra-op threads per run, so
+            # that together they use the CPUs without crowding them (as the processes do).
+            intra = max(1, available_cpus() // workers)
+            model = ModelRuntime(plan.bundle, device, intra, max_rows=batch_size)
 
             def task(items: Sequence[Item]) -> tuple[np.ndarray, list[str | None]]:
                 return encode_items(model, read, items)
