@@ -331,11 +331,11 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
         "",
         f"{report['images']} Fashion-MNIST test images as PNG files in {report['images'] // 100}"
         f" folders, model `{m['model']}`, on {m['cpus']} CPUs ({m['processor']}), Python "
-        f"{m['python']}, no GPU; started {report['started']}. The machine's 2 cores were shared "
-        f"with other jobs: load average {report['load_average_at_start']:.1f} at the start and "
-        f"{report['load_average_at_end']:.1f} at the end (each run's is in "
-        "docs/bench-encode.json), so absolute figures move with "
-        "that load; the ways were run in turn in each repeat, and the figures are medians over "
+        f"{m['python']}, no GPU; started {report['started']}. Load average "
+        f"{report['load_average_at_start']:.1f} at the start and "
+        f"{report['load_average_at_end']:.1f} at the end (the benchmark's own processes count in "
+        f"it; each run's is in {report['out']}); the ways were run in turn in each repeat, and "
+        "the figures are medians over "
         f"{report['repeats']} repeats. `aegan encode` ran with {report['workers']} workers, "
         f"batches of {report['batch_size']} and parts of {report['chunk_size']} images; its "
         "images/s is the one it prints, timed from the start of the job (the bundle's SHA-256 "
@@ -388,8 +388,8 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
         "Local pools called in one process (`run_job`, the same folder and settings): "
         f"{report['workers']} worker processes, one ONNX Runtime thread each: "
         f"{median(r['processes'], 'img_per_s'):.0f} images/s; {report['workers']} threads "
-        f"sharing one session with {m['cpus']} threads: {median(r['threads'], 'img_per_s'):.0f} "
-        "images/s.",
+        f"sharing one session, {max(1, m['cpus'] // report['workers'])} intra-op thread(s) per "
+        f"run: {median(r['threads'], 'img_per_s'):.0f} images/s.",
         "",
         *(
             [
@@ -448,6 +448,9 @@ def main() -> None:
             "chunk_size": args.chunk_size,
             "clients": args.clients,
             "http_batch": args.http_batch,
+            "out": str(args.out.relative_to(REPO))
+            if args.out.is_relative_to(REPO)
+            else str(args.out),
         }
         print(f"{args.images} images in {source}; load average {load():.2f}", flush=True)
         results: dict[str, list[dict[str, Any]]] = {}
