@@ -104,26 +104,40 @@ def run_mode(source: Path, dest: Path, extra: list[str], settle: float) -> dict[
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
     m = SUMMARY.search(out)
-    later = [s for s in samples if s["t"] >= settle]
-    mib = 1 << 20
     return {
         "command": " ".join(["aegan", *cmd[3:]]),
         "summary": out.strip().splitlines()[-1],
         "images_per_s": int(m.group(5)) if m else None,
         "job_seconds": float(m.group(4)) if m else None,
         "wall_seconds": round(wall, 1),
-        "peak_driver_mib": round(max((s["driver"] for s in samples), default=0) / mib, 1),
-        "peak_other_mib": round(max((s["largest_other"] for s in samples), default=0) / mib, 1),
-        "peak_total_mib": round(max((s["total"] for s in samples), default=0) / mib, 1),
-        "peak_driver_vmrss_mib": round(
-            max((s["driver_vmrss"] for s in samples), default=0) / mib, 1
-        ),
-        "peak_total_vmrss_mib": round(max((s["total_vmrss"] for s in samples), default=0) / mib, 1),
+        **steadiness(samples, settle),
+        "samples": samples,
+    }
+
+
+def steadiness(samples: list[dict[str, Any]], settle: float) -> dict[str, Any]:
+    """Peaks, and the flatness over the samples taken after ``settle`` seconds while every
+    process of the job was up (not while Ray's processes start or stop)."""
+    mib = 1 << 20
+    steady = max((s["processes"] for s in samples), default=0)
+    later = [s for s in samples if s["t"] >= settle and s["processes"] == steady]
+    peaks = {
+        f"peak_{name}_mib": round(max((s[key] for s in samples), default=0) / mib, 1)
+        for name, key in (
+            ("driver", "driver"),
+            ("other", "largest_other"),
+            ("total", "total"),
+            ("driver_vmrss", "driver_vmrss"),
+            ("total_vmrss", "total_vmrss"),
+        )
+    }
+    return {
+        **peaks,
         "settle_s": settle,
+        "processes": steady,
         "samples_after_settle": len(later),
         "driver_flatness_after_settle": flatness([s["driver"] for s in later]),
         "total_flatness_after_settle": flatness([s["total"] for s in later]),
-        "samples": samples,
     }
 
 
@@ -133,7 +147,16 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=60.0, help="seconds before flatness")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench-encode-scale.json")
+    parser.add_argument(
+        "--report", action="store_true", help="recompute the figures of --out from its samples"
+    )
     args = parser.parse_args()
+    if args.report:
+        report = json.loads(args.out.read_text())
+        for result in report["modes"].values():
+            result.update(steadiness(result["samples"], result["settle_s"]))
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}",
