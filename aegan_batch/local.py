@@ -75,7 +75,7 @@ def run_job(
     process that dies (a crash in a codec, the kernel's out-of-memory killer) loses the batches
     in flight: they are run again in a fresh pool, one batch at a time, and a batch that kills
     its worker again item by item, so that only the input that kills it becomes an error row.
-    Threads are the default (``aegan encode --pool``): see docs/BENCHMARKS.md
+    Processes are ``aegan encode``'s default (``--pool``): see docs/BENCHMARKS.md
     (``.venv/bin/python bench/encode_collection.py``) for the two on the project's machine.
     ``progress`` is called with the number of inputs finished after every batch; ``reader``
     replaces the plan's way of reading inputs (it must pickle, for processes).

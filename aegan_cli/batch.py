@@ -55,10 +55,10 @@ from .base import main, needs_extras
 @click.option(
     "--pool",
     type=click.Choice(["threads", "processes"]),
-    default="threads",
+    default="processes",
     show_default=True,
-    help="Local workers: threads sharing one ONNX Runtime session (faster on 2 cores, see "
-    "docs/BENCHMARKS.md), or processes with a session each.",
+    help="Local workers: processes with an ONNX Runtime session each (the faster on the "
+    "project's 2 cores, see docs/BENCHMARKS.md), or threads sharing one session.",
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Data, on a Ray started here.")
 @click.option(

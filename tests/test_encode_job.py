@@ -462,7 +462,7 @@ def test_an_exception_in_conversion_is_an_error_row(collection, tmp_path, monkey
 
     monkeypatch.setattr(batch_inputs, "to_model_input", failing)
     dest = tmp_path / "out"
-    output = encode(source, "--out", dest, "--batch-size", 4)
+    output = encode(source, "--out", dest, "--batch-size", 4, "--pool", "threads")  # the patch
     assert "7 inputs, 6 encoded, 1 errors" in output
     assert "error: odd.png: ValueError: cannot convert this one" in output
     rows = read(dest)
