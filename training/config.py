@@ -30,37 +30,37 @@ DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 
 # Bounds declared on a field (the names and attributes of annotated_types', which costs `aegan
-# --help` a third of its start-up to import; these are checked by validate() alone).
-@dataclass(frozen=True)
+# --help` a third of its start-up to import; these are checked by validate() alone). Plain
+# classes: a dataclass costs more to create at import than these are worth.
 class Ge:
-    ge: float  # the value must be >= ge
+    def __init__(self, ge: float) -> None:
+        self.ge = ge  # the value must be >= ge
 
 
-@dataclass(frozen=True)
 class Gt:
-    gt: float  # > gt
+    def __init__(self, gt: float) -> None:
+        self.gt = gt  # > gt
 
 
-@dataclass(frozen=True)
 class Le:
-    le: float  # <= le
+    def __init__(self, le: float) -> None:
+        self.le = le  # <= le
 
 
-@dataclass(frozen=True)
 class Lt:
-    lt: float  # < lt
+    def __init__(self, lt: float) -> None:
+        self.lt = lt  # < lt
 
 
-@dataclass(frozen=True)
 class Matches:
     """A field's declared form: the whole value matches ``pattern`` (``meaning``: the same in
     words)."""
 
-    pattern: str
-    meaning: str
+    def __init__(self, pattern: str, meaning: str) -> None:
+        self.pattern, self.meaning = pattern, meaning
 
 
-# Declared bounds of numeric fields (annotated_types), checked by validate() for every field.
+# Declared bounds of numeric fields, checked by validate() for every field.
 Count = Annotated[int, Ge(1)]  # at least 1
 Every = Annotated[int, Ge(0)]  # an interval in steps; 0: off (or only at the end)
 Weight = Annotated[float, Ge(0)]  # a loss weight or a noise level
