@@ -58,7 +58,7 @@ from .base import main, needs_extras
     default="processes",
     show_default=True,
     help="Local workers: processes with an ONNX Runtime session each (the faster on the "
-    "project's 2 cores, see docs/BENCHMARKS.md), or threads sharing one session.",
+    "project's 2 cores: docs/BENCHMARKS.md), or threads sharing one session.",
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Data, on a Ray started here.")
 @click.option(

@@ -322,7 +322,7 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
 
     lines = [
         markers[0],
-        "## Batch encoding (bench/encode_collection.py)",
+        f"## Batch encoding, {report['images']} images (bench/encode_collection.py)",
         "",
         "```bash",
         f".venv/bin/python bench/encode_collection.py --images {report['images']} "
