@@ -419,3 +419,11 @@ def test_the_gpu_checks_onnx_runtime_steps_rehearsed_with_the_stand_in(stand_in)
     }
     assert set(cold["encoder-EXHAUSTIVE"]) == {str(n) for n in gpu_check.BATCH_SIZES}
     assert {o["cudnn_conv_algo_search"] for o in stand_in.options} >= {"HEURISTIC", "EXHAUSTIVE"}
+
+
+def test_a_failures_parts_are_joined_in_order_without_the_empty_ones():
+    from aegan_core.cuda import _joined
+
+    assert _joined("CUDA failed to start: x", None, "", "libcudnn missing") == (
+        "CUDA failed to start: x; libcudnn missing"
+    )

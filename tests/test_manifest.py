@@ -90,6 +90,8 @@ def test_the_walk_covers_the_bounds_it_should():
         (lambda m: m["files"]["encoder"].pop("output"), "entry for 'encoder' is malformed"),
         (lambda m: m["directions"].pop("sha256"), "entry 'directions' is malformed \\(sha256"),
         (lambda m: m.update(kind="audio"), "kind must be 'image' or 'vector'"),
+        (lambda m: m.update(files="generator.onnx"), "^'files' must be an object$"),
+        (lambda m: m["files"].update(encoder="encoder.onnx"), "^entry for 'encoder' is malformed"),
     ],
 )
 def test_malformed_fields_are_named(edit, message):
