@@ -441,16 +441,13 @@ def classifier_command(
     report_only: bool,
 ) -> None:
     """Train the Fashion-MNIST feature classifier of the image metrics and record its accuracy."""
-    import torch
-
     from training.config import DataConfig
     from training.config import fashion_mnist_dir as resolve_dir
     from training.metrics import classifier
 
     if report_only:
-        torch.set_num_threads(threads)
         data_dir = resolve_dir(DataConfig(fashion_mnist_dir=fashion_mnist_dir))
-        record = classifier.report(data_dir, str(out) if out else None)
+        record = classifier.report(data_dir, str(out) if out else None, threads=threads)
     else:
         record = classifier.train_and_record(
             out, fashion_mnist_dir, epochs, batch_size, lr, seed, threads, log=click.echo

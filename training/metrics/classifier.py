@@ -149,10 +149,13 @@ def per_class_recall(net: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return [float((predicted[labels == c] == c).float().mean()) for c in range(10)]
 
 
-def report(data_dir: str, path: str | None = None) -> dict[str, Any]:
+def report(data_dir: str, path: str | None = None, threads: int | None = None) -> dict[str, Any]:
     """Parameter count, test accuracy and per-class test recall of the shipped (or given)
-    weights."""
+    weights (on ``threads`` torch threads when given)."""
     from training.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    if threads:
+        torch.set_num_threads(threads)
 
     net = load_classifier(path)
     test = load_fashion_mnist(data_dir, "test")
