@@ -262,3 +262,16 @@ def test_a_burst_of_refused_requests_writes_one_line_each_and_no_traceback(share
     assert any("key=a" in line and " 400 " in line for line in refusals)
     assert any("/nowhere\\nforged line 404" in line for line in refusals)  # one line, escaped
     assert keys["a"] not in "".join(written)
+
+
+def test_a_budgets_share_keeps_its_name_and_window():
+    from aegan_serve.quotas import Budget
+
+    assert Budget("images", 10, 5).share(2) == Budget("images", 5, 5)
+    assert Budget("requests", 3, 1).share(8) == Budget("requests", 1, 1)  # at least one unit
+
+
+def test_the_workers_a_quota_is_shared_by_are_kept():
+    environ = {"AEGAN_QUOTA_REQUESTS_PER_S": "4"}
+    assert QuotaSettings.from_env(environ).workers == 1
+    assert QuotaSettings.from_env(environ, workers=3).workers == 3
