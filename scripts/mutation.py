@@ -3,7 +3,7 @@
 
     nice -n 19 .venv/bin/python scripts/mutation.py [--max-children 2] [--json docs/mutation.json]
 
-The repository is copied to ``build/mutation/`` (tracked and untracked, not ignored, files) and
+The repository is copied to ``build/mutation/PART/`` (tracked and untracked, not ignored, files) and
 mutmut runs there, so the working tree is never touched. mutmut first runs the selected tests once
 to learn which tests reach which function; each mutant then runs only the tests that reached the
 function it changes. Not in CI; docs/TESTING.md records the last run and how long it took.
@@ -12,9 +12,12 @@ function it changes. Not in CI; docs/TESTING.md records the last run and how lon
 mutant of every function), for a machine that cannot run them all in the time at hand; the score
 is then over that sample.
 
-The scope is :data:`SCOPE`: whole modules, or the named functions of a module (the rest of it is
-fenced off with mutmut's ``# pragma: no mutate start/end`` in the copy only). A second run reuses
-the results of unchanged functions; ``--fresh`` starts over.
+``--part`` picks the modules (:data:`PARTS`): ``core-service`` (the default: the core and the
+service, with their tests) or ``training-export`` (the training and export modules, whose tests
+train models), each in its own ``build/mutation/PART``. Each names whole modules, or the named
+functions of a module (the rest of it is fenced off with mutmut's ``# pragma: no mutate
+start/end`` in the copy only). A second run reuses the results of unchanged functions;
+``--fresh`` starts over.
 """
 
 from __future__ import annotations
@@ -35,14 +38,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Module -> the top-level functions/classes mutated in it (None: all of them).
-SCOPE: dict[str, list[str] | None] = {
-    "training/losses.py": None,
-    # The EMA, schedules and resume parts of the loop; train() itself is covered by the loop
-    # tests.
-    "training/schedules.py": ["ema_beta", "update_ema", "schedules"],
-    "training/training_loop.py": ["restore"],
-    "training/checkpoint.py": None,
+# Module -> the top-level functions/classes mutated in it (None: all of them), in two parts that
+# run apart (--part): the core and the service (with their own tests), and the training and
+# export modules (whose tests train models, minutes each).
+CORE_SERVICE: dict[str, list[str] | None] = {
     # The whole core and the whole service, but for code that runs when the service module is
     # imported, before mutmut switches a mutant on: the @endpoint declarations (answers.py) and
     # the explorer's mount (ui.py); the tests of the service cover them.
@@ -81,6 +80,14 @@ SCOPE: dict[str, list[str] | None] = {
     "aegan_serve/middleware.py": None,
     "aegan_serve/batching.py": None,
     "aegan_serve/openapi.py": None,
+}
+TRAINING_EXPORT: dict[str, list[str] | None] = {
+    "training/losses.py": None,
+    # The EMA, schedules and resume parts of the loop; train() itself is covered by the loop
+    # tests.
+    "training/schedules.py": ["ema_beta", "update_ema", "schedules"],
+    "training/training_loop.py": ["restore"],
+    "training/checkpoint.py": None,
     "training/metrics/registry.py": None,
     "training/metrics/frechet.py": None,
     "training/metrics/gaussian.py": None,
@@ -101,15 +108,18 @@ SCOPE: dict[str, list[str] | None] = {
     ],
 }
 
-# The tests mutmut may run. Left out: the torchrun test and the end-to-end server tests (they run
-# the code in subprocesses, which mutmut cannot follow) and the repository checks.
-TESTS = [
+# The tests mutmut may run for each part. Left out: the torchrun test and the end-to-end server
+# tests (they run the code in subprocesses, which mutmut cannot follow) and the repository checks.
+TRAINING_EXPORT_TESTS = [
     "tests/test_training.py",
     "tests/test_checkpoint.py",
     "tests/test_bundle.py",
     "tests/test_parity.py",
     "tests/test_export.py",
     "tests/test_metrics.py",
+]
+CORE_SERVICE_TESTS = [
+    "tests/test_bundle.py",
     "tests/test_service.py",
     "tests/test_service_images.py",
     "tests/test_service_latents.py",
@@ -137,7 +147,15 @@ PYTEST_ARGS += [
     "--deselect=tests/test_service_runtime.py::test_the_service_imports_no_torch",
     # It reads the service's source text, which in the mutated copy holds every mutant's strings.
     "--deselect=tests/test_deploy.py::test_the_service_reads_no_variable_its_environment_does_not_declare",
+    # Starts a Ray cluster (20 s) for the batch job's queries; the gallery's search is tested in
+    # process by the rest of test_gallery.py.
+    "--deselect=tests/test_gallery.py::test_aegan_similar_encodes_the_queries_on_ray",
 ]
+PARTS = {
+    "core-service": (CORE_SERVICE, CORE_SERVICE_TESTS),
+    "training-export": (TRAINING_EXPORT, TRAINING_EXPORT_TESTS),
+    "all": ({**CORE_SERVICE, **TRAINING_EXPORT}, TRAINING_EXPORT_TESTS + CORE_SERVICE_TESTS[1:]),
+}
 ALSO_COPY = [
     "models",
     "bentofile.yaml",
@@ -178,12 +196,13 @@ def fence_off(source: str, keep: list[str]) -> str:
         lines.insert(first - 1, "# pragma: no mutate start\n")
     missing = set(keep) - {n.name for n in tree.body if hasattr(n, "name")}
     if missing:
-        raise SystemExit(f"SCOPE names functions that do not exist: {sorted(missing)}")
+        raise SystemExit(f"PARTS name functions that do not exist: {sorted(missing)}")
     return "".join(lines)
 
 
-def stage(workdir: Path, fresh: bool) -> None:
+def stage(workdir: Path, fresh: bool, part: str) -> None:
     """Copy the repository into ``workdir`` (keeping mutmut's results unless ``fresh``)."""
+    scope, tests = PARTS[part]
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +210,7 @@ def stage(workdir: Path, fresh: bool) -> None:
         target = workdir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
-    for module, keep in SCOPE.items():
+    for module, keep in scope.items():
         if keep is not None:
             path = workdir / module
             path.write_text(fence_off(path.read_text(), keep))
@@ -204,9 +223,9 @@ def stage(workdir: Path, fresh: bool) -> None:
             "training",
             "export",
         ],
-        "only_mutate": list(SCOPE),
+        "only_mutate": list(scope),
         "pytest_add_cli_args": PYTEST_ARGS,
-        "pytest_add_cli_args_test_selection": TESTS,
+        "pytest_add_cli_args_test_selection": tests,
         "also_copy": ALSO_COPY,
         "process_isolation": "forkserver",  # torch is not fork-safe after it has started threads
     }
@@ -255,9 +274,12 @@ def results(workdir: Path, mutmut: Path, digits: str) -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / "build" / "mutation")
+    parser.add_argument("--workdir", type=Path, help="default: build/mutation/PART")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument(
+        "--part", choices=sorted(PARTS), default="core-service", help="which modules to mutate"
+    )
     parser.add_argument(
         "--sample", type=int, choices=sorted(SAMPLE_DIGITS), default=1, help="every N-th mutant"
     )
@@ -268,11 +290,12 @@ def main() -> int:
     parser.add_argument("mutants", nargs="*", help="only these mutants (mutmut's names or globs)")
     args = parser.parse_args()
 
+    args.workdir = args.workdir or REPO / "build" / "mutation" / args.part
     mutmut = Path(sys.executable).with_name("mutmut")
     digits = SAMPLE_DIGITS[args.sample]
     if args.report:
         return summarise(args, mutmut, digits, seconds=None)
-    stage(args.workdir, args.fresh)
+    stage(args.workdir, args.fresh, args.part)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # the tests must import the mutated copy, nothing else
     started = time.monotonic()
