@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from training.config import (
-    DEFAULT_NUM_SAMPLES,
-    DEFAULT_PRESET,
-    PRESETS,
-    RunConfig,
-    apply_assignment,
-    from_preset,
-    validate,
-)
+from training.presets import DEFAULT_NUM_SAMPLES, DEFAULT_PRESET, PRESETS
+
+if TYPE_CHECKING:
+    from training.config import RunConfig
 
 from .base import main, needs_extras, setup_logging
 
@@ -184,6 +179,8 @@ def _train_config(
     preset: str | None, flags: dict[tuple[str, str], Any], assignments: tuple[str, ...]
 ) -> RunConfig:
     """Preset, then the named flags, then ``--set`` assignments; validated once."""
+    from training.config import apply_assignment, from_preset, validate
+
     cfg = from_preset(preset or DEFAULT_PRESET)
     for (section, name), value in flags.items():
         if value is not None:

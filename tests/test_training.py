@@ -71,7 +71,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_presets_validate_and_round_trip():
-    from training.config import PRESETS
+    from training.presets import PRESETS
 
     for name in PRESETS:
         cfg = validate(from_preset(name))

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from aegan_core.errors import UserError
+from training.presets import PRESETS
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-DEFAULT_NUM_SAMPLES = 10_000  # samples ``aegan eval`` generates and compares
 FASHION_MNIST_ENV = "AEGAN_FASHION_MNIST_DIR"
 
 Arch = Literal["conv", "mlp"]
@@ -275,59 +275,6 @@ def apply_assignment(cfg: RunConfig, assignment: str) -> None:
             expected = describe_type(annotation)
             raise ConfigError("--set", f"{key}: expected {expected}, got {raw!r}") from exc
     setattr(target, name, value)
-
-
-# Named presets: overrides applied to the defaults above. Presets are data.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The shipped default: Fashion-MNIST on a 2-core CPU in about an hour.
-    "fmnist-cpu": {
-        "data": {"source": "fashion-mnist"},
-        "model": {"arch": "conv", "latent_dim": 32, "width": 32},
-        "train": {"steps": 10000, "batch_size": 64},
-    },
-    # The same recipe, larger, for a GPU (its loss weights were tuned at the CPU preset's size).
-    "fmnist-gpu": {
-        "data": {"source": "fashion-mnist"},
-        "model": {"arch": "conv", "latent_dim": 64, "width": 64},
-        "train": {"steps": 50000, "batch_size": 128, "checkpoint_every": 5000},
-    },
-    # N x D vector data (--data FILE.npy or mixture:NAME), dense networks as in the original
-    # AEGAN. Tuned against the GAN at equal wall-clock on the mixtures of training/mixtures.py
-    # (bench/vectors.py, docs/RESULTS.md): about 8 CPU minutes per run there. Six hidden layers
-    # per network and 12 000 steps: a deeper G, trained longer, turns sharper between modes, so
-    # fewer samples fall between them. The reconstructions stay out of the image adversarial game
-    # (adv_x_recon 0); the encoder is stochastic (encoder_noise), so the codes of tight modes fill
-    # the prior; the reconstruction weight is high because the L1 term is a mean over coordinates
-    # (diluted in 100-D); both learning rates anneal to 5 %, which sharpens the samples.
-    "vectors-mlp": {
-        "model": {"arch": "mlp", "latent_dim": 2, "hidden": 128, "depth": 6},
-        "loss": {
-            "adv_x": 3.0,
-            "adv_x_recon": 0.0,
-            "adv_z": 1.0,
-            "recon_x": 30.0,
-            "recon_z": 0.2,
-            "recon_x_final": 1.0,
-            "encoder_noise": 0.2,
-        },
-        "optim": {"lr_g": 1e-3, "lr_d": 1e-3, "lr_final": 0.05},
-        "train": {"steps": 12000, "batch_size": 256, "image_every": 0},
-    },
-    # A few seconds on a CPU: smoke tests and demos.
-    "tiny": {
-        "data": {"source": "fashion-mnist", "limit": 512},
-        "model": {"arch": "conv", "latent_dim": 8, "width": 8, "hidden": 32},
-        "train": {
-            "steps": 20,
-            "batch_size": 16,
-            "log_every": 5,
-            "image_every": 10,
-            "checkpoint_every": 10,
-            "grid_size": 16,
-        },
-    },
-}
-DEFAULT_PRESET = "fmnist-cpu"
 
 
 def from_preset(name: str) -> RunConfig:

@@ -18,13 +18,7 @@ from typing import Any
 import numpy as np
 
 from aegan_core.errors import UserError
-from training.config import (
-    DEFAULT_NUM_SAMPLES,
-    ConfigError,
-    DataConfig,
-    RunConfig,
-    fashion_mnist_dir,
-)
+from training.config import ConfigError, DataConfig, RunConfig, fashion_mnist_dir
 from training.metrics import (
     METRICS,
     EvalContext,
@@ -35,6 +29,7 @@ from training.metrics import (
     result_meanings,
 )
 from training.metrics.registry import FMNIST_SHAPE
+from training.presets import DEFAULT_NUM_SAMPLES
 
 log = logging.getLogger(__name__)
 
