@@ -58,10 +58,6 @@ class QuotaExceeded(ClientError):
 
     error_code = HTTPStatus.TOO_MANY_REQUESTS
 
-    def __init__(self, message: str, decision: Decision) -> None:
-        super().__init__(message)
-        self.decision = decision
-
 
 @dataclass(frozen=True)
 class AccessSettings:
@@ -152,8 +148,7 @@ async def spend_images(count: int) -> None:
         raise QuotaExceeded(
             f"image quota spent: {budget.burst} images per {budget.window_s} s "
             f"({budget.rate:g} per second); {decision.remaining} left, retry after "
-            f"{decision.retry_after} s",
-            decision,
+            f"{decision.retry_after} s"
         )
 
 

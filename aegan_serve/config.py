@@ -177,12 +177,12 @@ def read_environment(environ: Mapping[str, str] = os.environ) -> Environment:
 
 def _message(error: Any) -> str:
     """One pydantic error as the sentence a user reads: ``AEGAN_MAX_N='many' is not an integer``."""
-    name = env_var(str(error["loc"][0])) if error["loc"] else PREFIX
-    value, kind, ctx = error.get("input"), error["type"], error.get("ctx", {})
+    name = env_var(str(error["loc"][0]))  # every check is a field's: no error without a field
+    value, kind, ctx = error.get("input"), error["type"], error.get("ctx")
     if name == env_var("rate_limit_storage") and isinstance(value, str):
         value = redacted(value)
     shown = f"{name}={value!r}"
-    if kind == "int_parsing" or kind == "int_from_float":
+    if kind == "int_parsing":  # the values are text: never int_from_float
         return f"{shown} is not an integer"
     if kind == "float_parsing":
         return f"{shown} is not a number"

@@ -323,12 +323,13 @@ def test_without_a_gpu_cuda_is_not_used_and_no_fallback_is_counted(image_bundle)
 def test_worker_layout_follows_a_usable_provider_not_device_files(monkeypatch):
     monkeypatch.setattr(config, "available_cpus", lambda: 4)
     monkeypatch.setattr(runtime, "gpu_visible", lambda: True)  # device files, no usable provider
-    monkeypatch.setattr(config, "cuda_unusable_reason", lambda options: "libcudnn.so.9 missing")
+    monkeypatch.setattr(config, "check_in_subprocess", lambda options: "libcudnn.so.9 missing")
     settings = Settings.from_env({})
     assert settings.workers == 4 and settings.batch_size == 64
     assert settings.resources(gpu=False) == {"cpu": "2", "memory": "2Gi"}
     asked: list[CudaOptions] = []
-    monkeypatch.setattr(config, "cuda_unusable_reason", lambda options: asked.append(options))
+    # the options reach the check in the child process (aegan_core.cuda.check_in_subprocess)
+    monkeypatch.setattr(config, "check_in_subprocess", lambda options: asked.append(options))
     settings = Settings.from_env({"AEGAN_CUDA_TF32": "1", "AEGAN_CUDA_ALGO_SEARCH": "exhaustive"})
     assert settings.workers == 1 and settings.batch_size == config.GPU_BATCH_SIZE
     assert asked == [CudaOptions(algo_search="EXHAUSTIVE", tf32=True)]

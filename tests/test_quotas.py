@@ -269,6 +269,7 @@ def test_a_budgets_share_keeps_its_name_and_window():
 
     assert Budget("images", 10, 5).share(2) == Budget("images", 5, 5)
     assert Budget("requests", 3, 1).share(8) == Budget("requests", 1, 1)  # at least one unit
+    assert Budget("images", 7, 5).share(2) == Budget("images", 3, 5)  # whole units
 
 
 def test_the_workers_a_quota_is_shared_by_are_kept():

@@ -74,6 +74,30 @@ def test_every_wrong_variable_is_named_at_once():
     assert "AEGAN_DEVICE='tpu' must be one of auto, cuda, cpu" in message
 
 
+def test_each_kind_of_mistake_has_its_sentence():
+    said = {
+        "AEGAN_MAX_N": ("2.5", "AEGAN_MAX_N='2.5' is not an integer"),
+        "AEGAN_QUOTA_IMAGES_PER_S": ("fast", "AEGAN_QUOTA_IMAGES_PER_S='fast' is not a number"),
+        "AEGAN_QUOTA_REQUESTS_PER_S": ("inf", "AEGAN_QUOTA_REQUESTS_PER_S='inf' must be a finite"),
+        # a kind without a sentence of its own: pydantic's, after the variable and its value
+        "AEGAN_MAX_STEPS": ("9" * 5000, "9': Unable to parse input string as an integer, exceeded"),
+    }
+    for name, (value, says) in said.items():
+        with pytest.raises(SettingsError) as caught:
+            read_environment({name: value})
+        assert says in str(caught.value)
+
+
+def test_a_storage_url_password_is_never_shown_but_other_values_are():
+    with pytest.raises(SettingsError) as caught:
+        read_environment({"AEGAN_RATE_LIMIT_STORAGE": "redis://:hunter2@cache:port/0"})
+    assert "'redis://:***@cache:port/0' is not a URL" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(SettingsError) as caught:  # only the storage URL is redacted
+        read_environment({"AEGAN_DEVICE": "//user:word@host"})
+    assert "AEGAN_DEVICE='//user:word@host' must be one of" in str(caught.value)
+
+
 def test_values_are_read_as_an_operator_writes_them():
     env = read_environment(
         {
