@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -224,10 +225,10 @@ class Application:
                 "the originals are not served (AEGAN_GALLERY_ROOT is not set); ask for "
                 "source=decoded"
             )
-        try:
-            path = (self.gallery_root / id).resolve()
-        except (ValueError, OSError) as exc:  # a NUL byte, a link loop
-            raise RequestError(f"id {id[:200]!r} is not a usable path ({exc})") from None
+        # Not Path.resolve(): before Python 3.13 it raises RuntimeError at a link loop. realpath
+        # leaves a loop unresolved, and is_file() below is False for it. (A gallery id holds no
+        # NUL byte: the encoding job cannot look up such a path, and stops.)
+        path = Path(os.path.realpath(self.gallery_root / id))
         if not path.is_relative_to(self.gallery_root):
             raise RequestError(
                 f"id {id[:200]!r} leads outside AEGAN_GALLERY_ROOT; its original is not served"

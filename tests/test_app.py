@@ -88,6 +88,78 @@ def test_no_gallery_is_a_404_saying_how_to_get_one(image_app):
         image_app.gallery_png("x")
 
 
+LONG = "d" * 150 + "/" + "e" * 150  # a folder and a file name: an id of 306 characters
+
+
+@pytest.fixture(scope="module")
+def originals(image_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A gallery listed from ``root/list.txt``, and its root: pictures under suffixes the service
+    knows and one it does not, and files with long names that the tests then move or replace."""
+    pytest.importorskip("pyarrow.parquet", reason="the 'batch' extra (pyarrow) is not installed")
+    from test_gallery import encode_to
+
+    from aegan_batch.index import build_gallery
+    from aegan_core.bundle import load_bundle
+
+    root = tmp_path_factory.mktemp("originals")
+    (root / LONG).parent.mkdir()
+    names = ["a.png", "b.JPG", "c.pic", f"{LONG}.png", f"{LONG}.away.png", f"{LONG}.loop.png"]
+    for i, name in enumerate(names):
+        formats = {".JPG": "JPEG"}
+        Image.open(io.BytesIO(png(i))).save(
+            root / name, format=formats.get(Path(name).suffix, "PNG")
+        )
+    (root / "list.txt").write_text("\n".join(names) + "\n")
+    dest = encode_to(root / "list.txt", image_bundle, tmp_path_factory.mktemp("originals-gallery"))
+    build_gallery(dest, load_bundle(image_bundle))
+    return dest, root
+
+
+def test_gallery_originals_are_the_files_with_their_media_type(image_bundle, originals):
+    dest, root = originals
+    app = application(image_bundle, AEGAN_GALLERY=str(dest), AEGAN_GALLERY_ROOT=str(root))
+    for id, media_type in [
+        ("a.png", "image/png"),
+        ("b.JPG", "image/jpeg"),
+        ("c.pic", "application/octet-stream"),  # a suffix of no known format: bytes, untyped
+    ]:
+        assert asyncio.run(app.gallery_original(id)) == ((root / id).read_bytes(), media_type)
+    no_root = application(image_bundle, AEGAN_GALLERY=str(dest), AEGAN_GALLERY_ROOT="")
+    with pytest.raises(GalleryNotFound) as refused:
+        asyncio.run(no_root.gallery_original("a.png"))
+    assert str(refused.value) == (
+        "the originals are not served (AEGAN_GALLERY_ROOT is not set); ask for source=decoded"
+    )
+
+
+def test_a_gallery_original_gone_away_or_looping_is_refused_quoting_200_characters(
+    image_bundle, originals, tmp_path
+):
+    dest, root = originals
+    app = application(image_bundle, AEGAN_GALLERY=str(dest), AEGAN_GALLERY_ROOT=str(root))
+    assert asyncio.run(app.gallery_original(f"{LONG}.png"))[1] == "image/png"
+    outside = tmp_path / "outside.png"
+    (root / f"{LONG}.away.png").rename(outside)
+    (root / f"{LONG}.away.png").symlink_to(outside)
+    loop = root / f"{LONG}.loop.png"
+    loop.unlink()
+    loop.symlink_to(loop)
+    (root / f"{LONG}.png").unlink()
+    for id, error, words in [
+        (
+            f"{LONG}.away.png",
+            RequestError,
+            "leads outside AEGAN_GALLERY_ROOT; its original is not served",
+        ),
+        (f"{LONG}.png", GalleryNotFound, "has no file under AEGAN_GALLERY_ROOT"),
+        (f"{LONG}.loop.png", GalleryNotFound, "has no file under AEGAN_GALLERY_ROOT"),
+    ]:
+        with pytest.raises(error) as refused:
+            asyncio.run(app.gallery_original(id))
+        assert type(refused.value) is error
+        assert str(refused.value) == f"id {id[:200]!r} {words}"
+
+
 def test_info_reports_the_model_runtime_and_limits(image_app):
     info = image_app.info()
     assert info["model"]["latent_dim"] == 32 and info["model"]["kind"] == "image"
