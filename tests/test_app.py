@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import aegan_serve
 from aegan_core.errors import ClientError, RequestError, WrongModelKind
 from aegan_core.gallery import GalleryNotFound
 from aegan_serve.app import Application
@@ -77,13 +80,18 @@ def test_animation_frames_and_formats(image_app):
 
 
 def test_latents_are_checked_against_the_model(image_app):
-    with pytest.raises(RequestError, match="32"):
-        image_app.latents([[0.0] * 31])
+    with pytest.raises(RequestError) as refused:
+        image_app.latents([[0.0] * 32, [0.0] * 31])
+    assert str(refused.value) == "latents[1] has 31 values; this model's latent_dim is 32"
 
 
 def test_no_gallery_is_a_404_saying_how_to_get_one(image_app):
-    with pytest.raises(GalleryNotFound, match="AEGAN_GALLERY=DEST"):
+    with pytest.raises(GalleryNotFound) as refused:
         asyncio.run(image_app.similar(np.zeros((1, 32), np.float32), 3))
+    assert str(refused.value) == (
+        "this server has no gallery: index an `aegan encode` output with `aegan index DEST` and "
+        "start the server with AEGAN_GALLERY=DEST"
+    )
     with pytest.raises(GalleryNotFound):
         image_app.gallery_png("x")
 
@@ -125,6 +133,8 @@ def test_gallery_originals_are_the_files_with_their_media_type(image_bundle, ori
     ]:
         assert asyncio.run(app.gallery_original(id)) == ((root / id).read_bytes(), media_type)
     no_root = application(image_bundle, AEGAN_GALLERY=str(dest), AEGAN_GALLERY_ROOT="")
+    assert app.info()["gallery"]["originals"] is True
+    assert no_root.info()["gallery"]["originals"] is False
     with pytest.raises(GalleryNotFound) as refused:
         asyncio.run(no_root.gallery_original("a.png"))
     assert str(refused.value) == (
@@ -160,20 +170,105 @@ def test_a_gallery_original_gone_away_or_looping_is_refused_quoting_200_characte
         assert str(refused.value) == f"id {id[:200]!r} {words}"
 
 
-def test_info_reports_the_model_runtime_and_limits(image_app):
-    info = image_app.info()
-    assert info["model"]["latent_dim"] == 32 and info["model"]["kind"] == "image"
-    assert info["runtime"]["provider"] == "CPUExecutionProvider"
-    assert info["limits"]["AEGAN_MAX_IMAGES"] == image_app.settings.limits.max_images
-    assert info["gallery"] is None
+def test_info_reports_the_model_runtime_limits_and_encoder_batches(image_bundle):
+    app = application(
+        image_bundle,
+        AEGAN_THREADS="1",
+        AEGAN_WORKERS="3",
+        AEGAN_BATCH_SIZE="8",
+        AEGAN_BATCH_LATENCY_MS="250",
+        AEGAN_MAX_QUEUE="100",
+        AEGAN_MAX_N="5",
+    )
+    assert app.info()["encode_batches"] == {"count": 0, "largest": 0, "sizes": {}}
+    asyncio.run(app.encode([png(i) for i in range(3)]))
+    asyncio.run(app.encode([png(9)]))
+    info = app.info()
+    assert info["model"] == {
+        "name": "tiny-test",
+        "kind": "image",
+        "data_shape": [1, 28, 28],
+        "latent_dim": 32,
+        "latent_prior": "normal",
+        "path": str(image_bundle),
+        "metrics": {"recon_mse": 0.01},
+        "directions": None,  # the bundle has none (tests/test_directions.py)
+    }
+    assert info["runtime"] == {
+        "provider": "CPUExecutionProvider",
+        "precision": "fp32",
+        "threads": 1,
+        "workers": 3,
+        "cuda_unused_reason": "AEGAN_DEVICE=cpu",
+        "cuda_fallbacks": 0,
+        "fp16_max_abs_error": {},
+    }
+    limits = app.settings.limits
+    assert info["limits"] == {
+        "AEGAN_MAX_IMAGES": limits.max_images,
+        "AEGAN_MAX_UPLOAD_BYTES": limits.max_upload_bytes,
+        "AEGAN_MAX_PIXELS": limits.max_pixels,
+        "AEGAN_MAX_N": 5,
+        "AEGAN_MAX_STEPS": limits.max_steps,
+        "AEGAN_MAX_REQUEST_BYTES": limits.max_request_bytes,
+        "AEGAN_MAX_JSON_BYTES": limits.max_json_bytes,
+        "AEGAN_MAX_INFLIGHT_BYTES": limits.max_inflight_bytes,
+        "AEGAN_BATCH_SIZE": 8,
+        "AEGAN_BATCH_LATENCY_MS": 250,
+        "AEGAN_MAX_QUEUE": 100,
+    }
+    # Runs of 3 images, then of 1: counted per size, the sizes in increasing order.
+    batches = info["encode_batches"]
+    assert (batches["count"], batches["largest"]) == (2, 3)
+    assert list(batches["sizes"].items()) == [("1", 1), ("3", 1)]
+    assert info["gallery"] is None and info["version"] == aegan_serve.__version__
+
+
+def test_the_start_up_line_names_the_model_the_runtime_and_why_cuda_is_not_used(
+    image_bundle, caplog
+):
+    with caplog.at_level(logging.INFO, logger="bentoml.aegan_serve"):
+        application(image_bundle, AEGAN_THREADS="1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "bentoml.aegan_serve"]
+    assert lines == [
+        f"model 'tiny-test' from {image_bundle}: image (1, 28, 28), latent_dim 32; ONNX Runtime "
+        "CPUExecutionProvider (fp32, 1 threads); CUDA not used: AEGAN_DEVICE=cpu"
+    ]
+
+
+def test_the_metrics_count_images_per_encoder_run(image_app):
+    from prometheus_client import REGISTRY, generate_latest
+
+    def count(le: str) -> float:
+        return REGISTRY.get_sample_value("aegan_encoder_batch_images_bucket", {"le": le}) or 0.0
+
+    before = {le: count(le) for le in ("2.0", "4.0")}
+    asyncio.run(image_app.encode([png(i) for i in range(3)]))  # one run of 3 images
+    assert count("2.0") == before["2.0"] and count("4.0") == before["4.0"] + 1
+    text = generate_latest(REGISTRY).decode()
+    assert (
+        "# HELP aegan_encoder_batch_images Images per encoder run (concurrent requests batched "
+        "together)\n" in text
+    )
+    buckets = re.findall(r'^aegan_encoder_batch_images_bucket\{le="([^"]+)"\}', text, re.M)
+    assert buckets == [f"{b}.0" for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)] + ["+Inf"]
+    # The count of CUDA fallbacks is there from the start (tests/test_cuda.py counts one).
+    assert (
+        "# HELP aegan_cuda_fallbacks_total Times a worker left CUDA for the CPU provider\n" in text
+    )
+    assert REGISTRY.get_sample_value("aegan_cuda_fallbacks_total") is not None
 
 
 def test_a_vector_model_decodes_vectors_and_refuses_image_work(vector_bundle):
     app = application(vector_bundle)
     _, z = app.draw(3, 1, 1.0)
     assert len(asyncio.run(app.decode(z))["vectors"]) == 3
-    with pytest.raises(WrongModelKind, match="/sample works with images only"):
+    with pytest.raises(WrongModelKind) as refused:
         app.require_images("/sample")
+    assert str(refused.value) == (
+        "model 'tiny-test' is a vector model (data shape [2]), and /sample works with images "
+        "only; /generate and /decode return its vectors"
+    )
     with pytest.raises(WrongModelKind):
         asyncio.run(app.encode([png(0)]))
 
