@@ -7,14 +7,16 @@ import asyncio
 import io
 import logging
 import re
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import aegan_serve
-from aegan_core.errors import ClientError, RequestError, WrongModelKind
+import aegan_serve.app
+from aegan_core.errors import ClientError, Overloaded, RequestError, WrongModelKind
 from aegan_core.gallery import GalleryNotFound
 from aegan_serve.app import Application
 from aegan_serve.config import Settings
@@ -257,6 +259,45 @@ def test_the_metrics_count_images_per_encoder_run(image_app):
         "# HELP aegan_cuda_fallbacks_total Times a worker left CUDA for the CPU provider\n" in text
     )
     assert REGISTRY.get_sample_value("aegan_cuda_fallbacks_total") is not None
+
+
+def test_work_that_waited_for_the_busy_pool_is_refused_and_one_image_is_not(
+    image_bundle, monkeypatch
+):
+    """One worker thread, held by a slow decode: a one-image request still runs (on the event
+    loop), larger ones waited longer than AEGAN_BATCH_LATENCY_MS and are refused, not run."""
+    monkeypatch.setattr("aegan_serve.app.available_cpus", lambda: 1)
+    app = application(image_bundle, AEGAN_BATCH_LATENCY_MS="100")
+    decoding_threads = []
+    real_load = aegan_serve.app.load_uploads
+
+    def slow_load(*args, **kwargs):
+        decoding_threads.append(threading.current_thread().name)
+        time.sleep(0.5)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr("aegan_serve.app.load_uploads", slow_load)
+    _, z = app.draw(2, 0, 1.0)
+
+    async def while_decoding():
+        first = asyncio.ensure_future(app.encode([png(0)]))
+        for _ in range(500):  # until the worker thread is taken (a few ms)
+            if decoding_threads or first.done():
+                break
+            await asyncio.sleep(0.01)
+        rest = await asyncio.gather(
+            app.decode(z[:1]), app.decode(z), app.encode([png(1)]), return_exceptions=True
+        )
+        return [await first, *rest]
+
+    encoded, one, two, late = asyncio.run(while_decoding())
+    assert encoded.shape == (1, 32) and len(one["images"]) == 1
+    for refused in (two, late):
+        assert isinstance(refused, Overloaded), refused
+        assert re.fullmatch(
+            r"waited \d+\.\d s for a worker thread, longer than 0\.1 s; retry shortly", str(refused)
+        )
+    assert len(decoding_threads) == 1 and decoding_threads[0].startswith("aegan-work")
 
 
 def test_a_vector_model_decodes_vectors_and_refuses_image_work(vector_bundle):
