@@ -183,7 +183,12 @@ def test_info_reports_the_model_runtime_limits_and_encoder_batches(image_bundle)
         AEGAN_MAX_N="5",
     )
     assert app.info()["encode_batches"] == {"count": 0, "largest": 0, "sizes": {}}
+    encoder_threads, encode = [], app.model.encode
+    app.model.encode = lambda x: (
+        encoder_threads.append(threading.current_thread().name) or encode(x)
+    )
     asyncio.run(app.encode([png(i) for i in range(3)]))
+    assert encoder_threads[0].startswith("aegan-encoder")  # the encoder's own thread
     asyncio.run(app.encode([png(9)]))
     info = app.info()
     assert info["model"] == {
