@@ -36,7 +36,10 @@ def png(seed: int, size: tuple[int, int] = (28, 28), mode: str = "L") -> bytes:
 
 @pytest.fixture(scope="module")
 def image_app(image_bundle: Path) -> Application:
-    return application(image_bundle)
+    """Three worker threads on any machine, so that the uploads of a request are split in parts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("aegan_serve.app.available_cpus", lambda: 3)
+        return application(image_bundle)
 
 
 def test_draws_are_repeatable_and_make_images(image_app):
@@ -52,11 +55,12 @@ def test_draws_are_repeatable_and_make_images(image_app):
 
 
 def test_encode_and_reconstruct_keep_the_uploads_order(image_app):
-    uploads = [png(i) for i in range(5)]
+    uploads = [png(i) for i in range(5)]  # decoded in parts of 2, 2 and 1
     z = asyncio.run(image_app.encode(uploads))
     assert z.shape == (5, 32)
     alone = [asyncio.run(image_app.encode([u]))[0] for u in uploads]
     np.testing.assert_allclose(z, np.stack(alone), atol=1e-5)
+    np.testing.assert_allclose(asyncio.run(image_app.encode(uploads[:4])), z[:4], atol=1e-5)  # 2+2
     answer = asyncio.run(image_app.reconstruct(uploads))
     assert {k: len(v) for k, v in answer.items()} == {
         "latents": 5,
@@ -338,3 +342,18 @@ def test_each_endpoint_declares_its_scope_and_image_use_once():
     assert {r for r, d in routes.items() if d.gallery} == {"/similar", "/gallery/image"}
     assert routes["/info"].scope is None and routes["/similar"].scope == "search"
     assert all(d.scope in (None, "generate", "encode", "search") for d in DECLARED)
+
+
+def test_an_upload_field_holds_the_bytes_of_a_file_part_bytes_or_a_local_file(tmp_path):
+    from starlette.datastructures import UploadFile
+
+    from aegan_serve.service import InMemoryFile
+
+    field = InMemoryFile()
+    (tmp_path / "b.png").write_bytes(b"from disk")
+    part = UploadFile(io.BytesIO(b"from a part"), filename="pictures/a.png")
+    uploads = [field.decode(value) for value in (part, b"bytes", tmp_path / "b.png")]
+    assert [u.data for u in uploads] == [b"from a part", b"bytes", b"from disk"]
+    with pytest.raises(ValueError) as refused:
+        field.decode("a text field")
+    assert str(refused.value) == "expected an uploaded file"
