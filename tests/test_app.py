@@ -275,8 +275,8 @@ def test_work_that_waited_for_the_busy_pool_is_refused_and_one_image_is_not(
 ):
     """One worker thread, held by a slow decode: a one-image request still runs (on the event
     loop), larger ones waited longer than AEGAN_BATCH_LATENCY_MS and are refused, not run."""
-    monkeypatch.setattr("aegan_serve.app.available_cpus", lambda: 1)
-    app = application(image_bundle, AEGAN_BATCH_LATENCY_MS="100")
+    monkeypatch.setattr("aegan_serve.app.available_cpus", lambda: 3)
+    app = application(image_bundle, AEGAN_BATCH_LATENCY_MS="100", AEGAN_WORKERS="2")  # 3 // 2
     decoding_threads = []
     real_load = aegan_serve.app.load_uploads
 
