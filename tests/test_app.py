@@ -118,6 +118,7 @@ def originals(image_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     root = tmp_path_factory.mktemp("originals")
     (root / LONG).parent.mkdir()
     names = ["a.png", "b.JPG", "c.pic", f"{LONG}.png", f"{LONG}.away.png", f"{LONG}.loop.png"]
+    names += ["f.png", "g.png"]  # 8 in all
     for i, name in enumerate(names):
         formats = {".JPG": "JPEG"}
         Image.open(io.BytesIO(png(i))).save(
@@ -146,6 +147,44 @@ def test_gallery_originals_are_the_files_with_their_media_type(image_bundle, ori
     assert str(refused.value) == (
         "the originals are not served (AEGAN_GALLERY_ROOT is not set); ask for source=decoded"
     )
+
+
+def test_a_search_of_more_than_10000_rows_waits_for_the_busy_pool_and_a_smaller_one_does_not(
+    image_bundle, originals, monkeypatch
+):
+    """Queries x gallery latents: up to 10 000 are searched on the event loop, more in the worker
+    pool, where work that waited longer than AEGAN_BATCH_LATENCY_MS is refused."""
+    dest, _ = originals
+    monkeypatch.setattr("aegan_serve.app.available_cpus", lambda: 1)
+    app = application(image_bundle, AEGAN_GALLERY=str(dest), AEGAN_BATCH_LATENCY_MS="100")
+    assert app.require_gallery().size == 8
+    real_load = aegan_serve.app.load_uploads
+    decoding = threading.Event()
+
+    def slow_load(*args, **kwargs):
+        decoding.set()
+        time.sleep(0.5)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr("aegan_serve.app.load_uploads", slow_load)
+    z = np.zeros((1251, 32), np.float32)
+
+    async def while_decoding():
+        first = asyncio.ensure_future(app.encode([png(0)]))
+        for _ in range(500):  # until the worker thread is taken (a few ms)
+            if decoding.is_set() or first.done():
+                break
+            await asyncio.sleep(0.01)
+        rest = await asyncio.gather(
+            app.similar(z[:1250], 1), app.similar(z, 1), return_exceptions=True
+        )
+        return [await first, *rest]
+
+    _, inline, pooled = asyncio.run(while_decoding())
+    assert len(inline) == 1250 and len(inline[0]) == 1  # 1250 x 8 = 10 000
+    assert isinstance(pooled, Overloaded), pooled  # 1251 x 8
+    answered = asyncio.run(app.similar(z, 2))  # the pool free again
+    assert len(answered) == 1251 and answered[1250] == asyncio.run(app.similar(z[:1], 2))[0]
 
 
 def test_a_gallery_original_gone_away_or_looping_is_refused_quoting_200_characters(
