@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -126,9 +127,9 @@ class Application:
                 "/generate and /decode return its vectors"
             )
 
-    def latents(self, values: Sequence[Sequence[float]], name: str = "latents") -> np.ndarray:
+    def latents(self, values: Sequence[Sequence[float]]) -> np.ndarray:
         """Caller-given latents as a (n, latent_dim) array, or a :class:`RequestError`."""
-        return check_latents(values, self.bundle.latent_dim, name)
+        return check_latents(values, self.bundle.latent_dim, "latents")
 
     def draw(self, n: int, seed: int | None, truncation: float) -> tuple[int, np.ndarray]:
         """``n`` prior draws of ``seed`` (a random seed when None), and the seed."""
@@ -224,10 +225,10 @@ class Application:
                 "the originals are not served (AEGAN_GALLERY_ROOT is not set); ask for "
                 "source=decoded"
             )
-        try:
-            path = (self.gallery_root / id).resolve()
-        except (ValueError, OSError) as exc:  # a NUL byte, a link loop
-            raise RequestError(f"id {id[:200]!r} is not a usable path ({exc})") from None
+        # Not Path.resolve(): before Python 3.13 it raises RuntimeError at a link loop. realpath
+        # leaves a loop unresolved, and is_file() below is False for it. (A gallery id holds no
+        # NUL byte: the encoding job cannot look up such a path, and stops.)
+        path = Path(os.path.realpath(self.gallery_root / id))
         if not path.is_relative_to(self.gallery_root):
             raise RequestError(
                 f"id {id[:200]!r} leads outside AEGAN_GALLERY_ROOT; its original is not served"
@@ -318,12 +319,10 @@ class Application:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _convert(self, uploads: Sequence[bytes], first_index: int) -> np.ndarray:
-        shape = self.bundle.data_shape
-        if len(shape) != 3:  # load() checked: an image model's data_shape is (C, H, W)
-            raise WrongModelKind(f"model {self.bundle.name!r} does not take images")
+        # load() checked the model makes images, and so its data_shape is (C, H, W) (ModelRuntime)
         return load_uploads(
             list(uploads),
-            shape,
+            self.bundle.data_shape,
             max_bytes=self.settings.limits.max_upload_bytes,
             max_pixels=self.settings.limits.max_pixels,
             first_index=first_index,

@@ -66,7 +66,8 @@ IN_USE = {"latent_dim": STARTUP_BUNDLE.latent_dim}  # the bundle of this worker
 
 
 class Upload(PurePosixPath):
-    """One uploaded file, held in memory: its name is the client's file name, ``data`` its bytes.
+    """One uploaded file, held in memory: ``data`` its bytes (the endpoints read nothing else, so
+    the path itself is empty, ``.``).
 
     BentoML's ``Path`` fields first write every upload to a new file in the request's temporary
     directory, a file system round trip per image for uploads this small. Starlette still spools
@@ -81,14 +82,14 @@ class InMemoryFile(FileSchema):
 
     def decode(self, obj: Any) -> Upload:
         if isinstance(obj, UploadFile):
-            name, data = obj.filename or "upload", obj.file.read()
+            data = obj.file.read()
         elif isinstance(obj, bytes):
-            name, data = "upload", obj
+            data = obj
         elif isinstance(obj, Path):  # a local call (e.g. in a test) with a file on disk
-            name, data = obj.name, obj.read_bytes()
+            data = obj.read_bytes()
         else:
             raise ValueError("expected an uploaded file")
-        upload = Upload(Path(name).name or "upload")
+        upload = Upload()
         upload.data = data
         return upload
 

@@ -6,6 +6,7 @@ here, each with the providers the sessions really report."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -248,6 +249,25 @@ def test_auto_falls_back_to_the_cpu_when_cuda_fails_after_start(stand_in, image_
     assert model.provider == CPU and model.fallbacks == 1
     assert model.generator.session.get_providers() == [CPU]
     assert "out of memory" in model.cuda_reason and reasons == [model.cuda_reason]
+
+
+def test_the_service_on_cuda_says_so_at_start_and_counts_a_fallback(stand_in, image_bundle, caplog):
+    from prometheus_client import REGISTRY
+
+    from aegan_serve.app import Application
+
+    environ = {"AEGAN_MODEL": str(image_bundle), "AEGAN_DEVICE": "auto", "AEGAN_THREADS": "1"}
+    with caplog.at_level(logging.INFO, logger="bentoml.aegan_serve"):
+        app = Application(Settings.from_env(environ))
+    assert app.model.provider == CUDA
+    lines = [r.getMessage() for r in caplog.records if r.name == "bentoml.aegan_serve"]
+    assert len(lines) == 1 and "CUDA not used" not in lines[0], lines
+    assert lines[0].endswith(f"ONNX Runtime {CUDA} ({app.model.precision}, 1 threads)")
+    before = REGISTRY.get_sample_value("aegan_cuda_fallbacks_total")
+    stand_in.run_error = "CUDA error: out of memory"
+    app.model.generate(np.zeros((2, 32), np.float32))
+    assert app.model.provider == CPU and app.info()["runtime"]["cuda_fallbacks"] == 1
+    assert REGISTRY.get_sample_value("aegan_cuda_fallbacks_total") == before + 1
 
 
 def test_non_finite_cuda_output_falls_back_too(stand_in, image_bundle):
