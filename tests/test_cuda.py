@@ -6,6 +6,7 @@ here, each with the providers the sessions really report."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -256,6 +257,45 @@ def test_non_finite_cuda_output_falls_back_too(stand_in, image_bundle):
     z = model.encode(np.zeros((2, 1, 28, 28), np.float32))
     assert np.isfinite(z).all() and model.provider == CPU
     assert "non-finite" in model.cuda_reason
+
+
+def runtime_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The runtime's log lines an operator reads: (level, message)."""
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == runtime.logger.name]
+
+
+def test_a_fallback_after_start_is_one_warning_with_its_reason_and_no_fp16_gap(
+    stand_in, rgb_bundle, caplog
+):
+    caplog.set_level(logging.INFO, logger=runtime.logger.name)
+    model = ModelRuntime(load_bundle(rgb_bundle), "auto")
+    assert model.precision == "fp16" and set(model.fp16_error) == {"generator", "encoder"}
+    caplog.clear()
+    stand_in.run_error = "CUDA error: out of memory"
+    model.generate(np.zeros((2, 8), np.float32))
+    assert runtime_lines(caplog) == [
+        (
+            "WARNING",
+            "CUDA abandoned, running on CPU from now on: "
+            "generator failed on CUDA: CUDA error: out of memory",
+        )
+    ]
+    # what /info shows as fp16_max_abs_error: no gap, as on a worker that never used CUDA
+    assert model.fp16_error == {} and model.precision == "fp32"
+
+
+def test_without_a_driver_auto_says_why_at_info_level_not_as_a_fallback(
+    monkeypatch, image_bundle, caplog
+):
+    monkeypatch.setattr(runtime, "cuda_unavailable_reason", lambda: "no NVIDIA driver here")
+    caplog.set_level(logging.INFO, logger=runtime.logger.name)
+    reasons: list[str] = []
+    model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
+    assert model.provider == CPU and model.cuda_reason == "no NVIDIA driver here"
+    assert model.fallbacks == 0 and reasons == []
+    assert runtime_lines(caplog) == [
+        ("INFO", "CUDA not used (no NVIDIA driver here); running on CPU")
+    ]
 
 
 def test_in_cuda_mode_a_failure_is_an_error_not_a_silent_fallback(stand_in, image_bundle):
