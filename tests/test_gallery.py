@@ -281,6 +281,7 @@ def test_the_runtime_encodes_as_the_gallery_was(gallery_dir, collection, image_b
     pixels = np.asarray(Image.open(collection / "group-1" / "004.png"), np.float32)
     z = model.encode((pixels / 127.5 - 1.0)[None, None])
     stored = load_gallery(gallery_dir).latent_of("group-1/004.png")
+    assert stored.dtype == np.float32 and stored.shape == (32,)
     np.testing.assert_allclose(stored, z[0], atol=1e-5)
 
 
