@@ -242,6 +242,16 @@ def test_on_cuda_every_batch_size_is_warmed_up_and_requests_are_padded_to_them(
     assert model.encode(x).shape == (3, 32)
 
 
+def test_by_default_cuda_runs_the_fp16_graphs_on_device_0_warmed_up_to_64_rows(
+    stand_in, rgb_bundle
+):
+    model = ModelRuntime(load_bundle(rgb_bundle), "cuda")
+    assert model.provider == CUDA and model.precision == "fp16"
+    assert {o["device_id"] for o in stand_in.options} == {"0"}
+    assert model.generator.device_id == model.encoder.device_id == 0  # IO binding's device
+    assert max(stand_in.sizes["encoder.fp16"]) == 64 == model.buckets[-1]
+
+
 def test_auto_falls_back_to_the_cpu_when_cuda_fails_after_start(stand_in, image_bundle):
     reasons: list[str] = []
     model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
