@@ -225,7 +225,8 @@ class ModelRuntime:
         with self._lock:
             out = graph.run(_padded(np.asarray(batch, np.float32), self.buckets))[: len(batch)]
         if not np.isfinite(out).all() and np.isfinite(batch).all():
-            raise DeviceError(f"{graph.role} gave non-finite values on CUDA ({self.precision})")
+            precision = "fp16" if graph.role in (GENERATOR_FP16, ENCODER_FP16) else "fp32"
+            raise DeviceError(f"{graph.role} gave non-finite values on CUDA ({precision})")
         return out
 
     def _start_cuda(self, fp16: bool) -> None:

@@ -43,6 +43,9 @@ class StandIn:
         self.creation_error: str | None = None
         self.run_error: str | None = None  # raised by every CUDA run from now on
         self.nan_roles: set[str] = set()  # model files whose CUDA runs give NaN
+        self.offsets: dict[str, float] = {}  # model files whose CUDA runs are off by this much
+        self.library_error = LIBRARY_ERROR  # what a provider that did not initialise prints
+        self.ranges: dict[str, list[tuple[float, float]]] = {}  # lowest, highest input of each run
         self.options: list[dict[str, str]] = []
         self.sizes: dict[str, list[int]] = {}
         self.active = 0
@@ -95,9 +98,11 @@ class FakeCudaSession:
                 raise RuntimeError(s.run_error)
             (batch,) = binding.inputs.values()
             s.sizes.setdefault(self.name, []).append(len(batch))
+            s.ranges.setdefault(self.name, []).append((float(batch.min()), float(batch.max())))
             results = self.cpu.run(binding.outputs, binding.inputs)
             if self.name in s.nan_roles:
                 results = [np.full_like(r, np.nan) for r in results]
+            results = [r + np.float32(s.offsets.get(self.name, 0)) for r in results]
             binding.results = results
         finally:
             s.active -= 1
@@ -115,7 +120,7 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> StandIn:
         name, options = first
         assert name == CUDA
         state.options.append(options)
-        os.write(2, LIBRARY_ERROR.encode() if not state.keeps_cuda else b"")
+        os.write(2, state.library_error.encode() if not state.keeps_cuda else b"")
         if state.creation_error:
             raise RuntimeError(state.creation_error)
         return FakeCudaSession(model, state, sess_options=sess_options)
@@ -237,6 +242,16 @@ def test_on_cuda_every_batch_size_is_warmed_up_and_requests_are_padded_to_them(
     assert model.encode(x).shape == (3, 32)
 
 
+def test_by_default_cuda_runs_the_fp16_graphs_on_device_0_warmed_up_to_64_rows(
+    stand_in, rgb_bundle
+):
+    model = ModelRuntime(load_bundle(rgb_bundle), "cuda")
+    assert model.provider == CUDA and model.precision == "fp16"
+    assert {o["device_id"] for o in stand_in.options} == {"0"}
+    assert model.generator.device_id == model.encoder.device_id == 0  # IO binding's device
+    assert max(stand_in.sizes["encoder.fp16"]) == 64 == model.buckets[-1]
+
+
 def test_auto_falls_back_to_the_cpu_when_cuda_fails_after_start(stand_in, image_bundle):
     reasons: list[str] = []
     model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
@@ -276,6 +291,146 @@ def test_non_finite_cuda_output_falls_back_too(stand_in, image_bundle):
     z = model.encode(np.zeros((2, 1, 28, 28), np.float32))
     assert np.isfinite(z).all() and model.provider == CPU
     assert "non-finite" in model.cuda_reason
+
+
+def runtime_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The runtime's log lines an operator reads: (level, message)."""
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == runtime.logger.name]
+
+
+def test_a_fallback_after_start_is_one_warning_with_its_reason_and_no_fp16_gap(
+    stand_in, rgb_bundle, caplog
+):
+    caplog.set_level(logging.INFO, logger=runtime.logger.name)
+    model = ModelRuntime(load_bundle(rgb_bundle), "auto")
+    assert model.precision == "fp16" and set(model.fp16_error) == {"generator", "encoder"}
+    caplog.clear()
+    stand_in.run_error = "CUDA error: out of memory"
+    model.generate(np.zeros((2, 8), np.float32))
+    assert runtime_lines(caplog) == [
+        (
+            "WARNING",
+            "CUDA abandoned, running on CPU from now on: "
+            "generator failed on CUDA: CUDA error: out of memory",
+        )
+    ]
+    # what /info shows as fp16_max_abs_error: no gap, as on a worker that never used CUDA
+    assert model.fp16_error == {} and model.precision == "fp32"
+
+
+def test_without_a_driver_auto_says_why_at_info_level_not_as_a_fallback(
+    monkeypatch, image_bundle, caplog
+):
+    monkeypatch.setattr(runtime, "cuda_unavailable_reason", lambda: "no NVIDIA driver here")
+    caplog.set_level(logging.INFO, logger=runtime.logger.name)
+    reasons: list[str] = []
+    model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
+    assert model.provider == CPU and model.cuda_reason == "no NVIDIA driver here"
+    assert model.fallbacks == 0 and reasons == []
+    assert runtime_lines(caplog) == [
+        ("INFO", "CUDA not used (no NVIDIA driver here); running on CPU")
+    ]
+    with pytest.raises(DeviceError) as caught:
+        ModelRuntime(load_bundle(image_bundle), "cuda")
+    assert str(caught.value) == "AEGAN_DEVICE=cuda but no NVIDIA driver here"
+    assert caught.value.gpu_present is False  # no GPU, rather than a GPU that failed
+
+
+NOT_INITIALISED = (
+    f"{CUDA} is listed but did not initialise (CUDA or cuDNN libraries missing or incompatible: "
+    "install onnxruntime-gpu[cuda,cudnn], docs/SERVING.md)"
+)
+LIBRARY_LINE = LIBRARY_ERROR.strip()
+PRELOAD_ERROR = "onnxruntime.preload_dlls(): Failed to load libcublasLt.so.13"
+
+
+@pytest.mark.parametrize(
+    ("creation_error", "library_error", "preload_error", "reason"),
+    [
+        (None, "", None, NOT_INITIALISED),
+        (None, LIBRARY_ERROR, None, f"{NOT_INITIALISED}; {LIBRARY_LINE} | {LIBRARY_LINE}"),
+        (
+            None,
+            LIBRARY_ERROR,
+            PRELOAD_ERROR,
+            f"{NOT_INITIALISED}; {LIBRARY_LINE} | {LIBRARY_LINE}; {PRELOAD_ERROR}",
+        ),
+        (
+            "CUDA failure 100: no device",
+            "",
+            None,
+            f"{CUDA} failed to start: CUDA failure 100: no device",
+        ),
+        (
+            "CUDA failure 100: no device",
+            LIBRARY_ERROR,
+            PRELOAD_ERROR,
+            f"{CUDA} failed to start: CUDA failure 100: no device; {LIBRARY_LINE}; {PRELOAD_ERROR}",
+        ),
+    ],
+)
+def test_cuda_sessions_that_do_not_start_are_a_fallback_saying_why(
+    stand_in,
+    image_bundle,
+    monkeypatch,
+    caplog,
+    creation_error,
+    library_error,
+    preload_error,
+    reason,
+):
+    stand_in.creation_error, stand_in.library_error = creation_error, library_error
+    stand_in.keeps_cuda = False  # prints library_error when a session is made
+    monkeypatch.setattr(runtime, "preload_libraries", lambda: preload_error)
+    caplog.set_level(logging.INFO, logger=runtime.logger.name)
+    reasons: list[str] = []
+    model = ModelRuntime(load_bundle(image_bundle), "auto", on_fallback=reasons.append)
+    assert model.provider == CPU and model.cuda_reason == reason and reasons == [reason]
+    assert runtime_lines(caplog) == [
+        ("WARNING", f"CUDA abandoned, running on CPU from now on: {reason}")
+    ]
+    with pytest.raises(DeviceError) as caught:
+        ModelRuntime(load_bundle(image_bundle), "cuda")
+    assert str(caught.value) == f"AEGAN_DEVICE=cuda but {reason}" and caught.value.gpu_present
+
+
+def test_a_graph_that_fails_in_the_warm_up_is_a_fallback_saying_which(stand_in, image_bundle):
+    stand_in.run_error = "CUDA error: out of memory"
+    model = ModelRuntime(load_bundle(image_bundle), "auto")
+    assert model.provider == CPU and model.fallbacks == 1
+    assert model.cuda_reason == "generator does not run on CUDA: CUDA error: out of memory"
+
+
+@pytest.mark.parametrize(
+    ("nan_roles", "offsets", "why"),
+    [
+        ({"generator.fp16"}, {}, "generator_fp16 gave non-finite values on CUDA (fp16)"),
+        (
+            set(),
+            {"encoder.fp16": 50.0},
+            "encoder_fp16 differs from the fp32 graph by 50 (more than 0.1) on CUDA",
+        ),
+    ],
+)
+def test_fp16_graphs_set_aside_are_one_warning_saying_why(
+    stand_in, rgb_bundle, caplog, nan_roles, offsets, why
+):
+    stand_in.nan_roles, stand_in.offsets = nan_roles, offsets
+    caplog.set_level(logging.INFO, logger=runtime.logger.name)
+    model = ModelRuntime(load_bundle(rgb_bundle), "auto")
+    assert model.provider == CUDA and model.precision == "fp32" and model.fallbacks == 0
+    assert model.fp16_error == {}  # no fp16 graphs in use
+    assert runtime_lines(caplog) == [
+        ("WARNING", f"fp16 graphs not used on CUDA ({why}); trying the fp32 graphs")
+    ]
+
+
+def test_the_fp16_gap_is_measured_on_a_fixed_batch_of_the_data_range(stand_in, rgb_bundle):
+    first = ModelRuntime(load_bundle(rgb_bundle), "auto").fp16_error
+    assert ModelRuntime(load_bundle(rgb_bundle), "auto").fp16_error == first  # the same batch
+    lowest = min(low for low, _ in stand_in.ranges["encoder.fp16"])
+    highest = max(high for _, high in stand_in.ranges["encoder.fp16"])
+    assert -1 <= lowest < -0.9 and 0.9 < highest <= 1  # pixels in [-1, 1], all of the range
 
 
 def test_in_cuda_mode_a_failure_is_an_error_not_a_silent_fallback(stand_in, image_bundle):

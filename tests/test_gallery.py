@@ -137,6 +137,14 @@ def test_bad_queries_and_k_are_refused(gallery_dir):
         gallery.latent_of("no/such.png")
 
 
+def test_an_unknown_id_is_named_in_the_404_cut_at_200_characters(gallery_dir):
+    gallery = load_gallery(gallery_dir)
+    for id, shown in [("x" * 199 + "y", "x" * 199 + "y"), ("x" * 200 + "z", "x" * 200 + "...")]:
+        with pytest.raises(GalleryNotFound) as caught:
+            gallery.latent_of(id)
+        assert str(caught.value) == f"id {shown!r} is not in the gallery"
+
+
 def test_a_gallery_of_another_bundle_is_refused_naming_both(encoded, rgb_bundle, tmp_path):
     dest = tmp_path / "other"
     shutil.copytree(encoded, dest)
@@ -273,6 +281,7 @@ def test_the_runtime_encodes_as_the_gallery_was(gallery_dir, collection, image_b
     pixels = np.asarray(Image.open(collection / "group-1" / "004.png"), np.float32)
     z = model.encode((pixels / 127.5 - 1.0)[None, None])
     stored = load_gallery(gallery_dir).latent_of("group-1/004.png")
+    assert stored.dtype == np.float32 and stored.shape == (32,)
     np.testing.assert_allclose(stored, z[0], atol=1e-5)
 
 

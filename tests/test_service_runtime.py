@@ -37,6 +37,7 @@ def test_cpu_sessions_run_both_graphs(image_bundle):
     assert runtime.provider == CPU and runtime.precision == "fp32"
     for graph in (runtime.generator, runtime.encoder):
         assert graph.session.get_providers() == [CPU]
+        assert graph.device_id is None  # run without IO binding
         assert graph.session.get_session_options().intra_op_num_threads == 1
     x = runtime.generate(np.zeros((3, 32), np.float32))
     assert x.shape == (3, 1, 28, 28)
@@ -125,6 +126,24 @@ def test_settings_defaults_and_overrides(monkeypatch):
     assert settings.threads == max(1, available_cpus() // 2)
     assert settings.limits.max_n == 8 and settings.limits.max_upload_bytes == 1000
     assert settings.model == "bentoml:x"
+
+
+def test_sessions_keep_to_the_threads_they_are_given_and_do_not_spin(image_bundle):
+    options = runtime.session_options(3)
+    assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    model = str(load_bundle(image_bundle).file("generator"))
+    made = runtime.open_session(model, [CPU]).get_session_options()
+    assert made.intra_op_num_threads == 0  # ONNX Runtime's default
+    assert made.log_severity_level == ort.SessionOptions().log_severity_level  # warnings shown
+    made = runtime.open_session(model, [CPU], 2, quiet=True).get_session_options()
+    assert made.intra_op_num_threads == 2 and made.log_severity_level == 3  # errors only
+    assert made.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # a runtime's CPU sessions run on one thread unless told otherwise
+    cpu = ModelRuntime(load_bundle(image_bundle), "cpu")
+    assert cpu.encoder.session.get_session_options().intra_op_num_threads == 1
 
 
 def test_gpu_visible_looks_for_an_nvidia_device_node(monkeypatch, tmp_path):
