@@ -111,3 +111,14 @@ def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_pat
     assert "Retry-After" in operation["responses"]["503"]["headers"]
     assert {"401", "403", "429"} <= set(keyed["paths"]["/metrics"]["get"]["responses"])
     assert "security" not in keyed["paths"]["/livez"]["get"]
+
+
+def test_every_answer_in_the_document_has_a_description(spec):
+    """OpenAPI requires a description of each response; the error answers the service adds say
+    when they are given."""
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, answer in operation.get("responses", {}).items():
+                assert answer.get("description"), (path, method, status)
+    responses = spec["paths"]["/encode"]["post"]["responses"]
+    assert responses["413"]["description"] == "a request body or an upload over its limit"
