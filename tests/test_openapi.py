@@ -122,3 +122,19 @@ def test_every_answer_in_the_document_has_a_description(spec):
                 assert answer.get("description"), (path, method, status)
     responses = spec["paths"]["/encode"]["post"]["responses"]
     assert responses["413"]["description"] == "a request body or an upload over its limit"
+
+
+def test_the_error_answers_the_service_adds_are_described_as_they_are_sent(client, spec):
+    """A 413 of the guard, read as the document says: JSON, of the schema it names."""
+    responses = spec["paths"]["/decode"]["post"]["responses"]
+    ((media_type, media),) = responses["413"]["content"].items()
+    assert media_type == "application/json"
+    answer = client.post(
+        "/decode", content=b" " * ((1 << 20) + 1), headers={"content-type": media_type}
+    )
+    assert answer.status_code == 413
+    assert answer.headers["content-type"] == media_type
+    schema = {**media["schema"], "components": spec["components"]}  # "$ref" read in the document
+    jsonschema.validate(answer.json(), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error": 413}, schema)  # the schema it names is not an empty one
