@@ -11,6 +11,7 @@ import pytest
 from service_helpers import error_of, serve
 
 from aegan_serve.apikeys import create_key
+from aegan_serve.middleware import RETRY_AFTER_S
 
 
 def body_schema(spec: dict, route: str) -> dict:
@@ -138,3 +139,42 @@ def test_the_error_answers_the_service_adds_are_described_as_they_are_sent(clien
     jsonschema.validate(answer.json(), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"error": 413}, schema)  # the schema it names is not an empty one
+
+
+def _latents_schemas(node):
+    """Each schema of a list of latents in the document, where it is one of several included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "latents" and "items" in value:
+                yield value
+            for alternative in value.get("anyOf", []) if key == "latents" else []:
+                if "items" in alternative:
+                    yield alternative
+            yield from _latents_schemas(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _latents_schemas(item)
+
+
+def test_the_document_gives_each_latent_its_length(client, spec):
+    """Taken and given: /decode, /interpolate, /similar take latents, /encode, /generate and
+    /reconstruct give them; each is a list of latent_dim numbers (32 here), in the paths and in
+    the components."""
+    schemas = list(_latents_schemas(spec["paths"])) + list(_latents_schemas(spec["components"]))
+    assert len(schemas) == 12
+    for schema in schemas:
+        assert schema["items"]["minItems"] == schema["items"]["maxItems"] == 32, schema
+    decode = body_schema(spec, "/decode")
+    short = {"latents": [[0.5] * 31]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(short, decode)
+    assert "this model's latent_dim is 32" in error_of(client.post("/decode", json=short), 400)
+    jsonschema.validate({"latents": [[0.5] * 32]}, decode)
+
+
+def test_retry_after_is_described_as_the_service_sends_it(spec):
+    (header,) = spec["paths"]["/generate"]["post"]["responses"]["429"]["headers"].values()
+    assert header["description"] == "seconds to wait before trying again"
+    jsonschema.validate(int(RETRY_AFTER_S), header["schema"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate("soon", header["schema"])
