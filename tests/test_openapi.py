@@ -19,8 +19,9 @@ def body_schema(spec: dict, route: str) -> dict:
     return media["schema"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def spec(client) -> dict:
+    # fetched for each test (not once a module), so that each test is one that reads the document
     return client.get("/docs.json").json()
 
 
@@ -96,7 +97,7 @@ def test_interpolate_takes_exactly_one_pair_of_ends(client, spec, body, valid):
 def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_path, spec):
     assert "securitySchemes" not in spec.get("components", {})
     keys = tmp_path / "keys.json"
-    create_key(keys, "a", ["generate"])
+    key = create_key(keys, "a", ["generate"])
     env = {
         "AEGAN_API_KEYS_FILE": str(keys),
         "AEGAN_QUOTA_REQUESTS_PER_S": "5",
@@ -104,7 +105,16 @@ def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_pat
     }
     with serve(image_bundle, **env) as client:
         keyed = client.get("/docs.json").json()
-    assert set(keyed["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+        schemes = keyed["components"]["securitySchemes"]
+        assert schemes == {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        # the key in the header the document names is taken
+        by_header = client.post(
+            "/generate", json={"n": 1}, headers={schemes["apiKey"]["name"]: key}
+        )
+        assert by_header.status_code == 200, by_header.text
     operation = keyed["paths"]["/generate"]["post"]
     assert operation["security"] == [{"bearer": []}, {"apiKey": []}]
     assert {"401", "403", "429", "503"} <= set(operation["responses"])
@@ -173,8 +183,25 @@ def test_the_document_gives_each_latent_its_length(client, spec):
 
 
 def test_retry_after_is_described_as_the_service_sends_it(spec):
-    (header,) = spec["paths"]["/generate"]["post"]["responses"]["429"]["headers"].values()
+    header = spec["paths"]["/generate"]["post"]["responses"]["429"]["headers"]["Retry-After"]
     assert header["description"] == "seconds to wait before trying again"
     jsonschema.validate(int(RETRY_AFTER_S), header["schema"])
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate("soon", header["schema"])
+
+
+def test_the_error_schemas_describe_the_detail_of_a_validation_error(client, spec):
+    """A field out of bounds is answered 400 with the error and its detail (a list of the
+    fields); the document's error schemas declare that detail."""
+    schemas = spec["components"]["schemas"]
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
+        assert schemas[name]["properties"]["detail"]["anyOf"] == [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "object"}},
+        ], name
+    schema = {"$ref": "#/components/schemas/InvalidArgument", "components": spec["components"]}
+    answer = client.post("/generate", json={"n": 100_000})
+    assert isinstance(answer.json()["detail"], list) and answer.status_code == 400
+    jsonschema.validate(answer.json(), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error": "x", "detail": 5}, schema)
