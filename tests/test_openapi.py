@@ -62,6 +62,9 @@ def test_null_is_declared_where_it_is_taken(client, spec):
     for route, field in (("/sample", "seed"), ("/generate", "seed"), ("/interpolate", "latents")):
         assert body_schema(spec, route)["properties"][field]["nullable"] is True
     assert client.post("/generate", json={"n": 1, "seed": None}).status_code == 200
+    # a field without a null default does not take null
+    assert "nullable" not in body_schema(spec, "/generate")["properties"]["n"]
+    assert client.post("/generate", json={"n": None}).status_code == 400
     answer = client.post("/interpolate", json={"seeds": [1, 2], "latents": None, "steps": 2})
     assert answer.status_code == 200
 
@@ -94,6 +97,16 @@ def test_interpolate_takes_exactly_one_pair_of_ends(client, spec, body, valid):
     assert (client.post("/interpolate", json={**body, "steps": 2}).status_code == 200) == valid
 
 
+def test_the_error_answers_of_the_routes(spec):
+    """Keys off: no security, and the answers each kind of route may give, described."""
+    encode = spec["paths"]["/encode"]["post"]["responses"]
+    assert encode["415"]["description"] == "an uploaded image format that is not accepted"
+    assert encode["422"]["description"] == "an image endpoint called on a vector model"
+    assert encode["429"]["description"] == "the server is busy; retry after Retry-After"
+    assert "422" not in spec["paths"]["/info"]["post"]["responses"]  # no image work
+    assert "security" not in spec["paths"]["/metrics"]["get"]
+
+
 def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_path, spec):
     assert "securitySchemes" not in spec.get("components", {})
     keys = tmp_path / "keys.json"
@@ -115,12 +128,28 @@ def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_pat
             "/generate", json={"n": 1}, headers={schemes["apiKey"]["name"]: key}
         )
         assert by_header.status_code == 200, by_header.text
+        no_key = client.post("/generate", json={"n": 1})
+        assert no_key.status_code == 401 and "www-authenticate" in no_key.headers
     operation = keyed["paths"]["/generate"]["post"]
     assert operation["security"] == [{"bearer": []}, {"apiKey": []}]
     assert {"401", "403", "429", "503"} <= set(operation["responses"])
     assert {"RateLimit", "RateLimit-Policy"} <= set(operation["responses"]["200"]["headers"])
     assert "Retry-After" in operation["responses"]["503"]["headers"]
-    assert {"401", "403", "429"} <= set(keyed["paths"]["/metrics"]["get"]["responses"])
+    assert operation["responses"]["401"]["headers"] == {
+        "WWW-Authenticate": {"schema": {"type": "string"}}
+    }
+    assert {"RateLimit", "RateLimit-Policy"} <= set(operation["responses"]["429"]["headers"])
+    described = {status: answer["description"] for status, answer in operation["responses"].items()}
+    assert described["401"] == "no API key, or one that is not valid"
+    assert described["403"] == "the API key lacks the scope of this endpoint"
+    assert described["503"] == "the quota store cannot be reached; retry after"
+    metrics = keyed["paths"]["/metrics"]["get"]
+    assert metrics["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert {s: metrics["responses"][s]["description"] for s in ("401", "403", "429")} == {
+        "401": "no valid API key",
+        "403": "the API key lacks the admin scope",
+        "429": "too many wrong keys from this address",
+    }
     assert "security" not in keyed["paths"]["/livez"]["get"]
 
 
