@@ -145,6 +145,7 @@ def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_pat
     assert described["503"] == "the quota store cannot be reached; retry after"
     metrics = keyed["paths"]["/metrics"]["get"]
     assert metrics["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert set(metrics["responses"]["429"]["headers"]) == {"Retry-After"}
     assert {s: metrics["responses"][s]["description"] for s in ("401", "403", "429")} == {
         "401": "no valid API key",
         "403": "the API key lacks the admin scope",
