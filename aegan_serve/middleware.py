@@ -12,7 +12,8 @@ streams past, without buffering it, and answers such requests with a 4xx that sa
 - multipart bodies: a boundary, well-formed parts, named parts, files only in file fields, text
   only elsewhere, text parts of at most 1 MiB and at most 1000 parts (Starlette's limits);
 - url-encoded bodies: no file fields (files need multipart; names are percent-decoded first, as
-  the form parser will), at most 1000 fields;
+  the form parser will), at most 1000 fields, fields of at most 1 MiB (name and value as sent,
+  Starlette's limit);
 - text values of forms that BentoML's JSON reading of form values would fail on with a server
   error (numbers of more than 4300 digits, deep nesting).
 
@@ -124,9 +125,10 @@ class _MultipartCheck:
 class _UrlencodedCheck:
     """Streaming url-encoded parser that refuses file fields."""
 
+    name: bytes  # the current field's name as sent, set when the field starts
+
     def __init__(self, file_fields: Collection[str]) -> None:
         self.file_fields = file_fields
-        self.name = b""
         self.value = bytearray()
         self.fields = 0
         self.parser = QuerystringParser(
@@ -152,10 +154,16 @@ class _UrlencodedCheck:
 
     def _name(self, data: bytes, start: int, end: int) -> None:
         self.name += data[start:end]
+        self._check_size()
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         self.value += data[start:end]
-        if len(self.value) > 3 * MAX_TEXT_PART_BYTES:  # percent-encoding triples a byte at most
+        self._check_size()
+
+    def _check_size(self) -> None:
+        # Starlette's limit, on the name and the value as sent (before percent-decoding); past it
+        # Starlette's error would reach BentoML as a server error.
+        if len(self.name) + len(self.value) > MAX_TEXT_PART_BYTES:
             raise LimitExceeded(f"a form field is larger than {MAX_TEXT_PART_BYTES} bytes")
 
     def _end(self) -> None:

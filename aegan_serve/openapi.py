@@ -57,7 +57,7 @@ def _bound_latents(node: Any, latent_dim: int) -> None:
         for key, value in node.items():
             if key == "latents" and isinstance(value, dict):
                 for schema in [value, *value.get("anyOf", [])]:
-                    inner = schema.get("items") if schema.get("type") == "array" else None
+                    inner = schema.get("items")  # only an array has items
                     if isinstance(inner, dict) and inner.get("type") == "array":
                         inner["minItems"] = inner["maxItems"] = latent_dim
             _bound_latents(value, latent_dim)

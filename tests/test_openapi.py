@@ -11,6 +11,7 @@ import pytest
 from service_helpers import error_of, serve
 
 from aegan_serve.apikeys import create_key
+from aegan_serve.middleware import RETRY_AFTER_S
 
 
 def body_schema(spec: dict, route: str) -> dict:
@@ -18,8 +19,9 @@ def body_schema(spec: dict, route: str) -> dict:
     return media["schema"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def spec(client) -> dict:
+    # fetched for each test (not once a module), so that each test is one that reads the document
     return client.get("/docs.json").json()
 
 
@@ -60,6 +62,9 @@ def test_null_is_declared_where_it_is_taken(client, spec):
     for route, field in (("/sample", "seed"), ("/generate", "seed"), ("/interpolate", "latents")):
         assert body_schema(spec, route)["properties"][field]["nullable"] is True
     assert client.post("/generate", json={"n": 1, "seed": None}).status_code == 200
+    # a field without a null default does not take null
+    assert "nullable" not in body_schema(spec, "/generate")["properties"]["n"]
+    assert client.post("/generate", json={"n": None}).status_code == 400
     answer = client.post("/interpolate", json={"seeds": [1, 2], "latents": None, "steps": 2})
     assert answer.status_code == 200
 
@@ -92,10 +97,20 @@ def test_interpolate_takes_exactly_one_pair_of_ends(client, spec, body, valid):
     assert (client.post("/interpolate", json={**body, "steps": 2}).status_code == 200) == valid
 
 
+def test_the_error_answers_of_the_routes(spec):
+    """Keys off: no security, and the answers each kind of route may give, described."""
+    encode = spec["paths"]["/encode"]["post"]["responses"]
+    assert encode["415"]["description"] == "an uploaded image format that is not accepted"
+    assert encode["422"]["description"] == "an image endpoint called on a vector model"
+    assert encode["429"]["description"] == "the server is busy; retry after Retry-After"
+    assert "422" not in spec["paths"]["/info"]["post"]["responses"]  # no image work
+    assert "security" not in spec["paths"]["/metrics"]["get"]
+
+
 def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_path, spec):
     assert "securitySchemes" not in spec.get("components", {})
     keys = tmp_path / "keys.json"
-    create_key(keys, "a", ["generate"])
+    key = create_key(keys, "a", ["generate"])
     env = {
         "AEGAN_API_KEYS_FILE": str(keys),
         "AEGAN_QUOTA_REQUESTS_PER_S": "5",
@@ -103,11 +118,120 @@ def test_keys_and_quotas_are_in_the_document_when_on(image_bundle: Path, tmp_pat
     }
     with serve(image_bundle, **env) as client:
         keyed = client.get("/docs.json").json()
-    assert set(keyed["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+        schemes = keyed["components"]["securitySchemes"]
+        assert schemes == {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        # the key in the header the document names is taken
+        by_header = client.post(
+            "/generate", json={"n": 1}, headers={schemes["apiKey"]["name"]: key}
+        )
+        assert by_header.status_code == 200, by_header.text
+        no_key = client.post("/generate", json={"n": 1})
+        assert no_key.status_code == 401 and "www-authenticate" in no_key.headers
     operation = keyed["paths"]["/generate"]["post"]
     assert operation["security"] == [{"bearer": []}, {"apiKey": []}]
     assert {"401", "403", "429", "503"} <= set(operation["responses"])
     assert {"RateLimit", "RateLimit-Policy"} <= set(operation["responses"]["200"]["headers"])
     assert "Retry-After" in operation["responses"]["503"]["headers"]
-    assert {"401", "403", "429"} <= set(keyed["paths"]["/metrics"]["get"]["responses"])
+    assert operation["responses"]["401"]["headers"] == {
+        "WWW-Authenticate": {"schema": {"type": "string"}}
+    }
+    assert {"RateLimit", "RateLimit-Policy"} <= set(operation["responses"]["429"]["headers"])
+    described = {status: answer["description"] for status, answer in operation["responses"].items()}
+    assert described["401"] == "no API key, or one that is not valid"
+    assert described["403"] == "the API key lacks the scope of this endpoint"
+    assert described["503"] == "the quota store cannot be reached; retry after"
+    metrics = keyed["paths"]["/metrics"]["get"]
+    assert metrics["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert set(metrics["responses"]["429"]["headers"]) == {"Retry-After"}
+    assert {s: metrics["responses"][s]["description"] for s in ("401", "403", "429")} == {
+        "401": "no valid API key",
+        "403": "the API key lacks the admin scope",
+        "429": "too many wrong keys from this address",
+    }
     assert "security" not in keyed["paths"]["/livez"]["get"]
+
+
+def test_every_answer_in_the_document_has_a_description(spec):
+    """OpenAPI requires a description of each response; the error answers the service adds say
+    when they are given."""
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, answer in operation.get("responses", {}).items():
+                assert answer.get("description"), (path, method, status)
+    responses = spec["paths"]["/encode"]["post"]["responses"]
+    assert responses["413"]["description"] == "a request body or an upload over its limit"
+
+
+def test_the_error_answers_the_service_adds_are_described_as_they_are_sent(client, spec):
+    """A 413 of the guard, read as the document says: JSON, of the schema it names."""
+    responses = spec["paths"]["/decode"]["post"]["responses"]
+    ((media_type, media),) = responses["413"]["content"].items()
+    assert media_type == "application/json"
+    answer = client.post(
+        "/decode", content=b" " * ((1 << 20) + 1), headers={"content-type": media_type}
+    )
+    assert answer.status_code == 413
+    assert answer.headers["content-type"] == media_type
+    schema = {**media["schema"], "components": spec["components"]}  # "$ref" read in the document
+    jsonschema.validate(answer.json(), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error": 413}, schema)  # the schema it names is not an empty one
+
+
+def _latents_schemas(node):
+    """Each schema of a list of latents in the document, where it is one of several included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "latents" and "items" in value:
+                yield value
+            for alternative in value.get("anyOf", []) if key == "latents" else []:
+                if "items" in alternative:
+                    yield alternative
+            yield from _latents_schemas(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _latents_schemas(item)
+
+
+def test_the_document_gives_each_latent_its_length(client, spec):
+    """Taken and given: /decode, /interpolate, /similar take latents, /encode, /generate and
+    /reconstruct give them; each is a list of latent_dim numbers (32 here), in the paths and in
+    the components."""
+    schemas = list(_latents_schemas(spec["paths"])) + list(_latents_schemas(spec["components"]))
+    assert len(schemas) == 12
+    for schema in schemas:
+        assert schema["items"]["minItems"] == schema["items"]["maxItems"] == 32, schema
+    decode = body_schema(spec, "/decode")
+    short = {"latents": [[0.5] * 31]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(short, decode)
+    assert "this model's latent_dim is 32" in error_of(client.post("/decode", json=short), 400)
+    jsonschema.validate({"latents": [[0.5] * 32]}, decode)
+
+
+def test_retry_after_is_described_as_the_service_sends_it(spec):
+    header = spec["paths"]["/generate"]["post"]["responses"]["429"]["headers"]["Retry-After"]
+    assert header["description"] == "seconds to wait before trying again"
+    jsonschema.validate(int(RETRY_AFTER_S), header["schema"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate("soon", header["schema"])
+
+
+def test_the_error_schemas_describe_the_detail_of_a_validation_error(client, spec):
+    """A field out of bounds is answered 400 with the error and its detail (a list of the
+    fields); the document's error schemas declare that detail."""
+    schemas = spec["components"]["schemas"]
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
+        assert schemas[name]["properties"]["detail"]["anyOf"] == [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "object"}},
+        ], name
+    schema = {"$ref": "#/components/schemas/InvalidArgument", "components": spec["components"]}
+    answer = client.post("/generate", json={"n": 100_000})
+    assert isinstance(answer.json()["detail"], list) and answer.status_code == 400
+    jsonschema.validate(answer.json(), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error": "x", "detail": 5}, schema)

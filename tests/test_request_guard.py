@@ -32,11 +32,16 @@ class HoldingApp:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-def request(length: int | None, chunks: list[bytes]):
-    headers = [(b"content-type", b"application/json")]
+def request(
+    length: int | None,
+    chunks: list[bytes],
+    content_type: bytes = b"application/json",
+    path: str = "/decode",
+):
+    headers = [(b"content-type", content_type)]
     if length is not None:
         headers.append((b"content-length", str(length).encode()))
-    scope = {"type": "http", "path": "/decode", "headers": headers}
+    scope = {"type": "http", "path": path, "headers": headers}
     pending = list(chunks)
 
     async def receive():
@@ -57,7 +62,7 @@ def guard(app) -> RequestGuard:
         max_bytes=1024 * KIB,
         max_json_bytes=1024 * KIB,
         max_inflight_bytes=1024 * KIB,
-        routes={"/decode": ()},
+        routes={"/decode": (), "/encode": ("images",)},
     )
 
 
@@ -103,5 +108,25 @@ def test_streamed_bodies_count_as_they_arrive():
         app.release.set()
         await held
         assert middleware.inflight_bytes == 0
+
+    asyncio.run(main())
+
+
+def test_a_url_encoded_field_name_split_across_messages_is_read_whole():
+    """A server streams a body in several messages: a file field's name cut in two is still
+    the file field, and refused."""
+    app = HoldingApp()
+    app.release.set()
+    middleware = guard(app)
+    form = b"application/x-www-form-urlencoded"
+
+    async def main():
+        split = request(None, [b"steps=3&ima", b"ges=abc"], form, "/encode")
+        with pytest.raises(BentoMLException, match="'images' is a file") as refused:
+            await middleware(*split[:3])
+        assert refused.value.error_code == 400
+        other = request(None, [b"steps=3&ima", b"gesx=abc"], form, "/encode")
+        await middleware(*other[:3])  # another field: passed on to the app
+        assert other[3][0]["status"] == 200
 
     asyncio.run(main())

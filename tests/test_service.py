@@ -606,6 +606,28 @@ def test_url_encoded_file_fields_are_refused_wherever_they_are(client):
     assert error_of(after_another, 400) == refused
     not_utf8 = client.post("/encode", content=b"\xff\xfe=1&images=abc", headers=form)
     assert error_of(not_utf8, 400) == refused
+    # percent-encoded bytes that are not UTF-8, in a name or in a value: decoded with
+    # replacement characters, as the form parser does, not a server error
+    for body in (b"%FF%FE=1&images=abc", b"steps=%FF&images=abc"):
+        assert error_of(client.post("/encode", content=body, headers=form), 400) == refused
+
+
+def test_url_encoded_field_size_limit(client):
+    """Starlette's limit on a url-encoded field, 1 MiB, counts the name and the value as sent
+    (percent-encoded); the guard answers 413 past it (Starlette's own refusal would reach BentoML
+    as a server error)."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    too_large = "a form field is larger than 1048576 bytes"
+    # "steps" (5 bytes) and a value: exactly 1 MiB reaches the endpoint (not a number: 400)
+    at_limit = b"steps=" + b"x" * ((1 << 20) - 5) + b"&seeds=[1,2]"
+    answer = client.post("/interpolate", content=at_limit, headers=form)
+    assert error_of(answer, 400) == "steps: Input should be a valid integer"
+    over = b"steps=" + b"x" * ((1 << 20) - 4) + b"&seeds=[1,2]"
+    assert error_of(client.post("/interpolate", content=over, headers=form), 413) == too_large
+    encoded = b"steps=" + b"%31" * 349_526 + b"&seeds=[1,2]"  # 349 526 digits, 1 MiB + 3 sent
+    assert error_of(client.post("/interpolate", content=encoded, headers=form), 413) == too_large
+    name_only = b"x" * ((1 << 20) + 1) + b"&steps=3&seeds=[1,2]"
+    assert error_of(client.post("/interpolate", content=name_only, headers=form), 413) == too_large
 
 
 def _streamed(total: int, chunk: bytes):
@@ -685,4 +707,10 @@ def test_a_json_number_too_long_to_parse_is_400(client):
 
 def test_a_form_number_too_long_to_parse_is_400(client):
     fields = [("steps", (None, "1" * 5000)), ("seeds", (None, "[1, 2]"))]
-    assert client.post("/interpolate", files=fields).status_code == 400
+    message = error_of(client.post("/interpolate", files=fields), 400)
+    # the reason is Python's own: its limit on the digits of an int
+    assert message.startswith("form field 'steps' has a value that cannot be read: Exceeds the ")
+    assert "4300" in message and "nested" not in message
+    nested = [("latents", (None, "[" * 100_000)), ("seeds", (None, "[1, 2]"))]
+    message = error_of(client.post("/interpolate", files=nested), 400)
+    assert message == "form field 'latents' has a value that cannot be read: nested too deeply"

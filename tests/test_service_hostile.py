@@ -109,6 +109,12 @@ def test_hostile_form_values_are_400(client, body, headers, message):
     assert message in error_of(answer, 400)
 
 
+def test_a_form_of_exactly_1000_fields_is_served(client):
+    fields = [b"steps=3", b"seeds=[1,2]", *(b"f%d=1" % i for i in range(998))]
+    answer = client.post("/interpolate", content=b"&".join(fields), headers=FORM)
+    assert answer.status_code == 200, answer.text
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_json_bodies_have_their_own_small_limit(client, chunked):
     latent = b'{"latents": [[' + b",".join([b"0.5"] * 400_000) + b"]]}"  # 1.6 MB of JSON
