@@ -87,9 +87,16 @@ def test_the_walk_covers_the_bounds_it_should():
     [
         (lambda m: m.update(data_shape=[1, 0, 28]), "data_shape: every dimension must be at least"),
         (lambda m: m.update(latent_dim="many"), "latent_dim: Input should be a valid integer"),
+        (
+            lambda m: m.update(data_shape=[1, "x", 28]),
+            "^data_shape\\.1: Input should be a valid int",
+        ),
         (lambda m: m["files"]["encoder"].pop("output"), "entry for 'encoder' is malformed"),
-        (lambda m: m["directions"].pop("sha256"), "entry 'directions' is malformed \\(sha256"),
-        (lambda m: m.update(kind="audio"), "kind must be 'image' or 'vector'"),
+        (
+            lambda m: m["directions"].pop("sha256"),
+            "^entry 'directions' is malformed \\(sha256: Field required\\)$",
+        ),
+        (lambda m: m.update(kind="audio"), "^kind must be 'image' or 'vector'$"),
         (lambda m: m.update(files="generator.onnx"), "^'files' must be an object$"),
         (lambda m: m["files"].update(encoder="encoder.onnx"), "^entry for 'encoder' is malformed"),
     ],
