@@ -15,6 +15,7 @@ from aegan_core.images import (
     encode_gif,
     load_uploads,
     make_grid,
+    save_grid,
     to_uint8,
 )
 
@@ -183,6 +184,15 @@ def test_gif_and_grid_codecs():
     assert grid.shape == (28 + 4, 5 * 30 + 2, 1)
 
 
+def test_save_grid_writes_the_grid_as_png(tmp_path):
+    frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 1, 28, 28), np.float32)
+    path = tmp_path / "grid"  # no suffix: a PNG whatever the name
+    save_grid(frames, str(path), nrow=5)
+    saved = Image.open(path)
+    assert saved.format == "PNG" and saved.mode == "L"
+    np.testing.assert_array_equal(np.asarray(saved)[..., None], make_grid(frames, nrow=5))
+
+
 @pytest.mark.parametrize(
     ("head", "name"),
     [
@@ -196,6 +206,7 @@ def test_gif_and_grid_codecs():
         (b"\x00\x00\x00\x1cftypavif", "avif"),  # ISO media: the brand names it
         (b"\x00\x00\x00\x18ftypheic", "heic"),
         (b"\x00\x00\x00\x18ftyp    ", "ISO media"),  # a blank brand
+        (b"\x00\x00\x00\x18ftyp\xe9vif", "\ufffdvif"),  # a brand byte not ASCII: replaced
     ],
 )
 def test_other_formats_are_named_by_their_signature(head, name):
