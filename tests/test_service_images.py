@@ -184,6 +184,19 @@ def test_gif_and_grid_codecs():
     assert grid.shape == (28 + 4, 5 * 30 + 2, 1)
 
 
+def test_make_grid_places_the_tiles_row_by_row_between_padding():
+    tiles = np.linspace(-0.5, 1, 5)[:, None, None, None] * np.ones((5, 1, 4, 3), np.float32)
+    grid = make_grid(tiles, nrow=2)  # three rows of two 4x3 tiles, the last row half empty
+    assert grid.shape == (2 + 3 * (4 + 2), 2 + 2 * (3 + 2), 1)
+    want = np.zeros_like(grid)  # black padding around and between the tiles
+    for i, tile in enumerate(to_uint8(tiles)):
+        top, left = 2 + (i // 2) * (4 + 2), 2 + (i % 2) * (3 + 2)
+        want[top : top + 4, left : left + 3] = tile
+    np.testing.assert_array_equal(grid, want)
+    assert make_grid(tiles).shape == (2 + 2 * 6, 2 + 3 * 5, 1)  # by default a square-ish grid
+    assert make_grid(tiles[:1]).shape == (2 + 4 + 2, 2 + 3 + 2, 1)  # one image, one tile
+
+
 def test_save_grid_writes_the_grid_as_png(tmp_path):
     frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 1, 28, 28), np.float32)
     path = tmp_path / "grid"  # no suffix: a PNG whatever the name
