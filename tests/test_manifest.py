@@ -36,6 +36,11 @@ def test_unknown_keys_and_explicit_nulls_are_kept():
     assert parse_manifest(raw).to_json() == raw
 
 
+def test_a_manifest_that_is_not_an_object_is_refused():
+    with pytest.raises(ManifestError, match="^must hold a JSON object$"):
+        parse_manifest(["generator.onnx", "encoder.onnx"])
+
+
 def test_a_newer_format_version_is_refused_naming_both():
     with pytest.raises(ManifestError, match=f"format_version 2; this server reads version {1}"):
         parse_manifest({**SHIPPED, "format_version": FORMAT_VERSION + 1})
