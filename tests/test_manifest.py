@@ -103,7 +103,19 @@ def test_the_walk_covers_the_bounds_it_should():
         ),
         (lambda m: m.update(kind="audio"), "^kind must be 'image' or 'vector'$"),
         (lambda m: m.update(files="generator.onnx"), "^'files' must be an object$"),
-        (lambda m: m["files"].update(encoder="encoder.onnx"), "^entry for 'encoder' is malformed"),
+        (
+            lambda m: m["files"].update(encoder="encoder.onnx"),
+            r"^entry for 'encoder' is malformed \(Input should be a valid dictionary",
+        ),
+        # several problems, each said once with the fields it concerns
+        (
+            lambda m: m.update(kind="audio", files="x"),
+            "^kind must be 'image' or 'vector'; 'files' must be an object$",
+        ),
+        (
+            lambda m: m.update(latent_dim=0, opset=0),
+            "^latent_dim, opset: Input should be greater than or equal to 1$",
+        ),
     ],
 )
 def test_malformed_fields_are_named(edit, message):
