@@ -184,6 +184,15 @@ def test_gif_and_grid_codecs():
     assert grid.shape == (28 + 4, 5 * 30 + 2, 1)
 
 
+def test_to_uint8_scales_rounds_and_clips_to_0_255_channels_last():
+    values = np.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0], np.float32)
+    pixels = to_uint8(values[None, None, None, :])  # (1, 1, 1, 7) -> (1, 1, 7, 1)
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 1, 7, 1)
+    np.testing.assert_array_equal(pixels[0, 0, :, 0], [0, 0, 64, 128, 191, 255, 255])
+    rgb = np.array([-1.0, 0.0, 1.0], np.float32)[None, :, None, None]  # one pixel, 3 channels
+    np.testing.assert_array_equal(to_uint8(rgb), [[[[0, 128, 255]]]])
+
+
 def test_make_grid_places_the_tiles_row_by_row_between_padding():
     tiles = np.linspace(-0.5, 1, 5)[:, None, None, None] * np.ones((5, 1, 4, 3), np.float32)
     grid = make_grid(tiles, nrow=2)  # three rows of two 4x3 tiles, the last row half empty
