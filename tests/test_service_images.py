@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -11,12 +12,15 @@ from service_helpers import gradient, image_bytes, png_header
 
 from aegan_core.errors import LimitExceeded, RequestError, UnsupportedImage
 from aegan_core.images import (
+    PSNR_CAP_DB,
     decode_upload,
     encode_gif,
     load_uploads,
     make_grid,
+    psnr,
     save_grid,
     to_uint8,
+    to_unit,
 )
 
 GREY = (1, 28, 28)
@@ -182,6 +186,18 @@ def test_gif_and_grid_codecs():
         assert np.all(np.asarray(gif.convert("L")) == to_uint8(frames[i : i + 1])[0, ..., 0])
     grid = make_grid(frames, nrow=5)
     assert grid.shape == (28 + 4, 5 * 30 + 2, 1)
+
+
+def test_unit_pixels_and_psnr():
+    np.testing.assert_array_equal(
+        to_unit(np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0])), [0, 0, 0.5, 0.75, 1, 1]
+    )
+    clean = np.zeros((2, 1, 4, 4))
+    noisy = clean + np.array([0.1, 0.01])[:, None, None, None]
+    np.testing.assert_allclose(psnr(clean, noisy), [20.0, 40.0], atol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact copy: capped, without a division warning
+        assert psnr(clean, clean).tolist() == [PSNR_CAP_DB, PSNR_CAP_DB]
 
 
 def test_to_uint8_scales_rounds_and_clips_to_0_255_channels_last():
