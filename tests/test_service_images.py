@@ -229,6 +229,11 @@ def test_save_grid_writes_the_grid_as_png(tmp_path):
     saved = Image.open(path)
     assert saved.format == "PNG" and saved.mode == "L"
     np.testing.assert_array_equal(np.asarray(saved)[..., None], make_grid(frames, nrow=5))
+    colour = np.stack([frames[:, 0], -frames[:, 0], frames[:, 0] * 0], axis=1)  # (5, 3, 28, 28)
+    save_grid(colour, str(path))
+    saved = Image.open(path)
+    assert saved.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(saved), make_grid(colour))
 
 
 @pytest.mark.parametrize(
