@@ -16,8 +16,10 @@ from aegan_cli import main
 from aegan_core.bundle import (
     DIRECTIONS_NAME,
     BundleError,
+    LatentDirections,
     load_bundle,
     sha256_file,
+    write_directions,
     write_manifest,
 )
 from export.directions import add_directions, pca, split_half_cosine
@@ -94,6 +96,36 @@ def test_added_directions_are_recorded_hashed_and_read_back(bundle_copy):
     assert (np.diff(d.variances) <= 1e-6).all() and d.total_variance == pytest.approx(
         d.variances.sum(), rel=1e-5
     )
+
+
+def test_the_directions_file_and_its_manifest_entry(tmp_path):
+    """The file: compact JSON with its own format version, values to seven significant digits
+    (also what /info serves); the entry: what the manifest records of it."""
+    directions = LatentDirections(
+        method="pca",
+        mean=np.array([0.5, -1 / 3]),
+        components=np.array([[0.6, 0.8]]),
+        variances=np.array([2 / 3]),
+        total_variance=1.0,
+        samples=10,
+        data="toy",
+    )
+    entry = write_directions(tmp_path, directions)
+    text = (tmp_path / DIRECTIONS_NAME).read_bytes()
+    assert text == (
+        b'{"format_version":1,"method":"pca","samples":10,"data":"toy","total_variance":1.0,'
+        b'"variances":[0.6666667],"mean":[0.5,-0.3333333],"components":[[0.6,0.8]]}\n'
+    )
+    assert entry == {
+        "format_version": 1,
+        "path": DIRECTIONS_NAME,
+        "sha256": sha256_file(tmp_path / DIRECTIONS_NAME),
+        "bytes": len(text),
+        "method": "pca",
+        "count": 1,
+        "samples": 10,
+        "data": "toy",
+    }
 
 
 def test_directions_of_the_wrong_data_shape_are_refused(bundle_copy):

@@ -36,6 +36,11 @@ def test_unknown_keys_and_explicit_nulls_are_kept():
     assert parse_manifest(raw).to_json() == raw
 
 
+def test_a_manifest_that_is_not_an_object_is_refused():
+    with pytest.raises(ManifestError, match="^must hold a JSON object$"):
+        parse_manifest(["generator.onnx", "encoder.onnx"])
+
+
 def test_a_newer_format_version_is_refused_naming_both():
     with pytest.raises(ManifestError, match=f"format_version 2; this server reads version {1}"):
         parse_manifest({**SHIPPED, "format_version": FORMAT_VERSION + 1})
@@ -87,11 +92,30 @@ def test_the_walk_covers_the_bounds_it_should():
     [
         (lambda m: m.update(data_shape=[1, 0, 28]), "data_shape: every dimension must be at least"),
         (lambda m: m.update(latent_dim="many"), "latent_dim: Input should be a valid integer"),
+        (
+            lambda m: m.update(data_shape=[1, "x", 28]),
+            "^data_shape\\.1: Input should be a valid int",
+        ),
         (lambda m: m["files"]["encoder"].pop("output"), "entry for 'encoder' is malformed"),
-        (lambda m: m["directions"].pop("sha256"), "entry 'directions' is malformed \\(sha256"),
-        (lambda m: m.update(kind="audio"), "kind must be 'image' or 'vector'"),
+        (
+            lambda m: m["directions"].pop("sha256"),
+            "^entry 'directions' is malformed \\(sha256: Field required\\)$",
+        ),
+        (lambda m: m.update(kind="audio"), "^kind must be 'image' or 'vector'$"),
         (lambda m: m.update(files="generator.onnx"), "^'files' must be an object$"),
-        (lambda m: m["files"].update(encoder="encoder.onnx"), "^entry for 'encoder' is malformed"),
+        (
+            lambda m: m["files"].update(encoder="encoder.onnx"),
+            r"^entry for 'encoder' is malformed \(Input should be a valid dictionary",
+        ),
+        # several problems, each said once with the fields it concerns
+        (
+            lambda m: m.update(kind="audio", files="x"),
+            "^kind must be 'image' or 'vector'; 'files' must be an object$",
+        ),
+        (
+            lambda m: m.update(latent_dim=0, opset=0),
+            "^latent_dim, opset: Input should be greater than or equal to 1$",
+        ),
     ],
 )
 def test_malformed_fields_are_named(edit, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -11,11 +12,15 @@ from service_helpers import gradient, image_bytes, png_header
 
 from aegan_core.errors import LimitExceeded, RequestError, UnsupportedImage
 from aegan_core.images import (
+    PSNR_CAP_DB,
     decode_upload,
     encode_gif,
     load_uploads,
     make_grid,
+    psnr,
+    save_grid,
     to_uint8,
+    to_unit,
 )
 
 GREY = (1, 28, 28)
@@ -183,6 +188,54 @@ def test_gif_and_grid_codecs():
     assert grid.shape == (28 + 4, 5 * 30 + 2, 1)
 
 
+def test_unit_pixels_and_psnr():
+    np.testing.assert_array_equal(
+        to_unit(np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0])), [0, 0, 0.5, 0.75, 1, 1]
+    )
+    clean = np.zeros((2, 1, 4, 4))
+    noisy = clean + np.array([0.1, 0.01])[:, None, None, None]
+    np.testing.assert_allclose(psnr(clean, noisy), [20.0, 40.0], atol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact copy: capped, without a division warning
+        assert psnr(clean, clean).tolist() == [PSNR_CAP_DB, PSNR_CAP_DB]
+
+
+def test_to_uint8_scales_rounds_and_clips_to_0_255_channels_last():
+    values = np.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0], np.float32)
+    pixels = to_uint8(values[None, None, None, :])  # (1, 1, 1, 7) -> (1, 1, 7, 1)
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 1, 7, 1)
+    np.testing.assert_array_equal(pixels[0, 0, :, 0], [0, 0, 64, 128, 191, 255, 255])
+    rgb = np.array([-1.0, 0.0, 1.0], np.float32)[None, :, None, None]  # one pixel, 3 channels
+    np.testing.assert_array_equal(to_uint8(rgb), [[[[0, 128, 255]]]])
+
+
+def test_make_grid_places_the_tiles_row_by_row_between_padding():
+    tiles = np.linspace(-0.5, 1, 5)[:, None, None, None] * np.ones((5, 1, 4, 3), np.float32)
+    grid = make_grid(tiles, nrow=2)  # three rows of two 4x3 tiles, the last row half empty
+    assert grid.shape == (2 + 3 * (4 + 2), 2 + 2 * (3 + 2), 1)
+    want = np.zeros_like(grid)  # black padding around and between the tiles
+    for i, tile in enumerate(to_uint8(tiles)):
+        top, left = 2 + (i // 2) * (4 + 2), 2 + (i % 2) * (3 + 2)
+        want[top : top + 4, left : left + 3] = tile
+    np.testing.assert_array_equal(grid, want)
+    assert make_grid(tiles).shape == (2 + 2 * 6, 2 + 3 * 5, 1)  # by default a square-ish grid
+    assert make_grid(tiles[:1]).shape == (2 + 4 + 2, 2 + 3 + 2, 1)  # one image, one tile
+
+
+def test_save_grid_writes_the_grid_as_png(tmp_path):
+    frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 1, 28, 28), np.float32)
+    path = tmp_path / "grid"  # no suffix: a PNG whatever the name
+    save_grid(frames, str(path), nrow=5)
+    saved = Image.open(path)
+    assert saved.format == "PNG" and saved.mode == "L"
+    np.testing.assert_array_equal(np.asarray(saved)[..., None], make_grid(frames, nrow=5))
+    colour = np.stack([frames[:, 0], -frames[:, 0], frames[:, 0] * 0], axis=1)  # (5, 3, 28, 28)
+    save_grid(colour, str(path))
+    saved = Image.open(path)
+    assert saved.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(saved), make_grid(colour))
+
+
 @pytest.mark.parametrize(
     ("head", "name"),
     [
@@ -196,6 +249,7 @@ def test_gif_and_grid_codecs():
         (b"\x00\x00\x00\x1cftypavif", "avif"),  # ISO media: the brand names it
         (b"\x00\x00\x00\x18ftypheic", "heic"),
         (b"\x00\x00\x00\x18ftyp    ", "ISO media"),  # a blank brand
+        (b"\x00\x00\x00\x18ftyp\xe9vif", "\ufffdvif"),  # a brand byte not ASCII: replaced
     ],
 )
 def test_other_formats_are_named_by_their_signature(head, name):

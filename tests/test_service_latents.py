@@ -35,7 +35,7 @@ def test_truncation_pulls_towards_the_mean():
 
 def test_uniform_prior_and_prior_names():
     z = sample_prior(100, 8, seed=0, prior="uniform")
-    assert z.min() >= -1 and z.max() <= 1
+    assert -1 <= z.min() < -0.9 and 0.9 < z.max() <= 1  # spread over the whole of [-1, 1]
     assert prior_name("normal(0, I)") == "normal"
     assert prior_name({"type": "Gaussian"}) == "normal"
     assert prior_name("N(0, I)") == "normal"
@@ -57,6 +57,17 @@ def test_slerp_keeps_ends_and_follows_the_arc():
     np.testing.assert_allclose(middle, [1.5 / np.sqrt(2), 1.5 / np.sqrt(2)], atol=1e-12)
 
 
+def test_slerp_at_an_angle_other_than_a_right_angle():
+    """60 degrees apart (at 90 degrees sin(omega) is 1 and the two sines of the arc are mirror
+    images, which hides a wrong sign or a wrong scale)."""
+    omega = np.pi / 3
+    a, b = np.array([1.0, 0.0]), 3.0 * np.array([np.cos(omega), np.sin(omega)])
+    t = np.array([0.25, 0.5, 0.75])
+    path = slerp(a, b, t)
+    np.testing.assert_allclose(np.arctan2(path[:, 1], path[:, 0]), t * omega, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(path, axis=1), 1.0 + 2.0 * t, atol=1e-12)
+
+
 def test_slerp_degenerate_cases_fall_back_to_lerp():
     a = np.array([1.0, 1.0])
     t = np.linspace(0, 1, 3)
@@ -64,6 +75,8 @@ def test_slerp_degenerate_cases_fall_back_to_lerp():
     np.testing.assert_allclose(slerp(np.zeros(2), a, t), lerp(np.zeros(2), a, t))  # zero
     ones = np.ones(3)  # its unit vector's dot with itself rounds to 1 + 2**-52: clipped to 1
     np.testing.assert_allclose(slerp(ones, 2 * ones, t), lerp(ones, 2 * ones, t))
+    # antiparallel: the dot rounds to -1 - 2**-52, clipped to -1 (no NaN from arccos)
+    np.testing.assert_allclose(slerp(ones, -2 * ones, t), lerp(ones, -2 * ones, t))
 
 
 @pytest.mark.parametrize("method", ["slerp", "lerp"])
