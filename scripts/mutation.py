@@ -120,6 +120,8 @@ TRAINING_EXPORT_TESTS = [
 ]
 CORE_SERVICE_TESTS = [
     "tests/test_bundle.py",
+    "tests/test_directions.py",
+    "tests/test_files.py",
     "tests/test_service.py",
     "tests/test_service_images.py",
     "tests/test_service_latents.py",
