@@ -320,9 +320,10 @@ class Application:
 
     def _convert(self, uploads: Sequence[bytes], first_index: int) -> np.ndarray:
         # load() checked the model makes images, and so its data_shape is (C, H, W) (ModelRuntime)
+        channels, height, width = self.bundle.data_shape
         return load_uploads(
             list(uploads),
-            self.bundle.data_shape,
+            (channels, height, width),
             max_bytes=self.settings.limits.max_upload_bytes,
             max_pixels=self.settings.limits.max_pixels,
             first_index=first_index,
