@@ -137,10 +137,33 @@ def test_an_unreachable_redis_answers_as_the_failure_mode_says(image_bundle, mod
         assert time.monotonic() - started < 5  # a dead Redis costs no time per request
     assert [a.status_code for a in answers] == statuses
     if mode == "closed":
-        assert "AEGAN_RATE_LIMIT_FAILURE=closed" in error_of(answers[0], 503)
+        assert error_of(answers[0], 503) == (
+            "the quota store (AEGAN_RATE_LIMIT_STORAGE) cannot be reached, and "
+            "AEGAN_RATE_LIMIT_FAILURE=closed refuses requests until it can; retry shortly"
+        )
         assert answers[0].headers["retry-after"] == "1"
     if mode == "open":
         assert "ratelimit" not in answers[0].headers
+
+
+def test_while_redis_is_unreachable_each_key_counts_its_own_local_budget(image_bundle, tmp_path):
+    keys = tmp_path / "keys.json"
+    a, b = create_key(keys, "a", ["generate"]), create_key(keys, "b", ["generate"])
+    env = {
+        "AEGAN_API_KEYS_FILE": str(keys),
+        "AEGAN_RATE_LIMIT_STORAGE": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+        "AEGAN_RATE_LIMIT_FAILURE": "local",
+        "AEGAN_QUOTA_REQUESTS_PER_S": "0.1",  # 2 in any 20 s: no window ends within the test
+        "AEGAN_QUOTA_REQUESTS_BURST": "2",
+        "AEGAN_WORKERS": "1",
+    }
+    with serve(image_bundle, **env) as client:
+
+        def generate(key: str) -> int:
+            return client.post("/generate", json={"n": 1}, headers={"X-API-Key": key}).status_code
+
+        assert [generate(a) for _ in range(3)] == [200, 200, 429]
+        assert [generate(b) for _ in range(3)] == [200, 200, 429]
 
 
 # --- end to end: two workers, one Redis ----------------------------------------------------------
