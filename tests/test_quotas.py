@@ -5,6 +5,7 @@ burst of refused requests."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -165,6 +166,48 @@ def test_while_redis_is_unreachable_each_key_counts_its_own_local_budget(image_b
 
         assert [generate(a) for _ in range(3)] == [200, 200, 429]
         assert [generate(b) for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_worker_counts_its_share_until_redis_answers_again_and_says_so(
+    image_bundle, tmp_path, monkeypatch, caplog
+):
+    from aegan_serve import quotas
+
+    monkeypatch.setattr(quotas, "RETRY_DOWN_S", 2.0)  # room for redis-server to start within it
+    redis = Redis(tmp_path)  # not started yet
+    env = {
+        "AEGAN_RATE_LIMIT_STORAGE": redis.url,
+        "AEGAN_QUOTA_REQUESTS_PER_S": "1",
+        "AEGAN_QUOTA_REQUESTS_BURST": "4",  # 4 in any 4 s; a worker's share: 2
+        "AEGAN_WORKERS": "2",
+    }
+
+    def left(answer: httpx.Response) -> str:
+        assert answer.status_code == 200, answer.text
+        return re.fullmatch(r'"requests";r=(\d+);t=\d+', answer.headers["ratelimit"])[1]
+
+    try:
+        with caplog.at_level(logging.WARNING), serve(image_bundle, **env) as client:
+            down_at = time.monotonic()
+            assert left(client.post("/generate", json={"n": 1})) == "1"  # its share, in memory
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1
+            assert re.fullmatch(
+                rf"quota store {re.escape(redis.url)} unreachable \(StorageError: Error \d+ "
+                rf"connecting to 127\.0\.0\.1:{redis.port}\..*\); AEGAN_RATE_LIMIT_FAILURE=local "
+                r"until it answers",
+                warnings[0],
+            )
+            redis.start()
+            assert time.monotonic() - down_at < quotas.RETRY_DOWN_S, "redis-server was slow"
+            # not tried again yet: still this worker's share
+            assert left(client.post("/generate", json={"n": 1})) == "0"
+            time.sleep(max(0.0, down_at + quotas.RETRY_DOWN_S + 0.1 - time.monotonic()))
+            assert left(client.post("/generate", json={"n": 1})) == "3"  # the whole budget
+    finally:
+        redis.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings[1:] == [f"quota store {redis.url} answers again"]
 
 
 # --- end to end: two workers, one Redis ----------------------------------------------------------
