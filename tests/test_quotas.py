@@ -5,6 +5,7 @@ burst of refused requests."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -208,6 +209,25 @@ def test_a_worker_counts_its_share_until_redis_answers_again_and_says_so(
         redis.stop()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings[1:] == [f"quota store {redis.url} answers again"]
+
+
+def test_addresses_that_spent_their_wrong_keys_stay_refused_when_the_others_are_forgotten(
+    monkeypatch,
+):
+    from aegan_serve import quotas
+
+    monkeypatch.setattr(quotas, "MAX_TRACKED_ADDRESSES", 2)  # 100 000 in service
+
+    async def attempts() -> list[bool | None]:
+        counter = quotas.Quotas(QuotaSettings.from_env({"AEGAN_AUTH_FAILURES_PER_MIN": "2"}))
+        for who in ("a", "a", "b", "c", "d"):  # at "d", three addresses are kept: pruned
+            await counter.spend_failure(who)
+        return [
+            None if left is None else left.allowed
+            for left in [await counter.failures_left(who) for who in ("a", "b", "d", "e")]
+        ]
+
+    assert asyncio.run(attempts()) == [False, True, True, None]
 
 
 # --- end to end: two workers, one Redis ----------------------------------------------------------
