@@ -98,6 +98,8 @@ def test_the_image_budget_counts_the_images_of_each_request(image_bundle, tmp_pa
         "AEGAN_API_KEYS_FILE": str(keys),
         "AEGAN_QUOTA_IMAGES_PER_S": "4",
         "AEGAN_QUOTA_IMAGES_BURST": "8",
+        "AEGAN_QUOTA_REQUESTS_PER_S": "100",  # both budgets: both in the headers
+        "AEGAN_QUOTA_REQUESTS_BURST": "100",
     }
     with serve(image_bundle, **env) as client:
 
@@ -106,7 +108,7 @@ def test_the_image_budget_counts_the_images_of_each_request(image_bundle, tmp_pa
 
         first = generate(a, 5)
         assert first.status_code == 200
-        assert first.headers["ratelimit"].startswith('"images";r=3;')
+        assert re.fullmatch(r'"requests";r=99;t=\d, "images";r=3;t=\d', first.headers["ratelimit"])
         spent = generate(a, 5)
         assert "image quota spent: 8 images per 2 s" in error_of(spent, 429)
         assert 1 <= int(spent.headers["retry-after"]) <= 2
@@ -205,6 +207,7 @@ def test_a_worker_counts_its_share_until_redis_answers_again_and_says_so(
             assert left(client.post("/generate", json={"n": 1})) == "0"
             time.sleep(max(0.0, down_at + quotas.RETRY_DOWN_S + 0.1 - time.monotonic()))
             assert left(client.post("/generate", json={"n": 1})) == "3"  # the whole budget
+            assert left(client.post("/generate", json={"n": 1})) == "2"  # said once only
     finally:
         redis.stop()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
