@@ -71,6 +71,14 @@ def test_the_file_holds_hashes_names_and_scopes_never_a_key(keys):
     assert find_key(read_keys(path), "") is None
 
 
+def test_an_empty_or_overlong_presented_key_is_never_found():
+    stored = [ApiKey(f"k{len(k)}", hash_key(k), frozenset({"admin"}), "") for k in ("", "k" * 256)]
+    stored.append(ApiKey("k257", hash_key("k" * 257), frozenset({"admin"}), ""))
+    assert find_key(stored, "k" * 256).name == "k256"  # the longest a key may be
+    assert find_key(stored, "k" * 257) is None  # refused before hashing, even when stored
+    assert find_key(stored, "") is None
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
