@@ -16,6 +16,7 @@ from service_helpers import error_of, serve
 
 from aegan_cli import main
 from aegan_serve.apikeys import (
+    ApiKey,
     KeyRing,
     KeysFileError,
     create_key,
@@ -70,6 +71,14 @@ def test_the_file_holds_hashes_names_and_scopes_never_a_key(keys):
     assert find_key(read_keys(path), "") is None
 
 
+def test_an_empty_or_overlong_presented_key_is_never_found():
+    stored = [ApiKey(f"k{len(k)}", hash_key(k), frozenset({"admin"}), "") for k in ("", "k" * 256)]
+    stored.append(ApiKey("k257", hash_key("k" * 257), frozenset({"admin"}), ""))
+    assert find_key(stored, "k" * 256).name == "k256"  # the longest a key may be
+    assert find_key(stored, "k" * 257) is None  # refused before hashing, even when stored
+    assert find_key(stored, "") is None
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -98,7 +107,94 @@ def test_a_malformed_keys_file_is_refused_naming_the_problem(tmp_path, content, 
         AccessSettings.from_env({"AEGAN_API_KEYS_FILE": str(path)})
 
 
+HASH = "0" * 64
+
+
+def _keys_file(*entries: object) -> str:
+    return json.dumps({"version": 1, "keys": list(entries)})
+
+
+NOT_VERSION_1 = (
+    ' is not a version 1 keys file ({"version": 1, "keys": [...]}); '
+    "make it with `aegan keys create`"
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("not json", " is not JSON: Expecting value: line 1 column 1 (char 0)"),
+        ("[]", NOT_VERSION_1),
+        ('{"version": 2, "keys": []}', NOT_VERSION_1),
+        ('{"version": 1}', ': "keys" must be a list'),
+        (_keys_file("a"), ": keys[0]: not an object"),
+        (
+            _keys_file({"name": 1, "sha256": HASH, "scopes": ["generate"]}),
+            ': keys[0]: "name" must be a string',
+        ),
+        (
+            _keys_file({"name": "a", "sha256": "A" * 64, "scopes": ["generate"]}),
+            ': keys[0]: "sha256" must be 64 lowercase hex digits (a hash, not a key)',
+        ),
+        (
+            _keys_file({"name": "a", "sha256": HASH + "0", "scopes": ["generate"]}),
+            ': keys[0]: "sha256" must be 64 lowercase hex digits (a hash, not a key)',
+        ),
+        (
+            _keys_file({"name": "a", "sha256": HASH, "scopes": "generate"}),
+            ': keys[0]: "scopes" must be a list of strings',
+        ),
+        (
+            _keys_file({"name": "a", "sha256": HASH, "scopes": ["generate", 1]}),
+            ': keys[0]: "scopes" must be a list of strings',
+        ),
+        (
+            _keys_file({"name": "a", "sha256": HASH, "scopes": []}),
+            ": keys[0]: a key needs at least one scope (generate, encode, search, admin)",
+        ),
+        (
+            _keys_file({"name": "a", "sha256": HASH, "scopes": ["x", "generate", "all"]}),
+            ": keys[0]: unknown scope all, x; scopes are generate, encode, search, admin",
+        ),
+        (
+            _keys_file({"name": "a", "sha256": HASH, "scopes": ["generate"]}, None),
+            ": keys[1]: not an object",
+        ),
+        (
+            _keys_file(*[{"name": "a", "sha256": HASH, "scopes": ["generate"]}] * 2),
+            ": the name 'a' is used twice",
+        ),
+    ],
+)
+def test_each_fault_of_a_keys_file_has_its_whole_message(tmp_path, content, says):
+    path = tmp_path / "keys.json"
+    path.write_text(content)
+    with pytest.raises(KeysFileError) as caught:
+        read_keys(path)
+    assert str(caught.value) == f"keys file {path}{says}"
+
+
+def test_a_keys_file_is_read_entry_by_entry(tmp_path):
+    path = tmp_path / "keys.json"
+    made = "2026-12-07T11:00:00+00:00"
+    path.write_text(
+        _keys_file(
+            {"name": "a", "sha256": HASH, "scopes": ["generate", "encode"], "created": made},
+            {"name": "b.2", "sha256": "f" * 64, "scopes": ["admin"]},  # no date
+        )
+    )
+    assert read_keys(path) == [
+        ApiKey("a", HASH, frozenset({"generate", "encode"}), made),
+        ApiKey("b.2", "f" * 64, frozenset({"admin"}), ""),
+    ]
+
+
 def test_a_missing_keys_file_stops_the_server_settings(tmp_path):
+    with pytest.raises(KeysFileError) as caught:
+        read_keys(tmp_path / "none.json")
+    assert str(caught.value) == (
+        f"cannot read the keys file {tmp_path / 'none.json'}: No such file or directory"
+    )
     with pytest.raises(SettingsError, match="cannot read the keys file"):
         AccessSettings.from_env({"AEGAN_API_KEYS_FILE": str(tmp_path / "none.json")})
     assert AccessSettings.from_env({}).keys_file is None  # off by default

@@ -5,6 +5,8 @@ burst of refused requests."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import threading
@@ -85,7 +87,8 @@ def test_the_request_budget_per_address_when_keys_are_off(image_bundle):
         assert "request quota spent: 3 requests per 3 s" in error_of(refused, 429)
         assert 1 <= int(refused.headers["retry-after"]) <= 3
         assert client.get("/livez").status_code == 200  # health is not counted
-        assert client.get("/docs.json").status_code == 200
+        document = client.get("/docs.json").json()  # not counted; no 503 in the `local` mode
+        assert "503" not in document["paths"]["/generate"]["post"]["responses"]
 
 
 def test_the_image_budget_counts_the_images_of_each_request(image_bundle, tmp_path):
@@ -95,6 +98,8 @@ def test_the_image_budget_counts_the_images_of_each_request(image_bundle, tmp_pa
         "AEGAN_API_KEYS_FILE": str(keys),
         "AEGAN_QUOTA_IMAGES_PER_S": "4",
         "AEGAN_QUOTA_IMAGES_BURST": "8",
+        "AEGAN_QUOTA_REQUESTS_PER_S": "100",  # both budgets: both in the headers
+        "AEGAN_QUOTA_REQUESTS_BURST": "100",
     }
     with serve(image_bundle, **env) as client:
 
@@ -103,7 +108,7 @@ def test_the_image_budget_counts_the_images_of_each_request(image_bundle, tmp_pa
 
         first = generate(a, 5)
         assert first.status_code == 200
-        assert first.headers["ratelimit"].startswith('"images";r=3;')
+        assert re.fullmatch(r'"requests";r=99;t=\d, "images";r=3;t=\d', first.headers["ratelimit"])
         spent = generate(a, 5)
         assert "image quota spent: 8 images per 2 s" in error_of(spent, 429)
         assert 1 <= int(spent.headers["retry-after"]) <= 2
@@ -137,10 +142,95 @@ def test_an_unreachable_redis_answers_as_the_failure_mode_says(image_bundle, mod
         assert time.monotonic() - started < 5  # a dead Redis costs no time per request
     assert [a.status_code for a in answers] == statuses
     if mode == "closed":
-        assert "AEGAN_RATE_LIMIT_FAILURE=closed" in error_of(answers[0], 503)
+        assert error_of(answers[0], 503) == (
+            "the quota store (AEGAN_RATE_LIMIT_STORAGE) cannot be reached, and "
+            "AEGAN_RATE_LIMIT_FAILURE=closed refuses requests until it can; retry shortly"
+        )
         assert answers[0].headers["retry-after"] == "1"
     if mode == "open":
         assert "ratelimit" not in answers[0].headers
+
+
+def test_while_redis_is_unreachable_each_key_counts_its_own_local_budget(image_bundle, tmp_path):
+    keys = tmp_path / "keys.json"
+    a, b = create_key(keys, "a", ["generate"]), create_key(keys, "b", ["generate"])
+    env = {
+        "AEGAN_API_KEYS_FILE": str(keys),
+        "AEGAN_RATE_LIMIT_STORAGE": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+        "AEGAN_RATE_LIMIT_FAILURE": "local",
+        "AEGAN_QUOTA_REQUESTS_PER_S": "0.1",  # 2 in any 20 s: no window ends within the test
+        "AEGAN_QUOTA_REQUESTS_BURST": "2",
+        "AEGAN_WORKERS": "1",
+    }
+    with serve(image_bundle, **env) as client:
+
+        def generate(key: str) -> int:
+            return client.post("/generate", json={"n": 1}, headers={"X-API-Key": key}).status_code
+
+        assert [generate(a) for _ in range(3)] == [200, 200, 429]
+        assert [generate(b) for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_worker_counts_its_share_until_redis_answers_again_and_says_so(
+    image_bundle, tmp_path, monkeypatch, caplog
+):
+    from aegan_serve import quotas
+
+    monkeypatch.setattr(quotas, "RETRY_DOWN_S", 2.0)  # room for redis-server to start within it
+    redis = Redis(tmp_path)  # not started yet
+    env = {
+        "AEGAN_RATE_LIMIT_STORAGE": redis.url,
+        "AEGAN_QUOTA_REQUESTS_PER_S": "1",
+        "AEGAN_QUOTA_REQUESTS_BURST": "4",  # 4 in any 4 s; a worker's share: 2
+        "AEGAN_WORKERS": "2",
+    }
+
+    def left(answer: httpx.Response) -> str:
+        assert answer.status_code == 200, answer.text
+        return re.fullmatch(r'"requests";r=(\d+);t=\d+', answer.headers["ratelimit"])[1]
+
+    try:
+        with caplog.at_level(logging.WARNING), serve(image_bundle, **env) as client:
+            down_at = time.monotonic()
+            assert left(client.post("/generate", json={"n": 1})) == "1"  # its share, in memory
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1
+            assert re.fullmatch(
+                rf"quota store {re.escape(redis.url)} unreachable \(StorageError: Error \d+ "
+                rf"connecting to 127\.0\.0\.1:{redis.port}\..*\); AEGAN_RATE_LIMIT_FAILURE=local "
+                r"until it answers",
+                warnings[0],
+            )
+            redis.start()
+            assert time.monotonic() - down_at < quotas.RETRY_DOWN_S, "redis-server was slow"
+            # not tried again yet: still this worker's share
+            assert left(client.post("/generate", json={"n": 1})) == "0"
+            time.sleep(max(0.0, down_at + quotas.RETRY_DOWN_S + 0.1 - time.monotonic()))
+            assert left(client.post("/generate", json={"n": 1})) == "3"  # the whole budget
+            assert left(client.post("/generate", json={"n": 1})) == "2"  # said once only
+    finally:
+        redis.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings[1:] == [f"quota store {redis.url} answers again"]
+
+
+def test_addresses_that_spent_their_wrong_keys_stay_refused_when_the_others_are_forgotten(
+    monkeypatch,
+):
+    from aegan_serve import quotas
+
+    monkeypatch.setattr(quotas, "MAX_TRACKED_ADDRESSES", 2)  # 100 000 in service
+
+    async def attempts() -> list[bool | None]:
+        counter = quotas.Quotas(QuotaSettings.from_env({"AEGAN_AUTH_FAILURES_PER_MIN": "2"}))
+        for who in ("a", "a", "b", "c", "d"):  # at "d", three addresses are kept: pruned
+            await counter.spend_failure(who)
+        return [
+            None if left is None else left.allowed
+            for left in [await counter.failures_left(who) for who in ("a", "b", "d", "e")]
+        ]
+
+    assert asyncio.run(attempts()) == [False, True, True, None]
 
 
 # --- end to end: two workers, one Redis ----------------------------------------------------------

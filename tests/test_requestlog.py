@@ -104,11 +104,14 @@ def test_the_refused_line_is_one_bounded_line(caplog):
     caplog.set_level(logging.INFO, logger=requestlog.logger.name)
     log_refused("POST", "/encode\nFAKE 200", 413, "x" * 1000, None, "10.0.0.1")
     log_refused("GET", "/info", 401, "no key", "alice", "10.0.0.2")
-    first, second = (r.getMessage() for r in caplog.records)
+    log_refused("GET", "/" + "p" * (MAX_FIELD_CHARS - 1), 404, "r" * MAX_FIELD_CHARS, None, "-")
+    first, second, third = (r.getMessage() for r in caplog.records)
     assert "\n" not in first and "FAKE 200" in first and "\\n" in first
     assert first.startswith("POST /encode\\nFAKE 200 413 key=- client=10.0.0.1: ")
-    assert first.endswith("x" * MAX_FIELD_CHARS + "...")
+    assert first.endswith(": " + "x" * MAX_FIELD_CHARS + "...")  # cut at the limit
     assert second == "GET /info 401 key=alice client=10.0.0.2: no key"
+    path, reason = "/" + "p" * (MAX_FIELD_CHARS - 1), "r" * MAX_FIELD_CHARS
+    assert third == f"GET {path} 404 key=- client=-: {reason}"  # at the limit: whole
 
 
 def test_filters_are_installed_once():

@@ -93,6 +93,9 @@ def test_a_storage_url_password_is_never_shown_but_other_values_are():
         read_environment({"AEGAN_RATE_LIMIT_STORAGE": "redis://:hunter2@cache:port/0"})
     assert "'redis://:***@cache:port/0' is not a URL" in str(caught.value)
     assert "hunter2" not in str(caught.value)
+    with pytest.raises(SettingsError) as caught:  # no password to hide: not shown as one
+        read_environment({"AEGAN_RATE_LIMIT_STORAGE": "redis://:@cache:port/0"})
+    assert "'redis://:@cache:port/0' is not a URL" in str(caught.value)
     with pytest.raises(SettingsError) as caught:  # only the storage URL is redacted
         read_environment({"AEGAN_DEVICE": "//user:word@host"})
     assert "AEGAN_DEVICE='//user:word@host' must be one of" in str(caught.value)
