@@ -42,11 +42,12 @@ def per_sample_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray((diff * diff).reshape(len(diff), -1).mean(axis=1))
 
 
-def psnr(reference: np.ndarray, estimate: np.ndarray, data_range: float = 1.0) -> np.ndarray:
-    """Per-sample PSNR in dB, ``10 log10(range^2 / MSE)``, capped at :data:`PSNR_CAP_DB`."""
+def psnr(reference: np.ndarray, estimate: np.ndarray) -> np.ndarray:
+    """Per-sample PSNR in dB of pixels in [0, 1], ``10 log10(1 / MSE)``, capped at
+    :data:`PSNR_CAP_DB`."""
     mse = per_sample_mse(reference, estimate)
     with np.errstate(divide="ignore"):
-        value = 10.0 * np.log10(data_range**2 / mse)
+        value = 10.0 * np.log10(1.0 / mse)
     return np.minimum(value, PSNR_CAP_DB)
 
 
