@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from aegan_core.gallery import (
     GalleryNotFound,
     Ids,
     exact_distances,
+    load_faiss,
     load_gallery,
 )
 from aegan_core.runtime import ModelRuntime
@@ -119,6 +121,34 @@ def test_an_exact_gallery_answers_what_brute_force_does(gallery_dir, image_bundl
     assert gallery.ids[int(r[0, 0])] == names[3] and d[0, 0] == pytest.approx(0, abs=1e-5)
     # k above the gallery's size answers every row
     assert gallery.search(queries[:1], 100)[1].shape == (1, PICTURES)
+    assert gallery.describe() == {  # what /info and the CLI show
+        "path": str(gallery_dir),
+        "size": PICTURES,
+        "kind": EXACT,
+        "latent_dim": 32,
+        "bundle": record["bundle"],
+        "recall_at_10": None,
+        "search": None,
+        "skipped": 1,
+    }
+
+
+def test_distances_to_no_candidate_are_infinite_even_in_a_gallery_of_one():
+    latents = np.array([[3.0, 4.0]], np.float32)
+    queries = np.zeros((2, 2), np.float32)
+    rows = np.array([[0, -1], [-1, -1]])  # what an inverted file answers past its candidates
+    np.testing.assert_array_equal(
+        exact_distances(latents, queries, rows), [[5.0, np.inf], [np.inf, np.inf]]
+    )
+
+
+def test_a_missing_faiss_is_named_with_its_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss fails as if not installed
+    with pytest.raises(GalleryError) as caught:
+        load_faiss()
+    assert str(caught.value) == (
+        "this gallery's index needs faiss-cpu, which is not installed (pip install faiss-cpu)"
+    )
 
 
 def test_bad_queries_and_k_are_refused(gallery_dir):
@@ -219,6 +249,9 @@ def test_an_approximate_gallery_reaches_its_recorded_recall(vector_bundle, tmp_p
     distances, rows = gallery.search(queries, 10)
     np.testing.assert_allclose(distances, exact_distances(latents, queries, rows), rtol=1e-6)
     assert np.all(np.diff(distances, axis=1) >= 0)
+    described = gallery.describe()
+    assert described["recall_at_10"] == recorded and described["skipped"] == 0
+    assert described["search"] == gallery.record["search"] and described["search"]["nprobe"] >= 1
 
 
 def test_recall_at_10_sees_a_bad_search():
