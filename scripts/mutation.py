@@ -202,7 +202,7 @@ def fence_off(source: str, keep: list[str]) -> str:
     return "".join(lines)
 
 
-def stage(workdir: Path, fresh: bool, part: str) -> None:
+def stage(workdir: Path, fresh: bool, part: str, timeout_multiplier: float) -> None:
     """Copy the repository into ``workdir`` (keeping mutmut's results unless ``fresh``)."""
     scope, tests = PARTS[part]
     if fresh and workdir.exists():
@@ -230,6 +230,9 @@ def stage(workdir: Path, fresh: bool, part: str) -> None:
         "pytest_add_cli_args_test_selection": tests,
         "also_copy": ALSO_COPY,
         "process_isolation": "forkserver",  # torch is not fork-safe after it has started threads
+        # a mutant's tests may take this many times their clean run (plus a second) before it
+        # counts as a timeout (caught); changing it re-runs only the timeouts
+        "timeout_multiplier": timeout_multiplier,
     }
     with open(workdir / "pyproject.toml", "a") as f:
         f.write("\n[tool.mutmut]\n")
@@ -280,6 +283,13 @@ def main() -> int:
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
     parser.add_argument(
+        "--timeout-multiplier",
+        type=float,
+        default=15.0,
+        help="mutmut's timeout_multiplier (its default 15; lower on a quiet machine, to re-run "
+        "timeouts faster)",
+    )
+    parser.add_argument(
         "--part", choices=sorted(PARTS), default="core-service", help="which modules to mutate"
     )
     parser.add_argument(
@@ -297,7 +307,7 @@ def main() -> int:
     digits = SAMPLE_DIGITS[args.sample]
     if args.report:
         return summarise(args, mutmut, digits, seconds=None)
-    stage(args.workdir, args.fresh, args.part)
+    stage(args.workdir, args.fresh, args.part, args.timeout_multiplier)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # the tests must import the mutated copy, nothing else
     started = time.monotonic()
