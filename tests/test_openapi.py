@@ -220,6 +220,16 @@ def test_retry_after_is_described_as_the_service_sends_it(spec):
         jsonschema.validate("soon", header["schema"])
 
 
+def test_only_the_answers_that_send_retry_after_declare_it(client, spec):
+    responses = spec["paths"]["/generate"]["post"]["responses"]
+    assert "Retry-After" in responses["429"]["headers"]
+    assert "Retry-After" not in responses["413"].get("headers", {})
+    too_big = client.post(
+        "/generate", content=b" " * (2 << 20), headers={"Content-Type": "application/json"}
+    )
+    assert too_big.status_code == 413 and "retry-after" not in too_big.headers
+
+
 def test_the_error_schemas_describe_the_detail_of_a_validation_error(client, spec):
     """A field out of bounds is answered 400 with the error and its detail (a list of the
     fields); the document's error schemas declare that detail."""
