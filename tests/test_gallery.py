@@ -272,6 +272,11 @@ def test_ids_round_trip_and_are_found():
     assert ids.find("c.png") is None
     numbers = Ids.build(np.array([5, 3, 9], np.int64))
     assert numbers.find("3") == 1 and numbers.find("03") is None and numbers.find("4") is None
+    # integer ids, as an array or a list, are kept as numbers (no "03" for 3); text stays text
+    for given in (np.array([5, 3, 9], np.uint32), [5, 3, 9], [np.int64(5), 3, 9]):
+        ids = Ids.build(given)
+        assert ids.numeric and [ids[i] for i in range(3)] == ["5", "3", "9"], given
+    assert not Ids.build(["5", "3"]).numeric and Ids.build(["03"]).find("03") == 0
 
 
 def test_aegan_similar_on_images_and_on_an_encode_output(
