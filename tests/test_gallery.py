@@ -18,12 +18,13 @@ from PIL import Image
 from aegan_batch import plan_job, run_job
 from aegan_batch.index import build_gallery, recall_at_10
 from aegan_cli import main
-from aegan_core.bundle import load_bundle
+from aegan_core.bundle import load_bundle, sha256_file
 from aegan_core.errors import RequestError
 from aegan_core.gallery import (
     APPROXIMATE,
     EXACT,
     INDEX_FILE,
+    INDEX_VERSION,
     GalleryError,
     GalleryNotFound,
     Ids,
@@ -185,10 +186,107 @@ def test_a_gallery_of_another_bundle_is_refused_naming_both(encoded, rgb_bundle,
     assert not (dest / INDEX_FILE).exists()
 
 
-def test_the_service_bundle_must_be_the_gallerys(gallery_dir, rgb_bundle):
-    with pytest.raises(GalleryError, match="was encoded by bundle") as caught:
-        load_gallery(gallery_dir, load_bundle(rgb_bundle))
-    assert "manifest sha256" in str(caught.value)
+def test_the_service_bundle_must_be_the_gallerys(gallery_dir, image_bundle, rgb_bundle):
+    theirs, ours = load_bundle(image_bundle), load_bundle(rgb_bundle)
+    with pytest.raises(GalleryError) as caught:
+        load_gallery(gallery_dir, ours)
+    their_sha, our_sha = (sha256_file(b.path / "manifest.json")[:12] for b in (theirs, ours))
+    assert str(caught.value) == (
+        f"gallery {gallery_dir} was encoded by bundle {theirs.name!r} (manifest sha256 "
+        f"{their_sha}...), not by {ours.name!r} at {ours.path} (manifest sha256 {our_sha}...): "
+        "its latents cannot be compared; serve the bundle it was encoded by, or encode and index "
+        "the collection again with this one"
+    )
+
+
+def _rewritten(gallery_dir: Path, dest: Path, record=None, **arrays: np.ndarray) -> Path:
+    """A copy of the gallery with ``record`` edited and files replaced, recorded as they are."""
+    shutil.copytree(gallery_dir, dest)
+    index = json.loads((dest / INDEX_FILE).read_text())
+    for role, array in arrays.items():
+        path = dest / index["files"][role]["path"]
+        with open(path, "wb") as f:  # as named in the record
+            np.save(f, array, allow_pickle=True)
+        index["files"][role].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (dest / INDEX_FILE).write_text(json.dumps(record(index) if record else index))
+    return dest
+
+
+def test_each_damaged_gallery_is_refused_saying_what_to_do(gallery_dir, tmp_path):
+    record = tmp_path / "unreadable" / INDEX_FILE
+    _rewritten(gallery_dir, tmp_path / "unreadable")
+    record.write_text("{")
+    with pytest.raises(GalleryError) as caught:
+        load_gallery(record.parent)
+    said = str(caught.value)
+    assert said.startswith(f"{record} is not readable (") and said.endswith(
+        "); run `aegan index` again"
+    )
+    newer = lambda r: {**r, "format_version": 99}  # noqa: E731
+    for name, edit, version in [("list", lambda r: [], None), ("v99", newer, 99)]:
+        dest = _rewritten(gallery_dir, tmp_path / name, edit)
+        with pytest.raises(GalleryError) as caught:
+            load_gallery(dest)
+        assert str(caught.value) == (
+            f"{dest / INDEX_FILE} has format_version {version!r}; this version reads "
+            f"{INDEX_VERSION}: run `aegan index {dest} --model BUNDLE` again"
+        )
+    dest = _rewritten(gallery_dir, tmp_path / "kind", lambda r: {**r, "kind": "tree"})
+    with pytest.raises(GalleryError) as caught:
+        load_gallery(dest)
+    assert str(caught.value) == f"{dest / INDEX_FILE}: unknown index kind 'tree'"
+
+
+def test_gallery_files_must_be_beside_the_record_whole_and_plain_arrays(gallery_dir, tmp_path):
+    record = json.loads((gallery_dir / INDEX_FILE).read_text())
+    size, latents_name = record["size"], record["files"]["latents"]["path"]
+    ids_name = record["files"]["ids"]["path"]
+    dest = tmp_path / "missing"
+    shutil.copytree(gallery_dir, dest)
+    (dest / ids_name).unlink()
+    with pytest.raises(GalleryError) as caught:
+        load_gallery(dest)
+    assert str(caught.value) == f"gallery {dest}: {ids_name} is missing; run `aegan index` again"
+
+    def elsewhere(index):  # a file that exists, but reached through a directory part
+        index["files"]["latents"]["path"] = f"../missing/{latents_name}"
+        return index
+
+    outside = _rewritten(gallery_dir, tmp_path / "outside", elsewhere)
+    with pytest.raises(GalleryError) as caught:
+        load_gallery(outside)
+    assert str(caught.value) == (
+        f"gallery {outside}: ../missing/{latents_name} is missing; run `aegan index` again"
+    )
+
+    good = np.asarray(load_gallery(gallery_dir).latents)
+    for name, latents in [
+        ("float64", good.astype(np.float64)),
+        ("narrow", good[:, :31].copy()),
+        ("flat", good.reshape(-1).copy()),
+    ]:
+        dest = _rewritten(gallery_dir, tmp_path / name, latents=latents)
+        with pytest.raises(GalleryError) as caught:
+            load_gallery(dest)
+        assert str(caught.value) == f"{dest / latents_name}: not ({size}, latent_dim) float32"
+    dest = _rewritten(gallery_dir, tmp_path / "short", latents=good[:-1].copy())
+    with pytest.raises(GalleryError) as caught:
+        load_gallery(dest)
+    assert str(caught.value) == f"{dest / latents_name} holds {size - 1} rows, not {size}"
+
+    order = np.load(gallery_dir / record["files"]["order"]["path"])
+    dest = _rewritten(gallery_dir, tmp_path / "ids", order=order[:-1].copy())
+    with pytest.raises(GalleryError) as caught:
+        load_gallery(dest)
+    assert str(caught.value) == f"gallery {dest}: ids and latents differ in number; rebuild it"
+
+    # a file that needs unpickling is never unpickled, whatever its role
+    for role in record["files"]:
+        if role != "index":
+            dest = _rewritten(gallery_dir, tmp_path / f"pickled-{role}", **{role: np.array([{}])})
+            # (the latents are memory-mapped, which refuses Python objects as well)
+            with pytest.raises(ValueError, match="allow_pickle=False|memory-mapped"):
+                load_gallery(dest)
 
 
 def test_an_incomplete_or_foreign_output_is_refused(encoded, image_bundle, tmp_path):
