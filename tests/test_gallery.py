@@ -29,6 +29,7 @@ from aegan_core.gallery import (
     GalleryNotFound,
     Ids,
     exact_distances,
+    exact_search,
     load_faiss,
     load_gallery,
 )
@@ -143,6 +144,19 @@ def test_distances_to_no_candidate_are_infinite_even_in_a_gallery_of_one():
     )
 
 
+def test_the_exact_search_finds_the_k_nearest_rows_for_every_k():
+    rng = np.random.default_rng(3)
+    latents = rng.normal(size=(40, 4)).astype(np.float32)
+    queries = rng.normal(size=(25, 4)).astype(np.float32)
+    norms = np.einsum("ij,ij->i", latents, latents)
+    brute = np.linalg.norm(latents[None] - queries[:, None], axis=2)
+    for k in range(1, 41):
+        rows, _ = exact_search(latents, norms, queries, k)
+        assert rows.shape == (25, k)
+        for q in range(25):
+            assert set(rows[q]) == set(np.argsort(brute[q])[:k]), (k, q)
+
+
 def test_a_missing_faiss_is_named_with_its_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss fails as if not installed
     with pytest.raises(GalleryError) as caught:
@@ -162,8 +176,9 @@ def test_bad_queries_and_k_are_refused(gallery_dir):
         gallery.search(np.zeros((1, 31), np.float32), 3)
     bad = good.copy()
     bad[0, 4] = np.nan
-    with pytest.raises(RequestError, match="NaN or infinite"):
+    with pytest.raises(RequestError) as caught:
         gallery.search(bad, 3)
+    assert str(caught.value) == "a query latent holds NaN or infinite values"
     with pytest.raises(GalleryNotFound, match="not in the gallery"):
         gallery.latent_of("no/such.png")
 
@@ -345,6 +360,7 @@ def test_an_approximate_gallery_reaches_its_recorded_recall(vector_bundle, tmp_p
     assert measured >= 0.9
     queries = latents[:20] + 0.01
     distances, rows = gallery.search(queries, 10)
+    assert distances.shape == rows.shape == (20, 10)  # k of the candidates the index gave
     np.testing.assert_allclose(distances, exact_distances(latents, queries, rows), rtol=1e-6)
     assert np.all(np.diff(distances, axis=1) >= 0)
     described = gallery.describe()
