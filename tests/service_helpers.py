@@ -184,3 +184,17 @@ def decode_png(data: bytes) -> np.ndarray:
     image = Image.open(io.BytesIO(data))
     assert image.format == "PNG"
     return np.asarray(image)
+
+
+def tiny_model_info(bundle: Path) -> dict[str, Any]:
+    """What /info says of the model of the test bundle (tests/bundle_factory.py)."""
+    return {
+        "name": "tiny-test",
+        "kind": "image",
+        "data_shape": [1, 28, 28],
+        "latent_dim": 32,
+        "latent_prior": "normal",
+        "path": str(bundle),
+        "metrics": {"recon_mse": 0.01},
+        "directions": None,  # the bundle has none (tests/test_directions.py)
+    }

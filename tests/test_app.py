@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from service_helpers import tiny_model_info
 
 import aegan_serve.app
 from aegan_core.errors import ClientError, Overloaded, RequestError, WrongModelKind
@@ -234,16 +235,7 @@ def test_info_reports_the_model_runtime_limits_and_encoder_batches(image_bundle)
     assert encoder_threads[0].startswith("aegan-encoder")  # the encoder's own thread
     asyncio.run(app.encode([png(9)]))
     info = app.info()
-    assert info["model"] == {
-        "name": "tiny-test",
-        "kind": "image",
-        "data_shape": [1, 28, 28],
-        "latent_dim": 32,
-        "latent_prior": "normal",
-        "path": str(image_bundle),
-        "metrics": {"recon_mse": 0.01},
-        "directions": None,  # the bundle has none (tests/test_directions.py)
-    }
+    assert info["model"] == tiny_model_info(image_bundle)
     assert info["runtime"] == {
         "provider": "CPUExecutionProvider",
         "precision": "fp32",

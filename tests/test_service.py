@@ -11,7 +11,16 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import decode_png, error_of, files, gradient, image_bytes, png_header, serve
+from service_helpers import (
+    decode_png,
+    error_of,
+    files,
+    gradient,
+    image_bytes,
+    png_header,
+    serve,
+    tiny_model_info,
+)
 
 from aegan_core.latents import sample_prior
 from aegan_core.runtime import ModelRuntime
@@ -321,16 +330,7 @@ def test_interpolate_latents_lerp_and_slerp(client):
 
 def test_info_describes_model_runtime_and_limits(client, image_bundle):
     info = client.post("/info").json()
-    assert info["model"] == {
-        "name": "tiny-test",
-        "kind": "image",
-        "data_shape": [1, 28, 28],
-        "latent_dim": 32,
-        "latent_prior": "normal",
-        "path": str(image_bundle),
-        "metrics": {"recon_mse": 0.01},
-        "directions": None,  # the bundle has none (tests/test_directions.py)
-    }
+    assert info["model"] == tiny_model_info(image_bundle)
     assert info["runtime"]["provider"] == "CPUExecutionProvider"
     assert info["runtime"]["precision"] == "fp32"
     assert info["runtime"]["cuda_unused_reason"] == "AEGAN_DEVICE=cpu"  # the test servers' setting
