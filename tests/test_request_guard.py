@@ -1,10 +1,12 @@
 """The request guard's budget of request-body bytes held at once by one worker: excess load is
 refused with 429 and Retry-After before its body is read, and the budget is given back when a
-request ends (tested on the ASGI middleware directly, with an app that holds its requests)."""
+request ends (tested on the ASGI middleware directly, with an app that holds its requests); error
+answers leave it in one shape, ``{"error": message}``."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from bentoml.exceptions import BentoMLException
@@ -130,3 +132,62 @@ def test_a_url_encoded_field_name_split_across_messages_is_read_whole():
         assert other[3][0]["status"] == 200
 
     asyncio.run(main())
+
+
+class AnsweringApp:
+    """Answers every request with ``status`` and ``body``, in two body messages."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status, self.body = status, body
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": []})
+        half = len(self.body) // 2
+        await send({"type": "http.response.body", "body": self.body[:half], "more_body": True})
+        await send({"type": "http.response.body", "body": self.body[half:]})
+
+
+VALIDATION = {
+    "error": "1 validation error for Input",
+    "detail": [
+        {"loc": ["body", "n"], "msg": "Input should be less than or equal to 64"},
+        {"msg": "no place given"},
+        {"loc": ["steps"]},
+        "not an object",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "answer"),
+    [
+        (400, b'[{"error": "images[0] is empty"}]', {"error": "images[0] is empty"}),
+        (
+            422,
+            json.dumps(VALIDATION).encode(),
+            {
+                **VALIDATION,
+                "error": "body.n: Input should be less than or equal to 64; body: no place given; "
+                "steps: ",
+            },
+        ),
+        # not what BentoML sends: passed on as they are
+        (400, b'[{"error": "a"}, {"error": "b"}]', [{"error": "a"}, {"error": "b"}]),
+        (400, b"[]", []),
+        (404, b'{"error": "no such thing"}', {"error": "no such thing"}),
+        (405, b"Method Not Allowed", None),
+    ],
+)
+def test_error_answers_are_put_in_one_shape(status, body, answer):
+    middleware = guard(AnsweringApp(status, body))
+
+    async def main():
+        scope, receive, send, sent = request(2, [b"{}"])
+        await middleware(scope, receive, send)
+        return sent
+
+    start, whole = asyncio.run(main())
+    assert start["status"] == status
+    expected = body if answer is None else json.dumps(answer).encode()
+    assert whole["body"] == expected
+    assert (b"content-length", str(len(expected)).encode()) in start["headers"]
