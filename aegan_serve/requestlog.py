@@ -53,9 +53,8 @@ def is_client_error(exc: BaseException | None) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
-    code = getattr(exc, "error_code", None)
-    value = getattr(code, "value", code)
-    return isinstance(value, int) and 400 <= value < 500
+    code = getattr(exc, "error_code", None)  # BentoML's: an HTTPStatus, which is an int
+    return isinstance(code, int) and 400 <= code < 500
 
 
 class ClientErrorFilter(logging.Filter):
