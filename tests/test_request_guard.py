@@ -1,7 +1,7 @@
-"""The request guard's budget of request-body bytes held at once by one worker: excess load is
-refused with 429 and Retry-After before its body is read, and the budget is given back when a
-request ends (tested on the ASGI middleware directly, with an app that holds its requests); error
-answers leave it in one shape, ``{"error": message}``."""
+"""The request guard on the ASGI middleware directly: its budget of request-body bytes held at
+once by one worker (excess load refused with 429 and Retry-After before its body is read, the
+budget given back when a request ends; an app that holds its requests), bodies streamed in pieces
+of any size read whole, and error answers left in one shape, ``{"error": message}``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import pytest
 from bentoml.exceptions import BentoMLException
 
-from aegan_serve.middleware import RequestGuard
+from aegan_serve.middleware import MAX_PARTS, MAX_TEXT_PART_BYTES, RequestGuard
 
 KIB = 1024
 
@@ -58,12 +58,12 @@ def request(
     return scope, receive, send, sent
 
 
-def guard(app) -> RequestGuard:
+def guard(app, limit: int = 1024 * KIB) -> RequestGuard:
     return RequestGuard(
         app,
-        max_bytes=1024 * KIB,
-        max_json_bytes=1024 * KIB,
-        max_inflight_bytes=1024 * KIB,
+        max_bytes=limit,
+        max_json_bytes=limit,
+        max_inflight_bytes=limit,
         routes={"/decode": (), "/encode": ("images",)},
     )
 
@@ -191,3 +191,70 @@ def test_error_answers_are_put_in_one_shape(status, body, answer):
     expected = body if answer is None else json.dumps(answer).encode()
     assert whole["body"] == expected
     assert (b"content-length", str(len(expected)).encode()) in start["headers"]
+
+
+BOUNDARY = b"aegan-boundary"
+MULTIPART = b"multipart/form-data; boundary=" + BOUNDARY
+
+
+def multipart(parts: list[tuple[bytes, bytes]]) -> bytes:
+    """A multipart/form-data body of (headers, content) parts."""
+    body = b"".join(
+        b"--" + BOUNDARY + b"\r\n" + headers + b"\r\n\r\n" + content + b"\r\n"
+        for headers, content in parts
+    )
+    return body + b"--" + BOUNDARY + b"--\r\n"
+
+
+def text_part(name: bytes, content: bytes = b"1") -> tuple[bytes, bytes]:
+    return b'Content-Disposition: form-data; name="' + name + b'"', content
+
+
+def in_pieces(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+def passed_or_refused(chunks: list[bytes], path: str = "/decode") -> int | str:
+    """The app's status if the guard passed the body on, or the guard's refusal."""
+    app = HoldingApp()
+    app.release.set()
+    middleware = guard(app, limit=4 * 1024 * KIB)  # room for a whole text part
+
+    async def main():
+        scope, receive, send, sent = request(None, chunks, MULTIPART, path)
+        await middleware(scope, receive, send)
+        return sent[0]["status"]
+
+    try:
+        return asyncio.run(main())
+    except BentoMLException as refused:
+        return f"{int(refused.error_code)} {refused}"
+
+
+def test_a_multipart_body_of_exactly_max_parts_is_passed_on():
+    assert MAX_PARTS == 1000
+    fields = [text_part(b"f%d" % i) for i in range(MAX_PARTS)]
+    assert passed_or_refused([multipart(fields)]) == 200
+    refused = passed_or_refused([multipart([*fields, text_part(b"one-more")])])
+    assert refused == "400 multipart body has more than 1000 parts"
+
+
+def test_multipart_headers_and_text_parts_split_across_messages_are_read_whole():
+    """A server streams a body in pieces of any size: a part's headers cut anywhere are still
+    read whole, and a text part over the limit is refused however it is cut."""
+    named = multipart([text_part(b"steps"), (b"Content-Type: text/plain", b"1")])
+    assert passed_or_refused(in_pieces(named, 1)) == (
+        "400 a multipart part has no name in its Content-Disposition header"
+    )
+    file_as_text = multipart([text_part(b"images", b"abc")])
+    assert passed_or_refused(in_pieces(file_as_text, 3), "/encode") == (
+        "400 form field 'images' must be an uploaded file (a part with a filename, e.g. curl -F "
+        "'images=@picture.png'), not text"
+    )
+    text = b'"' + b"a" * (MAX_TEXT_PART_BYTES - 2) + b'"'  # a JSON string of exactly the limit
+    big = multipart([text_part(b"latents", text + b" ")])
+    assert passed_or_refused(in_pieces(big, 64 * KIB)) == (
+        f"413 a form field is larger than {MAX_TEXT_PART_BYTES} bytes"
+    )
+    whole = multipart([text_part(b"latents", text)])
+    assert passed_or_refused(in_pieces(whole, 64 * KIB)) == 200
