@@ -46,6 +46,8 @@ RETRY_AFTER_S = b"1"  # Retry-After of a 429/503 answer: the queues drain within
 class _MultipartCheck:
     """Streaming multipart parser that raises on the first part BentoML would mishandle."""
 
+    name: str  # the current part's field name, set when its headers are finished
+
     def __init__(self, boundary: bytes, file_fields: Collection[str]) -> None:
         self.file_fields = file_fields
         self.parts = 0
@@ -65,7 +67,6 @@ class _MultipartCheck:
                 "on_part_end": self._part_end,
             },
         )
-        self.name = ""
         self.text = bytearray()
 
     def feed(self, chunk: bytes, last: bool) -> None:

@@ -350,8 +350,9 @@ def test_a_vector_model_decodes_vectors_and_refuses_image_work(vector_bundle):
         "model 'tiny-test' is a vector model (data shape [2]), and /sample works with images "
         "only; /generate and /decode return its vectors"
     )
-    with pytest.raises(WrongModelKind):
+    with pytest.raises(WrongModelKind) as refused:
         asyncio.run(app.encode([png(0)]))
+    assert "and decoding uploads works with images only" in str(refused.value)
 
 
 # --- the declarations ----------------------------------------------------------------------------
