@@ -153,10 +153,14 @@ def test_the_exact_search_finds_the_k_nearest_rows_for_every_k():
     norms = np.einsum("ij,ij->i", latents, latents)
     brute = np.linalg.norm(latents[None] - queries[:, None], axis=2)
     for k in range(1, 301):
-        rows, _ = exact_search(latents, norms, queries, k)
-        assert rows.shape == (8, k)
+        rows, scores = exact_search(latents, norms, queries, k)
+        assert rows.shape == scores.shape == (8, k)
         for q in range(8):
             assert set(rows[q]) == set(np.argsort(brute[q])[:k]), (k, q)
+            # the rows index the latents; each score is the squared distance less |q|^2
+            np.testing.assert_allclose(
+                scores[q] + queries[q] @ queries[q], brute[q][rows[q]] ** 2, atol=1e-4
+            )
 
 
 def test_a_missing_faiss_is_named_with_its_package(monkeypatch):
@@ -183,6 +187,17 @@ def test_bad_queries_and_k_are_refused(gallery_dir):
     assert str(caught.value) == "a query latent holds NaN or infinite values"
     with pytest.raises(GalleryNotFound, match="not in the gallery"):
         gallery.latent_of("no/such.png")
+
+
+def test_queries_are_searched_at_the_precision_of_the_latents(gallery_dir):
+    """float64 queries (as JSON gives them), as an array or as lists, answer exactly what their
+    float32 rounding answers: the distances are those of float32 latents."""
+    gallery = load_gallery(gallery_dir)
+    queries = np.random.default_rng(4).normal(size=(3, 32))
+    narrow = gallery.search(queries.astype(np.float32), 5)
+    for given in (queries, queries.tolist()):
+        for got, expected in zip(gallery.search(given, 5), narrow, strict=True):
+            np.testing.assert_array_equal(got, expected)
 
 
 def test_an_unknown_id_is_named_in_the_404_cut_at_200_characters(gallery_dir):
