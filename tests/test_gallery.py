@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 import shutil
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from aegan_core.gallery import (
     EXACT,
     INDEX_FILE,
     INDEX_VERSION,
+    Gallery,
     GalleryError,
     GalleryNotFound,
     Ids,
@@ -161,6 +164,38 @@ def test_the_exact_search_finds_the_k_nearest_rows_for_every_k():
             np.testing.assert_allclose(
                 scores[q] + queries[q] @ queries[q], brute[q][rows[q]] ** 2, atol=1e-4
             )
+
+
+def peak_bytes(call) -> int:
+    """The most memory ``call()`` held at once (numpy's arrays included)."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_exact_search_of_many_queries_holds_2_23_scores_at_a_time(tmp_path):
+    """Against 4096 rows, 2048 queries make 2^23 scores: 8192 queries are searched in four passes
+    of 2048, in no more memory than 2048; against more than 2^22 rows, one query a pass."""
+    rng = np.random.default_rng(5)
+    latents = rng.normal(size=(4096, 4)).astype(np.float32)
+    gallery = Gallery(tmp_path, {"kind": EXACT, "latent_dim": 4}, latents, Ids.build(range(4096)))
+    queries = rng.normal(size=(8192, 4)).astype(np.float32)
+    one_pass = peak_bytes(lambda: gallery.search(queries[:2048], 1))
+    assert one_pass > 4 * 2**23  # the scores of one pass are in it
+    assert peak_bytes(lambda: gallery.search(queries, 1)) < 1.25 * one_pass
+    # more than 2^22 rows: one query a pass
+    rows = 2**22 + 1
+    big = Gallery(
+        tmp_path,
+        {"kind": EXACT, "latent_dim": 1},
+        np.zeros((rows, 1), np.float32),
+        Ids.build(np.arange(rows)),
+    )
+    one = peak_bytes(lambda: big.search(np.ones((1, 1), np.float32), 1))
+    assert peak_bytes(lambda: big.search(np.ones((2, 1), np.float32), 1)) < 1.25 * one
 
 
 def test_a_missing_faiss_is_named_with_its_package(monkeypatch):
@@ -319,6 +354,33 @@ def test_gallery_files_must_be_beside_the_record_whole_and_plain_arrays(gallery_
             # (the latents are memory-mapped, which refuses Python objects as well)
             with pytest.raises(ValueError, match="allow_pickle=False|memory-mapped"):
                 load_gallery(dest)
+            # nor a file that is a pickle, not an .npy (memory-mapping does not stop that one)
+            dest = tmp_path / f"pickle-{role}"
+            shutil.copytree(gallery_dir, dest)
+            entry = record["files"][role]
+            data = pickle.dumps(np.load(gallery_dir / entry["path"]))
+            (dest / entry["path"]).write_bytes(data)
+            edited = {**entry, "bytes": len(data), "sha256": sha256_file(dest / entry["path"])}
+            record_of_copy = {**record, "files": {**record["files"], role: edited}}
+            (dest / INDEX_FILE).write_text(json.dumps(record_of_copy))
+            with pytest.raises(ValueError, match="contains pickled"):
+                load_gallery(dest)
+
+
+def test_the_latents_are_memory_mapped_not_read(gallery_dir, tmp_path):
+    """A gallery of 100 000 latents (12.8 MB) loads holding far less than its latents."""
+    count = 100_000
+    latents = np.random.default_rng(6).normal(size=(count, 32)).astype(np.float32)
+
+    def numeric(record):  # integer ids: no offsets
+        del record["files"]["offsets"]
+        return {**record, "size": count}
+
+    rows = np.arange(count, dtype=np.int64)
+    dest = _rewritten(gallery_dir, tmp_path / "big", numeric, latents=latents, ids=rows, order=rows)
+    loaded = []
+    assert peak_bytes(lambda: loaded.append(load_gallery(dest))) < latents.nbytes / 4
+    np.testing.assert_array_equal(loaded[0].latent_of("99999"), latents[-1])
 
 
 def test_an_incomplete_or_foreign_output_is_refused(encoded, image_bundle, tmp_path):
