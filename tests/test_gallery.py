@@ -449,6 +449,30 @@ def test_an_approximate_gallery_reaches_its_recorded_recall(vector_bundle, tmp_p
     described = gallery.describe()
     assert described["recall_at_10"] == recorded and described["skipped"] == 0
     assert described["search"] == gallery.record["search"] and described["search"]["nprobe"] >= 1
+    # the recall recorded is that of the loaded gallery's own searches, on the build's queries
+    assert round(recall_at_10(latents, lambda q, k: gallery.search(q, k)[1]), 4) == recorded < 1
+    # loaded without its index (the service's start-up check), it answers exact search
+    distances, rows = load_gallery(dest, open_index=False).search(queries, 10)
+    brute = np.linalg.norm(latents[None] - queries[:, None], axis=2)
+    for q in range(len(queries)):
+        assert set(rows[q]) == set(np.argsort(brute[q])[:10]), q
+    np.testing.assert_allclose(distances, np.sort(brute, axis=1)[:, :10], rtol=1e-5)
+    # an index of another number of rows than the latents
+    short = tmp_path / "short"
+    shutil.copytree(dest, short)
+    record = json.loads((short / INDEX_FILE).read_text())
+    entry = record["files"]["index"]
+    faiss = load_faiss()
+    smaller = faiss.IndexFlatL2(latents.shape[1])
+    smaller.add(latents[:10])
+    faiss.write_index(smaller, str(short / entry["path"]))
+    entry.update(
+        bytes=(short / entry["path"]).stat().st_size, sha256=sha256_file(short / entry["path"])
+    )
+    (short / INDEX_FILE).write_text(json.dumps(record))
+    with pytest.raises(GalleryError) as caught:
+        load_gallery(short)
+    assert str(caught.value) == f"{short / entry['path']} holds 10 rows, not 3000"
 
 
 def test_recall_at_10_sees_a_bad_search():
