@@ -173,11 +173,11 @@ def exact_distances(latents: np.ndarray, queries: np.ndarray, rows: np.ndarray) 
 
 
 def nearest_first(
-    latents: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int
+    latents: np.ndarray, queries: np.ndarray, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates ranked by exact distance, ties by row: (distances (Q, k), rows (Q, k))."""
+    """Candidates (Q, k) ranked by exact distance, ties by row: (distances (Q, k), rows (Q, k))."""
     distances = exact_distances(latents, queries, rows)
-    order = np.lexsort((rows, distances), axis=1)[:, :k]
+    order = np.lexsort((rows, distances), axis=1)
     return np.take_along_axis(distances, order, 1), np.take_along_axis(rows, order, 1)
 
 
@@ -241,7 +241,7 @@ class Gallery:
             # per call, not set on the shared index (searches run concurrently)
             params = load_faiss().SearchParametersIVF(nprobe=int(self.record["search"]["nprobe"]))
             _, rows = self.index.search(queries, k, params=params)
-        return nearest_first(self.latents, queries, rows.astype(np.int64), k)
+        return nearest_first(self.latents, queries, rows.astype(np.int64))
 
     def check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.asarray(queries, np.float32)
