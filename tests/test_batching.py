@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -102,10 +104,36 @@ def test_requests_that_waited_too_long_are_refused_not_run():
             *(queue(np.zeros((1, 1), np.float32)) for _ in range(3)), return_exceptions=True
         )
 
+    started = time.monotonic()
     first, *late = asyncio.run(main())
+    took = time.monotonic() - started
     assert first.tolist() == [[1.0]]
-    assert all(isinstance(e, Overloaded) and "longer than 0.1 s" in str(e) for e in late), late
+    for refused in late:
+        assert isinstance(refused, Overloaded), late
+        said = re.fullmatch(
+            r"waited (\d+\.\d) s for the model, longer than 0\.1 s; retry shortly", str(refused)
+        )
+        assert said and 0.1 <= float(said[1]) <= took + 0.05, refused  # how long it waited
     assert model.runs == [1]  # the late ones cost no model time
+
+
+def test_a_batch_takes_waiting_requests_up_to_exactly_max_batch_rows():
+    model = SlowModel()
+    model.gate.clear()  # the first run holds the model while four more requests queue
+    queue = batcher(model, max_batch=4)
+
+    async def main():
+        first = asyncio.ensure_future(queue(np.zeros((1, 1), np.float32)))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(queue(np.full((1, 1), i, np.float32))) for i in range(5)]
+        await asyncio.sleep(0)
+        model.gate.set()
+        return await asyncio.gather(first, *rest)
+
+    answers = asyncio.run(main())
+    assert [a.tolist() for a in answers] == [[[1.0]], *([[2.0 * i + 1]] for i in range(5))]
+    assert model.runs == [1, 4, 1]  # 4 of the 5 waiting rows fill a batch exactly
+    assert queue.sizes == {1: 2, 4: 1}
 
 
 def test_cancelled_requests_are_dropped_from_the_queue():
@@ -116,16 +144,19 @@ def test_cancelled_requests_are_dropped_from_the_queue():
     async def main():
         first = asyncio.ensure_future(queue(np.zeros((1, 1), np.float32)))
         await asyncio.sleep(0.05)
+        before = asyncio.ensure_future(queue(np.full((1, 1), 3, np.float32)))
         gone = asyncio.ensure_future(queue(np.zeros((5, 1), np.float32)))
         kept = asyncio.ensure_future(queue(np.full((2, 1), 7, np.float32)))
         await asyncio.sleep(0)
         gone.cancel()  # the client went away while waiting
         model.gate.set()
-        return await first, await kept
+        return await first, await before, await kept
 
-    first, kept = asyncio.run(main())
-    assert kept.tolist() == [[15.0], [15.0]]
-    assert model.runs == [1, 2]  # the cancelled request's 5 rows were never run
+    first, before, kept = asyncio.run(main())
+    assert before.tolist() == [[7.0]] and kept.tolist() == [[15.0], [15.0]]
+    # the cancelled request's 5 rows were never run, and the requests on either side of it
+    # still went in one batch
+    assert model.runs == [1, 3]
 
 
 def test_a_model_failure_fails_only_its_own_batch():
