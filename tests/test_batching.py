@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -225,3 +227,41 @@ def test_a_tiny_request_on_an_idle_model_runs_inline_and_a_busy_model_queues_it(
 
     asyncio.run(again())
     assert threads[-1].startswith("model")
+
+
+def test_the_cost_of_a_row_is_a_moving_average_that_decides_what_runs_inline(monkeypatch):
+    """Seconds per row of each run (timed by a clock the model moves), averaged 0.8 : 0.2 with
+    the runs before; a request runs inline while its rows cost no more than the budget."""
+    from aegan_serve import batching
+
+    clock = {"now": 0.0, "step": 0.0}
+    fake = SimpleNamespace(perf_counter=lambda: clock["now"], monotonic=time.monotonic)
+    monkeypatch.setattr(batching, "time", fake)
+    threads: list[str] = []
+
+    def model(rows: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        clock["now"] += clock["step"]
+        return rows
+
+    queue = batcher(model, max_batch=8, inline_rows=0)
+
+    def run(rows: int, seconds: float) -> float:
+        clock["step"] = seconds
+        asyncio.run(queue(np.zeros((rows, 1), np.float32)))
+        return queue.row_cost_s
+
+    assert queue.row_cost_s == math.inf  # nothing measured yet
+    assert run(1, 0.01) == pytest.approx(0.01)  # the first run is the estimate
+    assert run(4, 0.08) == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)  # 0.02 s a row this time
+    assert run(2, 0.002) == pytest.approx(0.8 * 0.012 + 0.2 * 0.001)
+
+    queue.inline_rows = 1
+    clock["step"] = 0.0
+    measured = queue.row_cost_s
+    for budget, inline in [(measured, True), (measured * 0.999, False)]:
+        queue.row_cost_s = measured  # each case from the same estimate
+        queue.inline_budget_s = budget
+        threads.clear()
+        asyncio.run(queue(np.zeros((1, 1), np.float32)))
+        assert (threads == [threading.current_thread().name]) is inline, (budget, threads)

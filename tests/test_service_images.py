@@ -19,6 +19,7 @@ from aegan_core.images import (
     make_grid,
     psnr,
     save_grid,
+    to_model_input,
     to_uint8,
     to_unit,
 )
@@ -145,6 +146,21 @@ def test_large_jpegs_decode_at_reduced_size():
     x = load(blob)
     assert x.shape == GREY
     assert np.abs(x - expected(photo.resize((28, 28), box=(250, 0, 1750, 1500)))).mean() < 0.05
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 40, 20), (3, 16, 12)])
+def test_uploads_are_drafted_for_the_larger_side_of_the_model(shape):
+    """``load_uploads`` asks the JPEG decoder for the model's larger side: 200x160 decodes at
+    1/4 (50x40) for a side of 21 to 40 pixels, at 1/8 (25x20) for up to 20, and the model input
+    is made from that decode, not from the full picture."""
+    blob = image_bytes(gradient((200, 160), "RGB"), "JPEG", quality=90)
+    side = max(shape[1:])
+    drafted = decode_upload(blob, label="x", draft_size=side, **LIMITS)
+    assert drafted.size == ((50, 40) if side > 20 else (25, 20))
+    x = load_uploads([blob], shape, **LIMITS)
+    np.testing.assert_array_equal(x, to_model_input(drafted, shape)[None])
+    whole = decode_upload(blob, label="x", **LIMITS)
+    assert not np.array_equal(x, to_model_input(whole, shape)[None])
 
 
 def test_upload_over_the_byte_limit_is_refused_before_reading():
