@@ -215,8 +215,6 @@ def _to_l_or_rgb(image: Image.Image) -> Image.Image:
         if image.mode != "F":  # 16-bit integer samples: full range 0..65535
             values = values / 257.0
         return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8))  # mode L
-    if image.mode == "P" and "transparency" not in image.info:
-        return image.convert("RGB")
     if image.mode in ("LA", "PA", "RGBA", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))

@@ -106,6 +106,34 @@ def test_16_bit_grey_is_scaled_not_clipped():
     np.testing.assert_allclose(x[0], values / 257.0 / 127.5 - 1.0, atol=1 / 127.5)
 
 
+def _pixels(image: Image.Image, channels: int) -> np.ndarray:
+    """The 8-bit values that ``to_model_input`` gave for a one-row ``image``."""
+    x = to_model_input(image, (channels, 1, image.width))
+    return np.rint((x + 1.0) * 127.5).astype(int)
+
+
+def test_every_pillow_mode_becomes_grey_or_colour_pixels():
+    """``to_model_input`` takes any decoded image (its callers pass what ``decode_upload``
+    gives, and any Pillow image of their own)."""
+    floats = Image.fromarray(np.array([[-5.0, 0.0, 100.4, 255.0, 1000.0]], np.float32))
+    sixteen = np.array([[0, 25700, 65535]], np.uint16)
+    palette_alpha = Image.new("PA", (2, 1))
+    palette_alpha.putpalette([0, 0, 0] * 256)
+    palette_alpha.putpixel((1, 0), (0, 255))  # pixel 0 transparent black, pixel 1 opaque black
+    premultiplied = Image.new("RGBa", (2, 1), (0, 0, 0, 0))
+    premultiplied.putpixel((1, 0), (0, 0, 0, 255))
+    cases = [
+        (floats, [0, 0, 100, 255, 255]),  # float depth: rounded and clipped, not scaled
+        (Image.fromarray(sixteen), [0, 100, 255]),  # 16-bit: scaled by 1/257
+        (Image.fromarray(sixteen.astype(np.int32)), [0, 100, 255]),  # 32-bit integers: the same
+        (palette_alpha, [255, 0]),  # transparent onto white
+        (premultiplied, [255, 0]),
+    ]
+    for image, grey in cases:
+        assert _pixels(image, 1)[0, 0].tolist() == grey, image.mode
+        assert _pixels(image, 3)[:, 0].T.tolist() == [[v] * 3 for v in grey], image.mode
+
+
 def test_exif_orientation_is_applied():
     picture = gradient((28, 28))
     exif = Image.Exif()
