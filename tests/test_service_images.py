@@ -129,9 +129,22 @@ def test_every_pillow_mode_becomes_grey_or_colour_pixels():
         (palette_alpha, [255, 0]),  # transparent onto white
         (premultiplied, [255, 0]),
     ]
+    one_bit = Image.new("1", (2, 1))
+    one_bit.putpixel((1, 0), 1)
+    cases.append((one_bit, [0, 255]))
     for image, grey in cases:
         assert _pixels(image, 1)[0, 0].tolist() == grey, image.mode
         assert _pixels(image, 3)[:, 0].T.tolist() == [[v] * 3 for v in grey], image.mode
+    cmyk_red = Image.new("CMYK", (1, 1), (0, 255, 255, 0))
+    assert _pixels(cmyk_red, 3)[:, 0].T.tolist() == [[255, 0, 0]]  # colour kept
+    assert _pixels(cmyk_red, 1)[0, 0].tolist() == [76]  # ITU-R 601 luma of red
+    # other colour spaces go through RGB (YCbCr's own Y channel is not the same luma)
+    colours = np.random.default_rng(0).integers(0, 256, (1, 64, 3)).astype(np.uint8)
+    ycbcr = Image.fromarray(colours).convert("YCbCr")
+    for channels in (1, 3):
+        np.testing.assert_array_equal(
+            _pixels(ycbcr, channels), _pixels(ycbcr.convert("RGB"), channels)
+        )
 
 
 def test_exif_orientation_is_applied():
