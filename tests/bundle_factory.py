@@ -121,6 +121,7 @@ def write_bundle(
     name: str = "tiny-test",
     fp16: bool = False,
     seed: int = 0,
+    prior: str = "normal",
 ) -> Path:
     """Write a bundle into ``out`` (created) and return it."""
     out = Path(out)
@@ -154,7 +155,7 @@ def write_bundle(
             "kind": kind,
             "data_shape": list(shape),
             "latent_dim": latent_dim,
-            "latent_prior": "normal",
+            "latent_prior": prior,
             "pixel_range": [-1.0, 1.0],
             "files": files,
             "opset": OPSET,

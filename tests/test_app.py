@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_factory import write_bundle
 from PIL import Image
 from service_helpers import tiny_model_info
 
 import aegan_serve.app
 from aegan_core.errors import ClientError, Overloaded, RequestError, WrongModelKind
 from aegan_core.gallery import GalleryNotFound
+from aegan_core.latents import sample_prior
 from aegan_serve.app import Application
 from aegan_serve.config import Settings
 
@@ -389,3 +391,13 @@ def test_an_upload_field_holds_the_bytes_of_a_file_part_bytes_or_a_local_file(tm
     with pytest.raises(ValueError) as refused:
         field.decode("a text field")
     assert str(refused.value) == "expected an uploaded file"
+
+
+@pytest.mark.parametrize("prior", ["normal", "uniform(-1, 1)"])
+def test_draws_come_from_the_prior_the_bundle_names(tmp_path, prior):
+    app = application(write_bundle(tmp_path / "bundle", prior=prior))
+    seed, z = app.draw(200, 7, 0.5)
+    family = prior.split("(")[0]
+    assert seed == 7 and app.info()["model"]["latent_prior"] == family
+    np.testing.assert_array_equal(z, sample_prior(200, 32, 7, 0.5, family))
+    assert bool(np.abs(z).max() <= 0.5) is (family == "uniform")  # psi * U(-1, 1) stays within 0.5
