@@ -31,6 +31,14 @@ LIBRARY_ERROR = (
     "library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared "
     "object file: No such file or directory\n"
 )
+
+NOT_INITIALISED = (
+    f"{CUDA} is listed but did not initialise (CUDA or cuDNN libraries missing or incompatible: "
+    "install onnxruntime-gpu[cuda,cudnn], docs/SERVING.md)"
+)
+LIBRARY_LINE = LIBRARY_ERROR.strip()
+PRELOAD_ERROR = "onnxruntime.preload_dlls(): Failed to load libcublasLt.so.13"
+
 RealSession = ort.InferenceSession
 
 
@@ -173,6 +181,81 @@ def test_check_reports_a_session_that_fails_or_computes_wrongly(stand_in, monkey
     stand_in.creation_error = None
     monkeypatch.setattr(cuda, "check_expected", lambda x: np.zeros((len(x), 4)))
     with pytest.raises(DeviceError, match="wrong result"):
+        cuda.check()
+
+
+def test_without_a_driver_the_check_says_so_and_makes_no_session(monkeypatch):
+    monkeypatch.setattr(cuda, "driver_reason", lambda: "no NVIDIA driver on this machine")
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: pytest.fail("a session was made"))
+    with pytest.raises(DeviceError) as caught:
+        cuda.check()
+    assert str(caught.value) == "no NVIDIA driver on this machine"
+    assert caught.value.gpu_present is False  # the normal case of a machine without a GPU
+
+
+@pytest.mark.parametrize(
+    ("creation_error", "message"),
+    [
+        (
+            "CUDA failure 100: no CUDA-capable device is detected",
+            f"{CUDA} failed to start: CUDA failure 100: no CUDA-capable device is detected; "
+            f"{LIBRARY_LINE}; {PRELOAD_ERROR}",
+        ),
+        (None, f"{NOT_INITIALISED}; {LIBRARY_LINE}; {PRELOAD_ERROR}"),
+    ],
+)
+def test_a_check_that_fails_says_why_with_the_library_log_and_the_preload_error(
+    stand_in, monkeypatch, creation_error, message
+):
+    monkeypatch.setattr(cuda, "preload_libraries", lambda: PRELOAD_ERROR)
+    stand_in.keeps_cuda = False  # the provider writes why it did not load
+    stand_in.creation_error = creation_error
+    with pytest.raises(DeviceError) as caught:
+        cuda.check()
+    assert str(caught.value) == message
+    assert caught.value.gpu_present
+
+
+def test_the_check_runs_a_fixed_batch_over_the_data_range_and_says_when_it_fails(
+    stand_in, monkeypatch
+):
+    seen: list[np.ndarray] = []
+    real = cuda.check_expected
+    monkeypatch.setattr(cuda, "check_expected", lambda x: seen.append(x) or real(x))
+    cuda.check()
+    (x,) = seen
+    assert x.shape == (3, 1, 4, 4) and x.dtype == np.float32
+    np.testing.assert_array_equal(x.ravel(), np.linspace(-1.0, 1.0, 48, dtype=np.float32))
+
+    def broken(self, outputs, feeds):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(FakeCudaSession, "run", broken)
+    with pytest.raises(DeviceError) as caught:
+        cuda.check()
+    assert str(caught.value) == (
+        "a CUDA session was made but did not run: no kernel image is available for execution "
+        "on the device"
+    )
+
+
+@pytest.mark.parametrize(
+    ("computed", "usable"),
+    [
+        (lambda y: y + 0.009, True),  # within 0.01 everywhere, also where |y| is 0.05
+        (lambda y: y * 1.005, True),  # within 1 %, also where |y| is 6.8
+        (lambda y: y + 0.5, False),
+        (lambda y: y * 2.0, False),
+    ],
+)
+def test_the_check_allows_1_percent_or_0_01_and_no_more(stand_in, monkeypatch, computed, usable):
+    """The session's result against the expected one (here the expected one is moved)."""
+    real = cuda.check_expected
+    monkeypatch.setattr(cuda, "check_expected", lambda x: computed(real(x)))
+    if usable:
+        cuda.check()
+        return
+    with pytest.raises(DeviceError, match="CUDA computed a wrong result on the check graph"):
         cuda.check()
 
 
@@ -334,14 +417,6 @@ def test_without_a_driver_auto_says_why_at_info_level_not_as_a_fallback(
         ModelRuntime(load_bundle(image_bundle), "cuda")
     assert str(caught.value) == "AEGAN_DEVICE=cuda but no NVIDIA driver here"
     assert caught.value.gpu_present is False  # no GPU, rather than a GPU that failed
-
-
-NOT_INITIALISED = (
-    f"{CUDA} is listed but did not initialise (CUDA or cuDNN libraries missing or incompatible: "
-    "install onnxruntime-gpu[cuda,cudnn], docs/SERVING.md)"
-)
-LIBRARY_LINE = LIBRARY_ERROR.strip()
-PRELOAD_ERROR = "onnxruntime.preload_dlls(): Failed to load libcublasLt.so.13"
 
 
 @pytest.mark.parametrize(

@@ -205,8 +205,13 @@ def test_uploads_are_drafted_for_the_larger_side_of_the_model(shape):
 
 
 def test_upload_over_the_byte_limit_is_refused_before_reading():
-    with pytest.raises(LimitExceeded, match="AEGAN_MAX_UPLOAD_BYTES"):
+    with pytest.raises(LimitExceeded) as refused:
         decode_upload(b"\0" * 101, label="images[3]", max_bytes=100, max_pixels=10**6)
+    assert str(refused.value) == (
+        "images[3] is 101 bytes; the limit is 100 bytes per upload (AEGAN_MAX_UPLOAD_BYTES)"
+    )
+    png = image_bytes(gradient())
+    decode_upload(png, label="images[3]", max_bytes=len(png), max_pixels=10**6)  # at the limit
 
 
 @pytest.mark.parametrize(("side", "pillow_bomb"), [(5000, False), (20000, True)])
