@@ -323,6 +323,10 @@ def test_on_cuda_every_batch_size_is_warmed_up_and_requests_are_padded_to_them(
     cpu = ModelRuntime(bundle, "cpu")
     np.testing.assert_allclose(x, cpu.generate(z), atol=1e-6)
     assert model.encode(x).shape == (3, 32)
+    stand_in.sizes.clear()
+    many = np.random.default_rng(1).standard_normal((70, 32)).astype(np.float32)
+    np.testing.assert_allclose(model.generate(many), cpu.generate(many), atol=1e-6)
+    assert stand_in.sizes == {"generator": [70]}  # past the largest size: as it is
 
 
 def test_by_default_cuda_runs_the_fp16_graphs_on_device_0_warmed_up_to_64_rows(
@@ -373,7 +377,9 @@ def test_non_finite_cuda_output_falls_back_too(stand_in, image_bundle):
     stand_in.nan_roles = {"encoder"}
     z = model.encode(np.zeros((2, 1, 28, 28), np.float32))
     assert np.isfinite(z).all() and model.provider == CPU
-    assert "non-finite" in model.cuda_reason
+    assert model.cuda_reason == (
+        "encoder failed on CUDA: encoder gave non-finite values on CUDA (fp32)"
+    )
 
 
 def runtime_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:

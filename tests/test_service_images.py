@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -220,8 +221,22 @@ def test_too_many_pixels_is_refused_before_decoding(side, pillow_bomb):
     # also past Pillow's own decompression-bomb error, which must become the same 413.
     data = png_header(side, side)
     assert (side * side > 2 * Image.MAX_IMAGE_PIXELS) == pillow_bomb
-    with pytest.raises(LimitExceeded, match=r"images\[1\].*AEGAN_MAX_PIXELS"):
-        decode_upload(data, label="images[1]", max_bytes=1 << 20, max_pixels=4096 * 4096)
+    with pytest.raises(LimitExceeded) as refused:
+        decode_upload(data, label="images[1]", max_bytes=1 << 20, max_pixels=4000 * 6000)
+    if pillow_bomb:  # Pillow's own words inside
+        assert re.fullmatch(
+            r"images\[1\] has too many pixels \(.+\) \(AEGAN_MAX_PIXELS\)", str(refused.value)
+        )
+        return
+    assert str(refused.value) == (
+        f"images[1] is {side}x{side} = {side * side} pixels; the limit is 24000000 pixels per "
+        "image (AEGAN_MAX_PIXELS)"
+    )
+
+
+def test_an_image_of_exactly_the_pixel_limit_is_decoded():
+    data = image_bytes(gradient((28, 20)))
+    assert decode_upload(data, label="x", max_bytes=1 << 20, max_pixels=28 * 20).size == (28, 20)
 
 
 def test_corrupt_truncated_unsupported_and_empty_uploads_are_refused():
