@@ -184,6 +184,67 @@ def test_check_reports_a_session_that_fails_or_computes_wrongly(stand_in, monkey
         cuda.check()
 
 
+class FakeDriver:
+    """The two calls of the NVIDIA driver's API that ``driver_reason`` makes."""
+
+    def __init__(self, init: int = 0, count_status: int = 0, devices: int = 1) -> None:
+        self.init, self.count_status, self.devices = init, count_status, devices
+        self.flags: list[int] = []
+
+    def cuInit(self, flags: int) -> int:  # noqa: N802 (the driver's name)
+        self.flags.append(flags)
+        return self.init
+
+    def cuDeviceGetCount(self, count: Any) -> int:  # noqa: N802
+        count._obj.value = self.devices
+        return self.count_status
+
+
+@pytest.mark.parametrize(
+    ("found", "driver", "reason"),
+    [
+        ("libcuda.so.1", FakeDriver(), None),
+        ("nvcuda.dll", FakeDriver(), None),
+        ("libcuda.dylib", FakeDriver(devices=2), None),
+        (None, None, "no NVIDIA driver on this machine"),
+        (
+            "libcuda.so.1",
+            FakeDriver(init=100),
+            "the NVIDIA driver reports an error (no usable GPU)",
+        ),
+        (
+            "libcuda.so.1",
+            FakeDriver(count_status=3),
+            "the NVIDIA driver reports an error (no usable GPU)",
+        ),
+        ("libcuda.so.1", FakeDriver(devices=0), "no CUDA device"),
+    ],
+)
+def test_the_driver_is_looked_for_by_name_and_asked_for_devices(monkeypatch, found, driver, reason):
+    tried: list[str] = []
+
+    def load(name: str) -> FakeDriver:
+        tried.append(name)
+        if name != found:
+            raise OSError(f"{name}: cannot open shared object file")
+        return driver
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(cuda.ctypes, "CDLL", load)
+    assert cuda.driver_reason() == reason
+    names = ["libcuda.so.1", "nvcuda.dll", "libcuda.dylib"]
+    assert tried == (names if found is None else names[: names.index(found) + 1])
+    if driver is not None:
+        assert driver.flags == [0]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    assert cuda.driver_reason() == (f"this onnxruntime build has no {CUDA} (providers: ['{CPU}'])")
+
+
+def test_the_library_text_keeps_the_lines_that_say_fail_or_error():
+    lines = ["2026 [W] a warning\n", "  ERROR: libcudnn.so.9 missing \n", "it Failed to load\n"]
+    assert cuda.library_text(lines) == "ERROR: libcudnn.so.9 missing | it Failed to load"
+
+
 def test_without_a_driver_the_check_says_so_and_makes_no_session(monkeypatch):
     monkeypatch.setattr(cuda, "driver_reason", lambda: "no NVIDIA driver on this machine")
     monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: pytest.fail("a session was made"))
