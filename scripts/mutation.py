@@ -244,7 +244,23 @@ def stage(workdir: Path, fresh: bool, part: str, timeout_multiplier: float) -> N
 SAMPLE_DIGITS = {1: "0123456789", 2: "02468", 5: "05", 10: "0"}
 
 
+# mutmut files an exception of its own test runner (pytest's exit 4 for a test id it cannot select
+# again, say) under "timeout", which counts as caught. Those mutants were not tested: they are
+# counted apart, as "test command failed", and not in the score.
+RUNNER_ERROR = 255
+
+
+def runner_errors(workdir: Path) -> set[str]:
+    """The mutants whose run ended in an exception of mutmut's test runner."""
+    failed: set[str] = set()
+    for meta in (workdir / "mutants").rglob("*.meta"):
+        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+        failed |= {name for name, code in codes.items() if code == RUNNER_ERROR}
+    return failed
+
+
 def results(workdir: Path, mutmut: Path, digits: str) -> dict[str, object]:
+    failed = runner_errors(workdir)
     out = subprocess.run(
         [str(mutmut), "results", "--all", "true"],
         cwd=workdir,
@@ -258,6 +274,7 @@ def results(workdir: Path, mutmut: Path, digits: str) -> dict[str, object]:
         m = re.match(r"\s*([\w.]+__mutmut_\d+): (.+)$", line)
         if m and m.group(1)[-1] in digits:
             name, state = m.group(1), m.group(2).strip()
+            state = "test command failed" if name in failed else state
             status[name] = state
             module = re.split(r"\.x[_\u01c1]", name)[0]  # x_function or xǁClassǁmethod
             by_module.setdefault(module, Counter())[state] += 1
@@ -265,12 +282,14 @@ def results(workdir: Path, mutmut: Path, digits: str) -> dict[str, object]:
     # A mutant that makes the tests fail (killed) or hang (timeout) is caught; one that survives or
     # that no test reaches is missed. Mutants not run yet ("not checked") are left out.
     caught = counts.get("killed", 0) + counts.get("timeout", 0)
-    considered = sum(n for state, n in counts.items() if state not in ("skipped", "not checked"))
+    not_tested = ("skipped", "not checked", "test command failed")
+    considered = sum(n for state, n in counts.items() if state not in not_tested)
     return {
         "score_percent": round(100.0 * caught / max(1, considered), 1),
         "caught": caught,
         "mutants_run": considered,
         "mutants_not_run": counts.get("not checked", 0),
+        "test_command_failed": counts.get("test command failed", 0),
         "by_status": dict(sorted(counts.items())),
         "by_module": {k: dict(sorted(v.items())) for k, v in sorted(by_module.items())},
         "not_killed": sorted(name for name, state in status.items() if state != "killed"),
