@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from service_helpers import error_of, serve
+from service_helpers import TestClient, error_of, serve
 
 from aegan_cli import main
 from aegan_serve.apikeys import (
@@ -246,7 +246,9 @@ def test_the_keyring_follows_the_file_and_keeps_the_last_good_keys(tmp_path):
 def test_no_key_is_401_with_a_challenge_and_health_stays_open(keyed):
     client, _, _ = keyed
     answer = client.post("/generate", json={"n": 1})
-    assert "API key" in error_of(answer, 401)
+    assert error_of(answer, 401) == (
+        "this server needs an API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+    )
     assert answer.headers["www-authenticate"] == 'Bearer realm="aegan"'
     for path in ("/livez", "/readyz"):
         assert client.get(path).status_code == 200
@@ -295,30 +297,58 @@ def test_metrics_can_be_public(image_bundle, keys):
         assert client.post("/generate", json={"n": 1}).status_code == 401
 
 
+NOT_BEARER = "the Authorization header must be 'Bearer KEY'"
+MALFORMED = "the API key is malformed (a key is letters, digits and -._~+/=)"
+NOT_VALID = "the API key is not valid (unknown or revoked)"
+
+
 @pytest.mark.parametrize(
-    "headers",
+    ("headers", "message"),
     [
-        pytest.param([("Authorization", "Bearer")], id="bearer-without-a-key"),
-        pytest.param([("Authorization", "Basic dXNlcjpwYXNz")], id="basic"),
-        pytest.param([("Authorization", "Bearer " + "a" * 5000)], id="bearer-5000-bytes"),
-        pytest.param([("X-API-Key", "a" * 5000)], id="x-api-key-5000-bytes"),
-        pytest.param([("Authorization", "Bearer aegan_\x7f\x01")], id="control-characters"),
-        pytest.param([("Authorization", "Bearer a b c")], id="spaces"),
-        pytest.param([("Authorization", "Bearer x"), ("X-API-Key", "y")], id="both-headers"),
+        pytest.param([("Authorization", "Bearer")], NOT_BEARER, id="bearer-without-a-key"),
+        pytest.param([("Authorization", "Basic dXNlcjpwYXNz")], NOT_BEARER, id="basic"),
         pytest.param(
-            [("Authorization", "Bearer x"), ("Authorization", "Bearer y")], id="two-bearers"
+            [("Authorization", "Bearer " + "a" * 5000)],
+            "the Authorization header is longer than 1024 bytes",
+            id="bearer-5000-bytes",
         ),
-        pytest.param([("Authorization", "Bearer " + "é" * 10)], id="non-ascii"),
-        pytest.param([("X-API-Key", "")], id="empty-x-api-key"),
-        pytest.param([("Authorization", "Bearer aegan_nope")], id="unknown-key"),
+        pytest.param(  # 1024 bytes is not longer than the limit: refused for its key's length
+            [("Authorization", "Bearer " + "a" * 1017)], MALFORMED, id="bearer-1024-bytes"
+        ),
+        pytest.param(
+            [("X-API-Key", "a" * 5000)],
+            "the X-API-Key header is over 1024 bytes",
+            id="x-api-key-5000-bytes",
+        ),
+        pytest.param([("X-API-Key", "a" * 1024)], MALFORMED, id="x-api-key-1024-bytes"),
+        pytest.param([("X-API-Key", "a" * 257)], MALFORMED, id="key-of-257-characters"),
+        pytest.param([("X-API-Key", "a" * 256)], NOT_VALID, id="key-of-256-characters"),
+        pytest.param(
+            [("Authorization", "Bearer aegan_\x7f\x01")], MALFORMED, id="control-characters"
+        ),
+        pytest.param([("Authorization", "Bearer a b c")], MALFORMED, id="spaces"),
+        pytest.param(
+            [("Authorization", "Bearer x"), ("X-API-Key", "y")],
+            "the request carries more than one API key",
+            id="both-headers",
+        ),
+        pytest.param(
+            [("Authorization", "Bearer x"), ("Authorization", "Bearer y")],
+            "the request carries more than one API key",
+            id="two-bearers",
+        ),
+        pytest.param([("Authorization", "Bearer " + "é" * 10)], MALFORMED, id="non-ascii"),
+        pytest.param([("X-API-Key", "")], MALFORMED, id="empty-x-api-key"),
+        pytest.param([("Authorization", "Bearer aegan_nope")], NOT_VALID, id="unknown-key"),
     ],
 )
-def test_malformed_or_wrong_authorization_is_401_never_500(keyed, headers):
+def test_malformed_or_wrong_authorization_is_401_never_500(keyed, headers, message):
     client, _, _ = keyed
     encoded = [(k.encode(), v.encode("utf-8")) for k, v in headers]
     answer = client.post("/generate", json={"n": 1}, headers=encoded)
-    error_of(answer, 401)
-    assert answer.headers["www-authenticate"].startswith('Bearer realm="aegan"')
+    assert error_of(answer, 401) == message
+    error = "invalid_token" if message == NOT_VALID else "invalid_request"
+    assert answer.headers["www-authenticate"] == f'Bearer realm="aegan", error="{error}"'
 
 
 def test_keys_are_picked_up_and_revoked_without_a_restart(keyed):
@@ -336,12 +366,17 @@ def test_wrong_keys_are_rate_limited_per_address(image_bundle, keys):
     with serve(
         image_bundle, AEGAN_API_KEYS_FILE=str(path), AEGAN_AUTH_FAILURES_PER_MIN="3"
     ) as client:
-        for _ in range(3):
-            assert (
-                client.post("/generate", json={}, headers=bearer("aegan_wrong")).status_code == 401
-            )
+        # a malformed header counts as a wrong key; no key at all does not
+        for headers in ({}, bearer("aegan_wrong"), {"Authorization": "Basic x"}, bearer("a b")):
+            assert client.post("/generate", json={}, headers=headers).status_code == 401
         blocked = client.post("/generate", json={}, headers=bearer("aegan_wrong"))
-        assert "too many wrong API keys" in error_of(blocked, 429)
+        assert error_of(blocked, 429).startswith(
+            "too many wrong API keys from this address (3 a minute, AEGAN_AUTH_FAILURES_PER_MIN)"
+        )
+        # another address is counted apart (the same app, another client address)
+        other = TestClient(client.app, client=("192.0.2.7", 50000), raise_server_exceptions=False)
+        assert other.post("/generate", json={}, headers=bearer("aegan_wrong")).status_code == 401
+        assert other.post("/generate", json={}, headers=bearer(made["gen"])).status_code == 200
         assert 50 <= int(blocked.headers["retry-after"]) <= 60  # when the first failure leaves
         # the address is refused before its key is looked at, even a good one
         assert client.post("/generate", json={}, headers=bearer(made["gen"])).status_code == 429
