@@ -177,6 +177,9 @@ def revoke_key(path: Path, name: str) -> None:
     write_keys(path, kept)
 
 
+_NOT_FAILED = object()
+
+
 class KeyRing:
     """The keys of a file, read again when the file changes (its inode, size or modification time:
     one ``stat`` per call). A file that becomes unreadable or malformed keeps the keys last read
@@ -187,7 +190,9 @@ class KeyRing:
         self.on_error = on_error
         self.keys = read_keys(path)  # at start: a bad file is an error, not a warning
         self.signature = self._signature()
-        self.failed_signature: tuple[int, int, int] | None = None
+        # the signature of the file last found bad; _NOT_FAILED (unlike None) is not that of a
+        # missing file, so a file removed while the server runs is reported
+        self.failed_signature: object = _NOT_FAILED
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -201,7 +206,7 @@ class KeyRing:
         if signature != self.signature and signature != self.failed_signature:
             try:
                 self.keys = read_keys(self.path)
-                self.signature, self.failed_signature = signature, None
+                self.signature, self.failed_signature = signature, _NOT_FAILED
             except KeysFileError as exc:
                 self.failed_signature = signature
                 if self.on_error is not None:

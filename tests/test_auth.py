@@ -238,6 +238,22 @@ def test_the_keyring_follows_the_file_and_keeps_the_last_good_keys(tmp_path):
     create_key(revoke_key_after_break, "c", ["encode"])
     os.replace(revoke_key_after_break, path)  # as a Kubernetes Secret update swaps the file
     assert [k.name for k in ring.current()] == ["c"] and find_key(ring.current(), first) is None
+    path.unlink()  # a file removed: the last keys kept, and said once
+    assert [k.name for k in ring.current()] == ["c"] and [k.name for k in ring.current()] == ["c"]
+    assert problems[1:] == [
+        f"cannot read the keys file {path}: No such file or directory; "
+        "still using the 1 keys read before"
+    ]
+
+
+def test_a_keys_file_removed_right_after_start_is_said(tmp_path):
+    path = tmp_path / "keys.json"
+    create_key(path, "a", ["generate"])
+    problems: list[str] = []
+    ring = KeyRing(path, on_error=problems.append)
+    path.unlink()
+    assert [k.name for k in ring.current()] == ["a"]
+    assert len(problems) == 1 and "cannot read the keys file" in problems[0]
 
 
 # --- the service with keys on --------------------------------------------------------------------
