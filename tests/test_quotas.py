@@ -250,6 +250,23 @@ def test_addresses_that_spent_their_wrong_keys_stay_refused_when_the_others_are_
     assert asyncio.run(attempts()) == [False, True, True, None]
 
 
+def test_a_window_already_reset_is_t_0_in_the_ratelimit_header_never_negative():
+    from limits.util import WindowStats
+
+    from aegan_serve import quotas
+
+    class Reset:  # a store whose window ended between the hit and the read (a key expiring)
+        async def hit(self, item: object, who: str, cost: int = 1) -> bool:
+            return True
+
+        async def get_window_stats(self, item: object, who: str) -> WindowStats:
+            return WindowStats(time.time() - 0.5, 4)
+
+    decision = asyncio.run(quotas._spend(Reset(), quotas.Budget("requests", 5, 1), "a", 1))
+    assert decision.header() == '"requests";r=4;t=0'
+    assert decision.retry_after == 1
+
+
 # --- end to end: two workers, one Redis ----------------------------------------------------------
 
 BURST, WINDOW_S = 10, 2  # per key: 10 requests in any 2 s, 5 per second
