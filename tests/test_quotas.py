@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -248,6 +249,60 @@ def test_addresses_that_spent_their_wrong_keys_stay_refused_when_the_others_are_
         ]
 
     assert asyncio.run(attempts()) == [False, True, True, None]
+
+
+@pytest.mark.parametrize("silent", ["accepts-and-never-answers", "never-accepts"])
+def test_a_redis_that_does_not_answer_is_down_within_a_fraction_of_a_second(silent):
+    from aegan_serve import quotas
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    # with its one queue place taken, the listener lets no further connection complete
+    filler = socket.create_connection(("127.0.0.1", port)) if silent == "never-accepts" else None
+    settings = QuotaSettings.from_env(
+        {
+            "AEGAN_RATE_LIMIT_STORAGE": f"redis://127.0.0.1:{port}/0",
+            "AEGAN_RATE_LIMIT_FAILURE": "closed",
+            "AEGAN_QUOTA_REQUESTS_PER_S": "1",
+        }
+    )
+    assert settings.requests is not None
+
+    async def spend() -> float:
+        counter = quotas.Quotas(settings)
+        started = time.monotonic()
+        with pytest.raises(quotas.StorageDown):
+            await asyncio.wait_for(counter.spend(settings.requests, "a"), 10)
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(spend()) < 2  # REDIS_TIMEOUT_S is 0.25 s
+    finally:
+        if filler is not None:
+            filler.close()
+        listener.close()
+
+
+def test_the_counts_in_redis_are_named_under_aegan(tmp_path):
+    import redis as redis_client
+
+    from aegan_serve import quotas
+
+    server = Redis(tmp_path)
+    server.start()
+    try:
+        settings = QuotaSettings.from_env(
+            {"AEGAN_RATE_LIMIT_STORAGE": server.url, "AEGAN_QUOTA_REQUESTS_PER_S": "1"}
+        )
+        assert settings.requests is not None
+        decision = asyncio.run(quotas.Quotas(settings).spend(settings.requests, "key:a"))
+        assert decision is not None and decision.allowed
+        names = redis_client.Redis.from_url(server.url).keys()
+        assert names and all(name.startswith(b"aegan:") for name in names), names
+    finally:
+        server.stop()
 
 
 def test_a_window_already_reset_is_t_0_in_the_ratelimit_header_never_negative():
