@@ -425,3 +425,22 @@ def test_no_key_in_answers_or_logs(keyed, caplog):
     for key in made.values():
         assert key not in seen and key[6:20] not in seen
     assert "key=gen" in caplog.text and "key=root" in caplog.text  # names, not keys
+
+
+def test_each_refused_request_is_one_line_with_its_reason_key_name_and_address(keyed, caplog):
+    client, _, made = keyed
+    with caplog.at_level(logging.INFO, logger="bentoml.aegan_serve.requests"):
+        client.post("/generate", json={"n": 1})
+        client.post("/encode", json={}, headers=bearer(made["gen"]))
+        client.post("/generate", json={"n": "x"}, headers=bearer(made["gen"]))
+        client.get("/nowhere", headers=bearer(made["gen"]))
+        client.post("/generate", json={"n": 1}, headers=bearer(made["gen"]))
+        client.get("/livez")
+    assert [r.getMessage() for r in caplog.records if r.name == "bentoml.aegan_serve.requests"] == [
+        "POST /generate 401 key=- client=testclient: this server needs an API key: send "
+        "'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+        "POST /encode 403 key=gen client=testclient: the key 'gen' has no 'encode' scope, which "
+        "/encode needs (it has: generate)",
+        "POST /generate 400 key=gen client=testclient: n: Input should be a valid integer",
+        "GET /nowhere 404 key=gen client=testclient: Not Found",  # a body that is not JSON
+    ]  # and no line for a 200
