@@ -23,7 +23,7 @@ from service_helpers import bentoml_serve, error_of, serve
 
 from aegan_serve.apikeys import create_key
 from aegan_serve.config import SettingsError
-from aegan_serve.quotas import QuotaSettings
+from aegan_serve.quotas import Budget, QuotaSettings
 
 # --- settings ------------------------------------------------------------------------------------
 
@@ -71,6 +71,60 @@ def test_budgets_are_a_rate_and_a_burst():
 def test_bad_quota_settings_are_refused_naming_the_variable(environ, message):
     with pytest.raises(SettingsError, match=re.escape(message)):
         QuotaSettings.from_env(environ)
+
+
+WHOLE_SECONDS = "the burst must be the rate times a whole number of seconds, at least 1"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"AEGAN_QUOTA_REQUESTS_PER_S": "10", "AEGAN_QUOTA_REQUESTS_BURST": "25"},
+            "AEGAN_QUOTA_REQUESTS_BURST=25 over AEGAN_QUOTA_REQUESTS_PER_S=10 is a window of "
+            f"2.5 s; {WHOLE_SECONDS} (for example 20 or 30)",
+        ),
+        (
+            {"AEGAN_QUOTA_REQUESTS_PER_S": "10", "AEGAN_QUOTA_REQUESTS_BURST": "5"},
+            "AEGAN_QUOTA_REQUESTS_BURST=5 over AEGAN_QUOTA_REQUESTS_PER_S=10 is a window of "
+            f"0.5 s; {WHOLE_SECONDS} (for example 10)",
+        ),
+        (
+            {"AEGAN_QUOTA_IMAGES_PER_S": "2.5"},  # the burst by default: the rate, rounded up
+            "AEGAN_QUOTA_IMAGES_BURST=3 over AEGAN_QUOTA_IMAGES_PER_S=2.5 is a window of "
+            f"1.2 s; {WHOLE_SECONDS} (for example 2 or 5)",
+        ),
+        (
+            {"AEGAN_QUOTA_IMAGES_BURST": "5"},
+            "AEGAN_QUOTA_IMAGES_BURST is set but AEGAN_QUOTA_IMAGES_PER_S is not",
+        ),
+        (
+            {"AEGAN_QUOTA_REQUESTS_BURST": "5"},
+            "AEGAN_QUOTA_REQUESTS_BURST is set but AEGAN_QUOTA_REQUESTS_PER_S is not",
+        ),
+    ],
+)
+def test_a_burst_that_is_no_whole_window_is_refused_with_the_whole_message(environ, message):
+    with pytest.raises(SettingsError) as caught:
+        QuotaSettings.from_env(environ)
+    assert str(caught.value) == message
+
+
+def test_windows_of_whole_seconds_are_taken():
+    def budgets(environ: dict[str, str]) -> tuple[object, object]:
+        settings = QuotaSettings.from_env(environ)
+        return settings.requests, settings.images
+
+    assert budgets({"AEGAN_QUOTA_IMAGES_PER_S": "3", "AEGAN_QUOTA_IMAGES_BURST": "3"}) == (
+        None,
+        Budget("images", 3, 1),  # a window of exactly 1 s
+    )
+    assert budgets({"AEGAN_QUOTA_REQUESTS_PER_S": "0.1", "AEGAN_QUOTA_REQUESTS_BURST": "3"}) == (
+        Budget("requests", 3, 30),
+        None,
+    )
+    assert budgets({"AEGAN_QUOTA_IMAGES_PER_S": "4"}) == (None, Budget("images", 4, 1))
+    assert budgets({"AEGAN_QUOTA_REQUESTS_PER_S": "0.2"}) == (Budget("requests", 1, 5), None)
 
 
 def clear_of_a_window_end(window_s: int, needed_s: float) -> None:
