@@ -444,3 +444,52 @@ def test_each_refused_request_is_one_line_with_its_reason_key_name_and_address(k
         "POST /generate 400 key=gen client=testclient: n: Input should be a valid integer",
         "GET /nowhere 404 key=gen client=testclient: Not Found",  # a body that is not JSON
     ]  # and no line for a 200
+
+
+# What the gate logs of answers made behind it: (status, body in one or more messages).
+ANSWERS = {
+    "/one-error": (400, [b'{"error": "the reason"}']),
+    "/list-of-one": (400, [b'[{"error": "only this"}]']),
+    "/list-of-two": (400, [b'[{"error": "a"}, {"error": "b"}]']),
+    "/no-error-field": (422, [b'{"detail": "x"}']),
+    "/error-not-text": (409, [b'{"error": 7}']),
+    "/a-number": (409, [b"7"]),
+    "/not-utf-8": (400, [b"bad \xff byte"]),
+    "/in-pieces": (404, [b'{"error": "in ', b'two pieces"}']),
+    "/long": (413, [b'{"error": "' + b"y" * 5000 + b'"}']),  # read up to 4096 bytes: not JSON
+    "/last-4xx": (499, [b'{"error": "last"}']),
+    "/unavailable": (503, [b'{"error": "store down"}']),
+    "/server-error": (500, [b'{"error": "a bug"}']),
+    "/redirect": (399, [b"elsewhere"]),
+    "/ok": (200, [b"{}"]),
+}
+
+
+async def answering_app(scope, receive, send):
+    status, pieces = ANSWERS[scope["path"]]
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    for i, piece in enumerate(pieces):
+        await send({"type": "http.response.body", "body": piece, "more_body": i < len(pieces) - 1})
+
+
+def test_the_log_line_of_a_refusal_takes_the_error_of_its_body(caplog):
+    from aegan_serve.auth import Gate
+
+    client = TestClient(Gate(answering_app, scopes={}), raise_server_exceptions=False)
+    with caplog.at_level(logging.INFO, logger="bentoml.aegan_serve.requests"):
+        for path in ANSWERS:
+            client.get(path)
+    long = '{"error": "' + "y" * (300 - 11) + "..."
+    assert [r.getMessage() for r in caplog.records if r.name == "bentoml.aegan_serve.requests"] == [
+        "GET /one-error 400 key=- client=testclient: the reason",
+        "GET /list-of-one 400 key=- client=testclient: only this",
+        'GET /list-of-two 400 key=- client=testclient: [{"error": "a"}, {"error": "b"}]',
+        'GET /no-error-field 422 key=- client=testclient: {"detail": "x"}',
+        'GET /error-not-text 409 key=- client=testclient: {"error": 7}',
+        "GET /a-number 409 key=- client=testclient: 7",
+        "GET /not-utf-8 400 key=- client=testclient: bad \\ufffd byte",
+        "GET /in-pieces 404 key=- client=testclient: in two pieces",
+        f"GET /long 413 key=- client=testclient: {long}",
+        "GET /last-4xx 499 key=- client=testclient: last",
+        "GET /unavailable 503 key=- client=testclient: store down",
+    ]
