@@ -455,6 +455,7 @@ ANSWERS = {
     "/error-not-text": (409, [b'{"error": 7}']),
     "/a-number": (409, [b"7"]),
     "/not-utf-8": (400, [b"bad \xff byte"]),
+    "/utf-16": (400, ['{"detail": "x"}'.encode("utf-16")]),  # JSON, and not UTF-8
     "/in-pieces": (404, [b'{"error": "in ', b'two pieces"}']),
     "/long": (413, [b'{"error": "' + b"y" * 5000 + b'"}']),  # read up to 4096 bytes: not JSON
     "/last-4xx": (499, [b'{"error": "last"}']),
@@ -480,7 +481,12 @@ def test_the_log_line_of_a_refusal_takes_the_error_of_its_body(caplog):
         for path in ANSWERS:
             client.get(path)
     long = '{"error": "' + "y" * (300 - 11) + "..."
-    assert [r.getMessage() for r in caplog.records if r.name == "bentoml.aegan_serve.requests"] == [
+    lines = [r.getMessage() for r in caplog.records if r.name == "bentoml.aegan_serve.requests"]
+    # the body of /utf-16 as its bytes are, its byte-order mark not UTF-8
+    assert lines.pop(7).startswith(
+        'GET /utf-16 400 key=- client=testclient: \\ufffd\\ufffd{\\x00"\\x00d\\x00e\\x00t'
+    )
+    assert lines == [
         "GET /one-error 400 key=- client=testclient: the reason",
         "GET /list-of-one 400 key=- client=testclient: only this",
         'GET /list-of-two 400 key=- client=testclient: [{"error": "a"}, {"error": "b"}]',
