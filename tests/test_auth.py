@@ -458,6 +458,9 @@ ANSWERS = {
     "/utf-16": (400, ['{"detail": "x"}'.encode("utf-16")]),  # JSON, and not UTF-8
     "/in-pieces": (404, [b'{"error": "in ', b'two pieces"}']),
     "/long": (413, [b'{"error": "' + b"y" * 5000 + b'"}']),  # read up to 4096 bytes: not JSON
+    "/4096-bytes": (413, [b'{"error": "' + b"y" * (4096 - 13) + b'"}']),  # read whole
+    "/4097-bytes": (413, [b'{"error": "' + b"y" * 3989, b"y" * 95 + b'"}']),  # cut at 4096
+    "/ends-bare": (403, [b'{"error": "ended"}', None]),  # a last message with no keys but type
     "/last-4xx": (499, [b'{"error": "last"}']),
     "/unavailable": (503, [b'{"error": "store down"}']),
     "/server-error": (500, [b'{"error": "a bug"}']),
@@ -470,7 +473,11 @@ async def answering_app(scope, receive, send):
     status, pieces = ANSWERS[scope["path"]]
     await send({"type": "http.response.start", "status": status, "headers": []})
     for i, piece in enumerate(pieces):
-        await send({"type": "http.response.body", "body": piece, "more_body": i < len(pieces) - 1})
+        if piece is None:
+            await send({"type": "http.response.body"})
+        else:
+            more = i < len(pieces) - 1
+            await send({"type": "http.response.body", "body": piece, "more_body": more})
 
 
 def test_the_log_line_of_a_refusal_takes_the_error_of_its_body(caplog):
@@ -496,6 +503,9 @@ def test_the_log_line_of_a_refusal_takes_the_error_of_its_body(caplog):
         "GET /not-utf-8 400 key=- client=testclient: bad \\ufffd byte",
         "GET /in-pieces 404 key=- client=testclient: in two pieces",
         f"GET /long 413 key=- client=testclient: {long}",
+        f"GET /4096-bytes 413 key=- client=testclient: {'y' * 300}...",
+        f"GET /4097-bytes 413 key=- client=testclient: {long}",
+        "GET /ends-bare 403 key=- client=testclient: ended",
         "GET /last-4xx 499 key=- client=testclient: last",
         "GET /unavailable 503 key=- client=testclient: store down",
     ]
