@@ -509,3 +509,20 @@ def test_the_log_line_of_a_refusal_takes_the_error_of_its_body(caplog):
         "GET /last-4xx 499 key=- client=testclient: last",
         "GET /unavailable 503 key=- client=testclient: store down",
     ]
+
+
+def test_a_keys_file_broken_while_serving_is_logged_once_and_its_last_keys_kept(keyed, caplog):
+    client, path, made = keyed
+    path.write_text("{broken")
+    with caplog.at_level(logging.ERROR, logger="bentoml.aegan_serve.auth"):
+        for _ in range(2):
+            answer = client.post("/generate", json={"n": 1}, headers=bearer(made["gen"]))
+            assert answer.status_code == 200
+    errors = [r for r in caplog.records if r.name == "bentoml.aegan_serve.auth"]
+    assert [(r.levelno, r.getMessage()) for r in errors] == [
+        (
+            logging.ERROR,
+            f"keys file {path} is not JSON: Expecting property name enclosed in double quotes: "
+            "line 1 column 2 (char 1); still using the 3 keys read before",
+        )
+    ]
