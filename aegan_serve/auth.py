@@ -74,7 +74,7 @@ class AccessSettings:
         return cls.from_environment(read_environment(environ), workers=workers)
 
     @classmethod
-    def from_environment(cls, env: Environment, *, workers: int = 1) -> AccessSettings:
+    def from_environment(cls, env: Environment, *, workers: int) -> AccessSettings:
         keys_file = Path(env.api_keys_file) if env.api_keys_file else None
         if keys_file is not None:
             try:
