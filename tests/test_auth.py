@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -526,3 +527,15 @@ def test_a_keys_file_broken_while_serving_is_logged_once_and_its_last_keys_kept(
             "line 1 column 2 (char 1); still using the 3 keys read before",
         )
     ]
+
+
+def test_a_created_key_records_when_in_utc_to_the_second(tmp_path):
+    from datetime import UTC, datetime
+
+    path = tmp_path / "keys.json"
+    before = datetime.now(UTC).replace(microsecond=0)
+    create_key(path, "a", ["generate"])
+    (key,) = read_keys(path)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", key.created), key.created
+    assert before <= datetime.fromisoformat(key.created) <= datetime.now(UTC)
+    assert json.loads(path.read_text())["keys"][0]["created"] == key.created
