@@ -158,6 +158,11 @@ NOT_VERSION_1 = (
             ": keys[0]: unknown scope all, x; scopes are generate, encode, search, admin",
         ),
         (
+            _keys_file({"name": "a b", "sha256": HASH, "scopes": ["generate"]}),
+            ": keys[0]: key name 'a b' must be 1-64 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit",
+        ),
+        (
             _keys_file({"name": "a", "sha256": HASH, "scopes": ["generate"]}, None),
             ": keys[1]: not an object",
         ),
