@@ -80,15 +80,27 @@ def _budget(env: Environment, name: str) -> Budget | None:
         burst = max(1, math.ceil(rate))
     window = burst / rate
     if window < 1 or abs(window - round(window)) > 1e-9:
-        near = sorted(
-            {max(1, round(rate * w)) for w in (max(1, math.floor(window)), math.ceil(window))}
+        near = _whole_bursts(rate, burst)
+        example = (
+            f"for example {' or '.join(map(str, near))}"
+            if near
+            else "none is, for windows up to an hour: give a rate that a whole number of seconds "
+            "makes whole, such as 0.25 or 2.5"
         )
         raise SettingsError(
             f"{burst_var}={burst} over {rate_var}={rate:g} is a window of {window:g} s; the "
-            f"burst must be the rate times a whole number of seconds, at least 1 (for example "
-            f"{' or '.join(map(str, near))})"
+            f"burst must be the rate times a whole number of seconds, at least 1 ({example})"
         )
     return Budget(name, burst, round(window))
+
+
+def _whole_bursts(rate: float, burst: int) -> list[int]:
+    """The bursts next to ``burst`` (the nearest below it, the nearest above) that are ``rate``
+    times a whole number of seconds, for windows of 1 s to an hour."""
+    whole = sorted(
+        {round(rate * w) for w in range(1, 3601) if abs(rate * w - round(rate * w)) < 1e-9} - {0}
+    )
+    return [b for b in whole if b < burst][-1:] + [b for b in whole if b > burst][:1]
 
 
 @dataclass(frozen=True)

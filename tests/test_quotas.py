@@ -105,13 +105,34 @@ def test_a_burst_that_is_no_whole_window_is_refused_with_the_whole_message(envir
     assert str(caught.value) == message
 
 
-def test_the_default_burst_is_the_rate_rounded_up():
+@pytest.mark.parametrize(
+    ("rate", "message"),
+    [  # the default burst is the rate rounded up; the examples are bursts that are taken
+        (
+            "2.5",
+            "BURST=3 over AEGAN_QUOTA_IMAGES_PER_S=2.5 is a window of 1.2 s; {} (for example 5)",
+        ),
+        (
+            "0.3",
+            "BURST=1 over AEGAN_QUOTA_IMAGES_PER_S=0.3 is a window of 3.33333 s; {} "
+            "(for example 3)",
+        ),
+        (
+            "0.3333",
+            "BURST=1 over AEGAN_QUOTA_IMAGES_PER_S=0.3333 is a window of 3.0003 s; {} (none is, "
+            "for windows up to an hour: give a rate that a whole number of seconds makes whole, "
+            "such as 0.25 or 2.5)",
+        ),
+    ],
+)
+def test_the_default_burst_is_the_rate_rounded_up_and_the_examples_are_taken(rate, message):
     with pytest.raises(SettingsError) as caught:
-        QuotaSettings.from_env({"AEGAN_QUOTA_IMAGES_PER_S": "2.5"})
-    assert str(caught.value).startswith(  # its suggested bursts are not checked here
-        "AEGAN_QUOTA_IMAGES_BURST=3 over AEGAN_QUOTA_IMAGES_PER_S=2.5 is a window of 1.2 s; "
-        f"{WHOLE_SECONDS} (for example "
-    )
+        QuotaSettings.from_env({"AEGAN_QUOTA_IMAGES_PER_S": rate})
+    assert str(caught.value) == "AEGAN_QUOTA_IMAGES_" + message.format(WHOLE_SECONDS)
+    example = re.search(r"for example (\d+)", message)
+    if example:
+        taken = {"AEGAN_QUOTA_IMAGES_PER_S": rate, "AEGAN_QUOTA_IMAGES_BURST": example[1]}
+        assert QuotaSettings.from_env(taken).images.burst == int(example[1])
 
 
 def test_windows_of_whole_seconds_are_taken():
