@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import re
 import threading
 import time
@@ -19,7 +20,7 @@ from service_helpers import tiny_model_info
 
 import aegan_serve.app
 from aegan_core.errors import ClientError, Overloaded, RequestError, WrongModelKind
-from aegan_core.gallery import GalleryNotFound
+from aegan_core.gallery import GalleryError, GalleryNotFound
 from aegan_core.latents import sample_prior
 from aegan_serve.app import Application
 from aegan_serve.config import Settings
@@ -152,6 +153,15 @@ def test_gallery_originals_are_the_files_with_their_media_type(image_bundle, ori
     )
 
 
+def test_a_gallery_of_another_bundle_is_refused_by_the_application_itself(rgb_bundle, originals):
+    """The service checks the gallery once before its workers start; each worker's application
+    still refuses a gallery whose latents another bundle made."""
+    dest, _ = originals
+    with pytest.raises(GalleryError, match="was encoded by bundle") as refused:
+        application(rgb_bundle, AEGAN_GALLERY=str(dest))
+    assert f"gallery {dest} was encoded by bundle" in str(refused.value)
+
+
 def test_a_search_of_more_than_10000_rows_waits_for_the_busy_pool_and_a_smaller_one_does_not(
     image_bundle, originals, monkeypatch
 ):
@@ -235,7 +245,10 @@ def test_info_reports_the_model_runtime_limits_and_encoder_batches(image_bundle)
     )
     asyncio.run(app.encode([png(i) for i in range(3)]))
     assert encoder_threads[0].startswith("aegan-encoder")  # the encoder's own thread
+    app.encoder.inline_budget_s = math.inf  # rows count as cheap on any machine
     asyncio.run(app.encode([png(9)]))
+    # one image and the encoder idle: run on the event loop, no thread hops
+    assert encoder_threads[1] == threading.current_thread().name
     info = app.info()
     assert info["model"] == tiny_model_info(image_bundle)
     assert info["runtime"] == {

@@ -647,12 +647,36 @@ def test_worker_layout_follows_a_usable_provider_not_device_files(monkeypatch):
     asked: list[CudaOptions] = []
     # the options reach the check in the child process (aegan_core.cuda.check_in_subprocess)
     monkeypatch.setattr(config, "check_in_subprocess", lambda options: asked.append(options))
-    settings = Settings.from_env({"AEGAN_CUDA_TF32": "1", "AEGAN_CUDA_ALGO_SEARCH": "exhaustive"})
+    environ = {
+        "AEGAN_CUDA_TF32": "1",
+        "AEGAN_CUDA_ALGO_SEARCH": "exhaustive",
+        "AEGAN_CUDA_MEM_LIMIT": "1073741824",
+        "AEGAN_CUDA_ARENA": "kNextPowerOfTwo",
+    }
+    settings = Settings.from_env(environ)
     assert settings.workers == 1 and settings.batch_size == config.GPU_BATCH_SIZE
-    assert asked == [CudaOptions(algo_search="EXHAUSTIVE", tf32=True)]
+    assert asked == [
+        CudaOptions(algo_search="EXHAUSTIVE", mem_limit=2**30, arena="kNextPowerOfTwo", tf32=True)
+    ]
     assert settings.cuda_options() == asked[0]
     assert settings.resources(gpu=True)["gpu"] == 1
     assert settings.largest_batch() == config.GPU_BATCH_SIZE
+
+
+@pytest.mark.parametrize(
+    ("environ", "largest"),
+    [
+        ({"AEGAN_BATCH_SIZE": "96"}, 96),
+        ({"AEGAN_MAX_IMAGES": "100"}, 100),
+        ({"AEGAN_MAX_N": "200"}, 200),
+        ({"AEGAN_MAX_STEPS": "300"}, 300),
+    ],
+)
+def test_the_largest_batch_is_the_largest_of_a_batch_and_each_request_limit(environ, largest):
+    """CUDA warms up every batch size up to it: an encoder batch, or one request's images,
+    samples or frames, whichever is largest."""
+    settings = Settings.from_env({"AEGAN_DEVICE": "cpu", **environ})
+    assert settings.largest_batch() == largest
 
 
 @pytest.mark.parametrize(

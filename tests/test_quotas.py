@@ -89,6 +89,11 @@ WHOLE_SECONDS = "the burst must be the rate times a whole number of seconds, at 
             "AEGAN_QUOTA_REQUESTS_BURST=5 over AEGAN_QUOTA_REQUESTS_PER_S=10 is a window of "
             f"0.5 s; {WHOLE_SECONDS} (for example 10)",
         ),
+        (  # one taken burst below, one above
+            {"AEGAN_QUOTA_REQUESTS_PER_S": "10", "AEGAN_QUOTA_REQUESTS_BURST": "15"},
+            "AEGAN_QUOTA_REQUESTS_BURST=15 over AEGAN_QUOTA_REQUESTS_PER_S=10 is a window of "
+            f"1.5 s; {WHOLE_SECONDS} (for example 10 or 20)",
+        ),
         (
             {"AEGAN_QUOTA_IMAGES_BURST": "5"},
             "AEGAN_QUOTA_IMAGES_BURST is set but AEGAN_QUOTA_IMAGES_PER_S is not",
@@ -122,6 +127,18 @@ def test_a_burst_that_is_no_whole_window_is_refused_with_the_whole_message(envir
             "BURST=1 over AEGAN_QUOTA_IMAGES_PER_S=0.3333 is a window of 3.0003 s; {} (none is, "
             "for windows up to an hour: give a rate that a whole number of seconds makes whole, "
             "such as 0.25 or 2.5)",
+        ),
+        (  # 2 is taken with a window of 3601 s, one more than an hour
+            repr(2 / 3601),
+            "BURST=1 over AEGAN_QUOTA_IMAGES_PER_S=0.000555401 is a window of 1800.5 s; {} (none "
+            "is, for windows up to an hour: give a rate that a whole number of seconds makes "
+            "whole, such as 0.25 or 2.5)",
+        ),
+        (  # a rate so small that windows of 1 to 3 s make it round to a burst of 0, no example
+            "3e-10",
+            "BURST=1 over AEGAN_QUOTA_IMAGES_PER_S=3e-10 is a window of 3.33333e+09 s; {} (none "
+            "is, for windows up to an hour: give a rate that a whole number of seconds makes "
+            "whole, such as 0.25 or 2.5)",
         ),
     ],
 )

@@ -193,6 +193,60 @@ def test_error_answers_are_put_in_one_shape(status, body, answer):
     assert (b"content-length", str(len(expected)).encode()) in start["headers"]
 
 
+class ScriptedApp:
+    """Answers every request with ``status``, ``headers`` and the body messages given."""
+
+    def __init__(self, status: int, headers: list, bodies: list[dict]) -> None:
+        self.status, self.headers, self.bodies = status, headers, bodies
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        for message in self.bodies:
+            await send({"type": "http.response.body", **message})
+
+
+def answered(app) -> tuple[dict, list[dict]]:
+    """The start message and the body messages the guard sends for ``app``'s answer."""
+
+    async def main():
+        scope, receive, send, sent = request(2, [b"{}"])
+        await guard(app)(scope, receive, send)
+        return sent
+
+    start, *bodies = asyncio.run(main())
+    return start, bodies
+
+
+def test_an_error_body_in_pieces_goes_out_whole_with_one_true_content_length():
+    # ASGI's body key is optional (an empty body), and the app's content-length counted the body
+    # before the guard reshaped it
+    pieces = [{"body": b'[{"error": ', "more_body": True}, {"more_body": True}, {"body": b'"x"}]'}]
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"16")]
+    start, bodies = answered(ScriptedApp(400, headers, pieces))
+    assert bodies == [{"type": "http.response.body", "body": b'{"error": "x"}'}]
+    assert start["status"] == 400
+    assert start["headers"] == [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"14"),
+    ]  # and no retry-after: only a 429 or a 503 asks the client to come back
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "retry_after"),
+    [
+        (503, [], [b"1"]),
+        (429, [], [b"1"]),
+        (429, [(b"retry-after", b"7")], [b"7"]),  # the app's own is kept, not doubled
+        (503, [(b"Retry-After", b"30")], [b"30"]),
+        (504, [], []),
+    ],
+)
+def test_a_busy_answer_tells_when_to_come_back_once(status, headers, retry_after):
+    start, _ = answered(ScriptedApp(status, headers, [{"body": b'{"error": "busy"}'}]))
+    assert start["status"] == status
+    assert [v for k, v in start["headers"] if k.lower() == b"retry-after"] == retry_after
+
+
 BOUNDARY = b"aegan-boundary"
 MULTIPART = b"multipart/form-data; boundary=" + BOUNDARY
 
