@@ -25,6 +25,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require_fmnist()
 
 
+@pytest.fixture(autouse=True)
+def _access_in_force_kept() -> Iterator[None]:
+    """Each service worker has one gate, whose settings /docs.json describes (aegan_serve.auth's
+    ``IN_FORCE``). In this process each in-process service makes a gate of its own: a test that
+    starts one with keys on must not change what a module's shared client documents."""
+    import sys
+
+    auth = sys.modules.get("aegan_serve.auth")
+    kept = dict(auth.IN_FORCE) if auth is not None else None
+    yield
+    if auth is not None and kept is not None:
+        auth.IN_FORCE.clear()
+        auth.IN_FORCE.update(kept)
+
+
 @pytest.fixture(scope="session")
 def image_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Grey 1x28x28 images, latent_dim 32: the shape of the shipped Fashion-MNIST bundle."""
