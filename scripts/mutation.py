@@ -189,10 +189,11 @@ def fence_off(source: str, keep: list[str]) -> str:
     lines = source.splitlines(keepends=True)
     fenced = []
     for node in tree.body:
-        named = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-        if named and node.name not in keep:
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        if node.name not in keep:
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            fenced.append((first, node.end_lineno))
+            fenced.append((first, node.end_lineno or node.lineno))
     for first, last in reversed(fenced):
         lines.insert(last, "# pragma: no mutate end\n")
         lines.insert(first - 1, "# pragma: no mutate start\n")
@@ -296,6 +297,33 @@ def results(workdir: Path, mutmut: Path, digits: str) -> dict[str, object]:
     }
 
 
+def check_order(workdir: Path, part: str) -> int:
+    """Run each distinct set of tests that mutmut gives a mutated function of ``part``, in the
+    order its workers run them (fastest first, stopping at the first failure), on the unmutated
+    copy in ``workdir``. A set that fails there would count its mutants as killed by a failure of
+    its own (a test that depends on the order of the tests before it)."""
+    stats = json.loads((workdir / "mutants" / "mutmut-stats.json").read_text())
+    duration = stats["duration_by_test"]
+    modules = tuple(name.removesuffix(".py").replace("/", ".") + ".x" for name in PARTS[part][0])
+    sets: dict[tuple[str, ...], list[str]] = {}
+    for function, tests in stats["tests_by_mangled_function_name"].items():
+        if function.startswith(modules):
+            ordered = tuple(sorted(tests, key=lambda test: duration[test]))
+            sets.setdefault(ordered, []).append(function)
+    env = {**os.environ, "PYTHONPATH": str(workdir)}
+    failing = 0
+    for n, (tests, functions) in enumerate(sorted(sets.items(), key=lambda kv: -len(kv[0])), 1):
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:randomly", *PYTEST_ARGS, *tests]
+        run = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+        last = (run.stdout.strip().splitlines() or [""])[-1]
+        print(f"{n}/{len(sets)} {len(tests)} tests ({functions[0]}, ...): {last}", flush=True)
+        if run.returncode != 0:
+            failing += 1
+            print("\n".join(line for line in run.stdout.splitlines() if "FAILED" in line))
+    print(f"{len(sets)} test sets of {sum(map(len, sets.values()))} functions; {failing} failing")
+    return 1 if failing else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="default: build/mutation/PART")
@@ -318,6 +346,11 @@ def main() -> int:
     parser.add_argument(
         "--report", action="store_true", help="only summarise the results already in --workdir"
     )
+    parser.add_argument(
+        "--check-order",
+        action="store_true",
+        help="run each function's tests in mutmut's order on the unmutated copy (no mutants)",
+    )
     parser.add_argument("mutants", nargs="*", help="only these mutants (mutmut's names or globs)")
     args = parser.parse_args()
 
@@ -326,6 +359,8 @@ def main() -> int:
     digits = SAMPLE_DIGITS[args.sample]
     if args.report:
         return summarise(args, mutmut, digits, seconds=None)
+    if args.check_order:
+        return check_order(args.workdir, args.part)
     stage(args.workdir, args.fresh, args.part, args.timeout_multiplier)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # the tests must import the mutated copy, nothing else
