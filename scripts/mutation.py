@@ -324,6 +324,81 @@ def check_order(workdir: Path, part: str) -> int:
     return 1 if failing else 0
 
 
+def planted(source: str, name: str, diff: str) -> str | None:
+    """``source`` with the change of mutant ``name`` that ``mutmut show`` gave as ``diff`` (a
+    hunk of the function, dedented), made inside that function; None if it is not found there."""
+    body = diff.split("\n@@", 1)[1].split("\n", 1)[1].splitlines()
+    lines = [line or " " for line in body]  # an empty line of context has lost its space
+    old = [line[1:] for line in lines if line[0] in "- "]
+    new = [line[1:] for line in lines if line[0] in "+ "]
+    parts = re.split(r"\.x_|\u01c1", name.split("__mutmut_")[0])  # x_function or xǁClassǁmethod
+    start = source.find(f"class {parts[1]}") if len(parts) > 2 else 0
+    start = source.find(f"def {parts[-1]}(", max(start, 0))
+    if start < 0:
+        return None
+    start = source.rfind("\n", 0, start) + 1  # from the line's start (`async def`, a method)
+    for indent in ("", "    ", "        "):
+        block = "\n".join(indent + line if line else line for line in old)
+        at = source.find(block, start)
+        if at >= 0:
+            changed = "\n".join(indent + line if line else line for line in new)
+            return source[:at] + changed + source[at + len(block) :]
+    return None
+
+
+def plant(workdir: Path, mutmut: Path, names: list[str], limit_s: int) -> int:
+    """Each mutant planted by hand in a scratch copy of ``workdir``'s unmutated sources, and the
+    tests mutmut gives it run in its order with no limit but ``limit_s``: what a timeout (or a
+    kill) is made of. Prints the test that failed first, or that none did."""
+    import tempfile
+
+    stats = json.loads((workdir / "mutants" / "mutmut-stats.json").read_text())
+    duration = stats["duration_by_test"]
+    with tempfile.TemporaryDirectory(prefix="aegan-plant-") as scratch:
+        copy = Path(scratch) / "repo"
+        shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("mutants"), symlinks=True)
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        for name in names:
+            diff = subprocess.run(
+                [str(mutmut), "show", name], cwd=workdir, capture_output=True, text=True
+            ).stdout
+            path = copy / re.search(r"^--- (\S+)", diff, re.M)[1]  # type: ignore[index]
+            original = path.read_text()
+            source = planted(original, name, diff)
+            if source is None:
+                print(f"{name}: its change was not found in {path.name}", flush=True)
+                continue
+            function = name.split("__mutmut_")[0]
+            tests = sorted(stats["tests_by_mangled_function_name"][function], key=duration.get)
+            estimate = sum(duration[test] for test in tests)
+            cmd = [sys.executable, "-m", "pytest", "-p", "no:randomly", *PYTEST_ARGS, "--tb=line"]
+            started = time.monotonic()
+            path.write_text(source)
+            try:
+                run = subprocess.run(
+                    [*cmd, *tests],
+                    cwd=copy,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=limit_s,
+                )
+                out = run.stdout.strip().splitlines()
+                failed = [line for line in out if line.startswith("FAILED")][:1]
+                told = f"{out[-1] if out else ''} {' '.join(failed)}"
+            except subprocess.TimeoutExpired:
+                told = f"still running after {limit_s} s"
+            finally:
+                path.write_text(original)
+            took = time.monotonic() - started
+            print(
+                f"{name}: {len(tests)} tests, {estimate:.1f} s in mutmut's first run, {took:.0f} s "
+                f"here: {told}",
+                flush=True,
+            )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="default: build/mutation/PART")
@@ -351,6 +426,13 @@ def main() -> int:
         action="store_true",
         help="run each function's tests in mutmut's order on the unmutated copy (no mutants)",
     )
+    parser.add_argument(
+        "--plant",
+        type=int,
+        metavar="SECONDS",
+        help="plant the named mutants by hand in a scratch copy and run their tests for up to "
+        "SECONDS each, without mutmut (what a timeout is made of)",
+    )
     parser.add_argument("mutants", nargs="*", help="only these mutants (mutmut's names or globs)")
     args = parser.parse_args()
 
@@ -361,6 +443,8 @@ def main() -> int:
         return summarise(args, mutmut, digits, seconds=None)
     if args.check_order:
         return check_order(args.workdir, args.part)
+    if args.plant:
+        return plant(args.workdir, mutmut, args.mutants, args.plant)
     stage(args.workdir, args.fresh, args.part, args.timeout_multiplier)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # the tests must import the mutated copy, nothing else
