@@ -122,7 +122,7 @@ class QuotaSettings:
         return cls.from_environment(read_environment(environ), workers=workers)
 
     @classmethod
-    def from_environment(cls, env: Environment, *, workers: int = 1) -> QuotaSettings:
+    def from_environment(cls, env: Environment, *, workers: int) -> QuotaSettings:
         return cls(
             requests=_budget(env, "requests"),
             images=_budget(env, "images"),

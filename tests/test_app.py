@@ -231,7 +231,7 @@ def test_a_gallery_original_gone_away_or_looping_is_refused_quoting_200_characte
 def test_info_reports_the_model_runtime_limits_and_encoder_batches(image_bundle):
     app = application(
         image_bundle,
-        AEGAN_THREADS="1",
+        AEGAN_THREADS="2",
         AEGAN_WORKERS="3",
         AEGAN_BATCH_SIZE="8",
         AEGAN_BATCH_LATENCY_MS="250",
@@ -254,7 +254,7 @@ def test_info_reports_the_model_runtime_limits_and_encoder_batches(image_bundle)
     assert info["runtime"] == {
         "provider": "CPUExecutionProvider",
         "precision": "fp32",
-        "threads": 1,
+        "threads": 2,  # AEGAN_THREADS reaches the runtime
         "workers": 3,
         "cuda_unused_reason": "AEGAN_DEVICE=cpu",
         "cuda_fallbacks": 0,
@@ -293,8 +293,11 @@ def test_the_start_up_line_names_the_model_the_runtime_and_why_cuda_is_not_used(
     ]
 
 
-def test_the_metrics_count_images_per_encoder_run(image_app):
+def test_the_metrics_count_images_per_encoder_run(image_bundle):
     from prometheus_client import REGISTRY, generate_latest
+
+    # An application of its own: the metrics are made (once per process) by the first one
+    image_app = application(image_bundle)
 
     def count(le: str) -> float:
         return REGISTRY.get_sample_value("aegan_encoder_batch_images_bucket", {"le": le}) or 0.0

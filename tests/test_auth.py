@@ -203,7 +203,9 @@ def test_a_missing_keys_file_stops_the_server_settings(tmp_path):
     )
     with pytest.raises(SettingsError, match="cannot read the keys file"):
         AccessSettings.from_env({"AEGAN_API_KEYS_FILE": str(tmp_path / "none.json")})
-    assert AccessSettings.from_env({}).keys_file is None  # off by default
+    off = AccessSettings.from_env({})
+    assert off.keys_file is None  # off by default
+    assert off.quotas.workers == 1  # a budget shared by one worker unless told otherwise
 
 
 def test_aegan_keys_create_list_revoke(tmp_path):

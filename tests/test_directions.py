@@ -164,8 +164,18 @@ def rewrite(bundle_dir: Path, change_file=None, change_entry=None) -> None:
 @pytest.mark.parametrize(
     "change_file, change_entry, message",
     [
-        (None, lambda e: e.update(format_version=2), "format_version 2; this server reads"),
-        (None, lambda e: e.update(path="../x.json"), "outside the bundle"),
+        (
+            None,
+            lambda e: e.update(format_version=2),
+            "manifest.json: entry 'directions' has format_version 2; this server reads",
+        ),
+        (
+            None,
+            lambda e: e.update(path="../x.json"),
+            "manifest.json: entry 'directions'.* outside the bundle",
+        ),
+        # a component more than there are variances
+        (lambda r: r["components"].append(r["components"][0]), None, "and k >= 1 components"),
         (lambda r: r["components"][0].__setitem__(0, 5.0), None, "not orthonormal"),
         (lambda r: r["mean"].pop(), None, "expected a mean of 32 numbers"),
         (lambda r: r["variances"].__setitem__(0, -1.0), None, "variances >= 0"),
@@ -176,6 +186,15 @@ def test_inconsistent_directions_are_refused(with_directions, change_file, chang
     rewrite(with_directions, change_file, change_entry)
     with pytest.raises(BundleError, match=message):
         load_bundle(with_directions)
+
+
+def test_a_single_direction_is_enough(with_directions):
+    def keep_one(raw: dict) -> None:
+        del raw["components"][1:], raw["variances"][1:]
+
+    rewrite(with_directions, keep_one)
+    directions = load_bundle(with_directions).directions
+    assert directions is not None and directions.components.shape == (1, 32)
 
 
 # --- commands -------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_the_image_budget_counts_the_images_of_each_request(image_bundle, tmp_pa
     a, b = create_key(keys, "a", ["generate"]), create_key(keys, "b", ["generate"])
     env = {
         "AEGAN_API_KEYS_FILE": str(keys),
-        "AEGAN_QUOTA_IMAGES_PER_S": "4",
+        "AEGAN_QUOTA_IMAGES_PER_S": "0.5",
         "AEGAN_QUOTA_IMAGES_BURST": "8",
         "AEGAN_QUOTA_REQUESTS_PER_S": "100",  # both budgets: both in the headers
         "AEGAN_QUOTA_REQUESTS_BURST": "100",
@@ -216,13 +216,14 @@ def test_the_image_budget_counts_the_images_of_each_request(image_bundle, tmp_pa
         def generate(key: str, n: int) -> httpx.Response:
             return client.post("/generate", json={"n": n}, headers={"X-API-Key": key})
 
-        clear_of_a_window_end(2, 1.0)
+        clear_of_a_window_end(16, 8.0)
         first = generate(a, 5)
         assert first.status_code == 200
-        assert re.fullmatch(r'"requests";r=99;t=\d, "images";r=3;t=\d', first.headers["ratelimit"])
+        assert re.fullmatch(r'"requests";r=99;t=\d, "images";r=3;t=\d+', first.headers["ratelimit"])
         spent = generate(a, 5)
-        assert "image quota spent: 8 images per 2 s" in error_of(spent, 429)
-        assert 1 <= int(spent.headers["retry-after"]) <= 2
+        assert "image quota spent: 8 images per 16 s" in error_of(spent, 429)
+        # the image budget's own reset, at least 8 s away: not the 1 s of a busy server
+        assert 8 <= int(spent.headers["retry-after"]) <= 16
         assert generate(a, 3).status_code == 200  # what is left still fits
         assert generate(b, 8).status_code == 200  # every key has its own budget
         too_many = generate(b, 9)

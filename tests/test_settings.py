@@ -132,3 +132,6 @@ def test_checks_beyond_one_bound_name_the_variables():
         read_environment({"AEGAN_RATE_LIMIT_STORAGE": "redis://cache:port"})
     with pytest.raises(SettingsError, match="BYTES=10 must be at least AEGAN_MAX_REQUEST_BYTES"):
         Settings.from_env({"AEGAN_MAX_INFLIGHT_BYTES": "10", "AEGAN_MAX_REQUEST_BYTES": "11"})
+    # exactly one request in flight is enough
+    same = Settings.from_env({"AEGAN_MAX_INFLIGHT_BYTES": "11", "AEGAN_MAX_REQUEST_BYTES": "11"})
+    assert same.limits.max_inflight_bytes == same.limits.max_request_bytes == 11
