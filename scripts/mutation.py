@@ -297,6 +297,16 @@ def results(workdir: Path, mutmut: Path, digits: str) -> dict[str, object]:
     }
 
 
+def forget_test_map(path: Path) -> None:
+    """Make mutmut take every test for a new one, so that its next run maps them all again.
+    Its results, and the hashes that tell it which functions changed, are kept."""
+    if path.exists():
+        stats = json.loads(path.read_text())
+        stats["duration_by_test"] = {}
+        stats["tests_by_mangled_function_name"] = {}
+        path.write_text(json.dumps(stats))
+
+
 def check_order(workdir: Path, part: str) -> int:
     """Run each distinct set of tests that mutmut gives a mutated function of ``part``, in the
     order its workers run them (fastest first, stopping at the first failure), on the unmutated
@@ -427,6 +437,12 @@ def main() -> int:
         help="run each function's tests in mutmut's order on the unmutated copy (no mutants)",
     )
     parser.add_argument(
+        "--remap",
+        action="store_true",
+        help="collect again which tests reach which function (keeping the results): mutmut "
+        "maps only the tests it has not seen, so a test changed since keeps its old map",
+    )
+    parser.add_argument(
         "--plant",
         type=int,
         metavar="SECONDS",
@@ -446,6 +462,8 @@ def main() -> int:
     if args.plant:
         return plant(args.workdir, mutmut, args.mutants, args.plant)
     stage(args.workdir, args.fresh, args.part, args.timeout_multiplier)
+    if args.remap:
+        forget_test_map(args.workdir / "mutants" / "mutmut-stats.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # the tests must import the mutated copy, nothing else
     started = time.monotonic()
