@@ -309,7 +309,12 @@ def test_keys_by_either_header_and_scopes(keyed, image_bundle):
         assert client.post(path, json=body, headers=bearer(made["root"])).status_code == 200
     assert client.post("/info", headers=bearer(made["enc"])).status_code == 200  # any key
     # /metrics: admin only (metrics are off in-process, so admin gets BentoML's 404)
-    assert client.get("/metrics", headers=bearer(made["gen"])).status_code == 403
+    assert error_of(client.get("/metrics", headers=bearer(made["gen"])), 403) == (
+        "the key 'gen' has no 'admin' scope, which /metrics needs (it has: generate)"
+    )
+    # a CORS preflight carries no key, and is not refused for it
+    preflight = client.options("/generate", headers={"Origin": "https://example.org"})
+    assert preflight.status_code == 405
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers=bearer(made["root"])).status_code == 404
 

@@ -197,6 +197,12 @@ def test_a_single_direction_is_enough(with_directions):
     assert directions is not None and directions.components.shape == (1, 32)
 
 
+def test_a_direction_of_no_variance_is_taken(with_directions):
+    rewrite(with_directions, lambda r: r["variances"].__setitem__(-1, 0.0))
+    directions = load_bundle(with_directions).directions
+    assert directions is not None and directions.variances[-1] == 0.0
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
