@@ -1,5 +1,6 @@
 """Run under torchrun by test_distributed.py: a tiny two-process run on the CPU (gloo), also on a
-host with GPUs: the device is set, not left to auto. Each rank prints its backend and device."""
+host with GPUs: the device is set, not left to auto. Each rank writes its backend and device to its
+own file beside the run directory (torchrun interleaves the ranks' stdout)."""
 
 import sys
 from pathlib import Path
@@ -19,4 +20,6 @@ cfg.train.progress = False
 cfg.train.threads = 1
 cfg.train.device = "cpu"
 train(cfg, Path(sys.argv[1]))
-print(f"rank {dist.get_rank()}: backend {dist.get_backend()}, device {cfg.train.device}")
+rank = dist.get_rank()
+report = f"rank {rank}: backend {dist.get_backend()}, device {cfg.train.device}"
+Path(sys.argv[1]).with_name(f"rank-{rank}.txt").write_text(report)
