@@ -28,16 +28,25 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2; httpx is what 
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
+REQUEST_TIMEOUT_S = 15
+"""BentoML's request timeout in-process: every test request answers well within it."""
+
 
 @contextmanager
 def serve(bundle: Path, **env: str) -> Iterator[TestClient]:
     """The service on ``bundle`` behind Starlette's TestClient (startup and shutdown included).
 
     Prometheus metrics are off: each app would register them again in this process's registry.
-    /metrics is checked end to end (test_service_e2e.py).
+    /metrics is checked end to end (test_service_e2e.py). BentoML's request timeout is
+    :data:`REQUEST_TIMEOUT_S` instead of the service's 60 s, so that a request which never
+    answers (a bug) fails its test in seconds rather than a minute.
     """
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BENTOML_CONFIG_OPTIONS", f"services.{AEGAN.name}.metrics.enabled=false")
+        mp.setenv(
+            "BENTOML_CONFIG_OPTIONS",
+            f"services.{AEGAN.name}.metrics.enabled=false "
+            f"services.{AEGAN.name}.traffic.timeout={REQUEST_TIMEOUT_S}",
+        )
         mp.setenv("AEGAN_MODEL", str(bundle))
         mp.setenv("AEGAN_DEVICE", "cpu")
         for key, value in env.items():
