@@ -3,7 +3,9 @@ disagreed, checked from both sides, the document and the answer."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
 from pathlib import Path
 
 import jsonschema
@@ -245,3 +247,68 @@ def test_the_error_schemas_describe_the_detail_of_a_validation_error(client, spe
     jsonschema.validate(answer.json(), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"error": "x", "detail": 5}, schema)
+
+
+def run_asgi(app, path: str) -> list[dict]:
+    """The messages ``app`` sends for ``GET path``, as they are sent."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def pieces_app(status: int, body: bytes, headers: list | None):
+    """An app answering ``body`` in pieces: one without a ``body`` key, the last one bare."""
+
+    async def app(scope, receive, send):
+        start = {"type": "http.response.start", "status": status}
+        if headers is not None:
+            start["headers"] = headers
+        await send(start)
+        await send({"type": "http.response.body", "body": body[:7], "more_body": True})
+        await send({"type": "http.response.body", "more_body": True})
+        await send({"type": "http.response.body", "body": body[7:], "more_body": True})
+        await send({"type": "http.response.body"})
+
+    return app
+
+
+def test_the_document_sent_in_pieces_is_completed_whole_and_its_headers_kept():
+    from aegan_serve.openapi import OpenAPICompletion, complete_spec
+
+    raw = {"openapi": "3.0.2", "paths": {}, "components": {"schemas": {}}}
+    routes = {"api_routes": [], "upload_routes": [], "image_routes": []}
+    describe = dict(latent_dim=4, **routes)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"3"), (b"x-a", b"b")]
+    app = OpenAPICompletion(
+        pieces_app(200, json.dumps(raw).encode(), headers),
+        path="/docs.json",
+        describe=lambda: describe,
+    )
+    start, body = run_asgi(app, "/docs.json")
+    expected = json.dumps(complete_spec(copy.deepcopy(raw), **describe)).encode()
+    assert body == {"type": "http.response.body", "body": expected}
+    assert start == {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"x-a", b"b"),
+            (b"content-length", str(len(expected)).encode()),
+        ],
+    }
+
+    # an error answer passes whole, unchanged, even from a start message without headers
+    app = OpenAPICompletion(
+        pieces_app(404, b"not found here", None), path="/docs.json", describe=dict
+    )
+    start, body = run_asgi(app, "/docs.json")
+    assert start["headers"] == [(b"content-length", b"14")]
+    assert body["body"] == b"not found here"
