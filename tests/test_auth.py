@@ -4,6 +4,7 @@ rate-limited per address, and no key in any answer or log line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -522,6 +523,73 @@ def test_the_log_line_of_a_refusal_takes_the_error_of_its_body(caplog):
         "GET /last-4xx 499 key=- client=testclient: last",
         "GET /unavailable 503 key=- client=testclient: store down",
     ]
+
+
+async def echoing_app(scope, receive, send):
+    """Refuses every request with the body it read and the caller it was given."""
+    from aegan_serve.auth import CALLER
+
+    request = await receive()
+    caller = CALLER.get()
+    who = caller.who if caller else "no caller"
+    body = json.dumps({"error": f"{request['body'].decode()} from {who}"}).encode()
+    await send({"type": "http.response.start", "status": 400, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def gate_answers(gate, path: str, body: bytes, **scope: object) -> tuple[list[dict], object]:
+    """The messages ``gate`` sends for ``POST path`` with ``body``, and the caller in force after
+    it (in the same context)."""
+    from aegan_serve.auth import CALLER
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    async def call():
+        await gate(
+            {"type": "http", "method": "POST", "path": path, "headers": [], **scope}, receive, send
+        )
+        return CALLER.get()
+
+    after = asyncio.run(call())
+    return sent, after
+
+
+def test_the_gate_passes_the_request_on_and_logs_an_unknown_address_as_a_dash(caplog):
+    from aegan_serve.auth import Gate
+
+    gate = Gate(echoing_app, scopes={"/echo": None})
+    with caplog.at_level(logging.INFO, logger="bentoml.aegan_serve.requests"):
+        open_path, _ = gate_answers(gate, "/livez", b"ping")  # a server that knows no address
+        route, after = gate_answers(gate, "/echo", b"pong", client=None)
+        addressed, _ = gate_answers(gate, "/echo", b"pang", client=("10.0.0.7", 5000))
+    assert open_path[-1]["body"] == b'{"error": "ping from no caller"}'
+    assert route[-1]["body"] == b'{"error": "pong from address:-"}'
+    assert addressed[-1]["body"] == b'{"error": "pang from address:10.0.0.7"}'
+    assert after is None  # the caller of a request ends with it
+    lines = [r.getMessage() for r in caplog.records if r.name == "bentoml.aegan_serve.requests"]
+    assert lines == [
+        "POST /livez 400 key=- client=-: ping from no caller",
+        "POST /echo 400 key=- client=-: pong from address:-",
+        "POST /echo 400 key=- client=10.0.0.7: pang from address:10.0.0.7",
+    ]
+
+
+def test_without_keys_each_address_has_its_own_request_budget(monkeypatch):
+    from aegan_serve.auth import Gate
+
+    monkeypatch.setenv("AEGAN_QUOTA_REQUESTS_PER_S", "0.1")  # 2 in any 20 s
+    monkeypatch.setenv("AEGAN_QUOTA_REQUESTS_BURST", "2")
+    gate = Gate(echoing_app, scopes={"/echo": None})
+    first = [gate_answers(gate, "/echo", b"x", client=("10.0.0.1", 1))[0] for _ in range(3)]
+    second = gate_answers(gate, "/echo", b"x", client=("10.0.0.2", 1))[0]
+    assert [sent[0]["status"] for sent in first] == [400, 400, 429]
+    assert second[0]["status"] == 400  # the budget of 10.0.0.1 is not that of 10.0.0.2
 
 
 def test_a_keys_file_broken_while_serving_is_logged_once_and_its_last_keys_kept(keyed, caplog):
