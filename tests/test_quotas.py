@@ -262,6 +262,7 @@ def test_an_unreachable_redis_answers_as_the_failure_mode_says(image_bundle, mod
             "AEGAN_RATE_LIMIT_FAILURE=closed refuses requests until it can; retry shortly"
         )
         assert answers[0].headers["retry-after"] == "1"
+        assert all(name == name.lower() for name, _ in answers[0].headers.raw)  # as ASGI's are
     if mode == "open":
         assert "ratelimit" not in answers[0].headers
 
