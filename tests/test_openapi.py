@@ -312,3 +312,25 @@ def test_the_document_sent_in_pieces_is_completed_whole_and_its_headers_kept():
     start, body = run_asgi(app, "/docs.json")
     assert start["headers"] == [(b"content-length", b"14")]
     assert body["body"] == b"not found here"
+
+
+def test_the_app_behind_the_document_reads_the_request_as_sent():
+    from aegan_serve.openapi import OpenAPICompletion
+
+    async def echo(scope, receive, send):  # as an app that reads its request (or waits on it)
+        request = await receive()
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b"read: " + request["body"]})
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"the request", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    app = OpenAPICompletion(echo, path="/docs.json", describe=dict)
+    scope = {"type": "http", "method": "GET", "path": "/docs.json", "headers": []}
+    asyncio.run(app(scope, receive, send))
+    assert sent[-1] == {"type": "http.response.body", "body": b"read: the request"}
