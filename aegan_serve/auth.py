@@ -345,7 +345,7 @@ def _logging_send(send: Any, scope: dict[str, Any], caller: Caller, client: str)
                 body.extend(message.get("body", b"")[: MAX_LOGGED_BODY - len(body)])
             if not message.get("more_body", False):
                 log_refused(
-                    scope.get("method", "-"),
+                    scope["method"],  # an HTTP scope always has one (ASGI)
                     scope["path"],
                     status,
                     _reason(bytes(body)),
