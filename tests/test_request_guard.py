@@ -114,6 +114,112 @@ def test_streamed_bodies_count_as_they_arrive():
     asyncio.run(main())
 
 
+def test_bodies_of_exactly_the_limits_are_passed_on():
+    """A body of exactly the request limit, which also fills the budget of bytes held at once,
+    is passed on, announced or streamed."""
+    app = HoldingApp()
+    app.release.set()
+    middleware = guard(app, limit=KIB)
+
+    async def main():
+        announced = request(KIB, [b"x" * KIB])
+        await middleware(*announced[:3])
+        streamed = request(None, [b"x" * (KIB // 2)] * 2)
+        await middleware(*streamed[:3])
+        return announced[3][0]["status"], streamed[3][0]["status"]
+
+    assert asyncio.run(main()) == (200, 200)
+
+
+def test_a_request_without_a_body_is_passed_on_while_the_budget_is_full():
+    app = HoldingApp()
+    middleware = guard(app, limit=KIB)
+
+    async def main():
+        full = request(KIB, [b"x" * KIB])
+        held = asyncio.ensure_future(middleware(*full[:3]))
+        await asyncio.sleep(0.01)
+        empty = request(None, [])  # no Content-Length, no body
+        waiting = asyncio.ensure_future(middleware(*empty[:3]))
+        await asyncio.sleep(0.01)
+        app.release.set()
+        await asyncio.gather(held, waiting)
+        assert full[3][0]["status"] == empty[3][0]["status"] == 200
+        assert middleware.inflight_bytes == 0
+
+    asyncio.run(main())
+
+
+class RefusalHoldingApp:
+    """Reads the whole body and answers 200; a refusal raised while it reads is answered (with
+    its status) only after ``release``, as a server sends an error answer to a slow client."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            while (await receive()).get("more_body", False):
+                pass
+            status = 200
+        except BentoMLException as refused:
+            await self.release.wait()
+            status = int(refused.error_code)
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_an_announced_body_is_not_refused_for_the_load_of_others():
+    """While another request's refusal for load is still being answered (the budget still over
+    its limit), a request admitted before may send the body it announced."""
+    app = RefusalHoldingApp()
+    middleware = guard(app, limit=KIB)
+
+    async def main():
+        arrived = asyncio.Event()
+        scope, _, send, sent = request(256, [])
+
+        async def receive():
+            await arrived.wait()  # a slow client: its announced body comes late
+            return {"type": "http.request", "body": b"x" * 256, "more_body": False}
+
+        slow = asyncio.ensure_future(middleware(scope, receive, send))
+        await asyncio.sleep(0.01)
+        streamed = request(None, [b"x" * 400] * 2)  # 256 + 800 bytes: over the budget
+        refused = asyncio.ensure_future(middleware(*streamed[:3]))
+        await asyncio.sleep(0.01)
+        assert middleware.inflight_bytes > KIB  # the refusal is being answered
+        arrived.set()
+        await asyncio.sleep(0.01)
+        app.release.set()
+        await asyncio.gather(slow, refused)
+        assert sent[0]["status"] == 200
+        assert streamed[3][0]["status"] == 429
+        assert middleware.inflight_bytes == 0
+
+    asyncio.run(main())
+
+
+def test_request_messages_without_a_body_count_as_empty():
+    """ASGI lets a request message leave out its body: it counts as no bytes, so a body of
+    exactly the limit around such messages is passed on."""
+    app = HoldingApp()
+    app.release.set()
+    middleware = guard(app, limit=KIB)
+    messages = [
+        {"type": "http.request", "more_body": True},
+        {"type": "http.request", "body": b"x" * KIB, "more_body": True},
+        {"type": "http.request"},
+    ]
+    scope, _, send, sent = request(None, [])
+
+    async def receive():
+        return messages.pop(0)
+
+    asyncio.run(middleware(scope, receive, send))
+    assert sent[0]["status"] == 200
+
+
 def test_a_url_encoded_field_name_split_across_messages_is_read_whole():
     """A server streams a body in several messages: a file field's name cut in two is still
     the file field, and refused."""
@@ -130,6 +236,9 @@ def test_a_url_encoded_field_name_split_across_messages_is_read_whole():
         other = request(None, [b"steps=3&ima", b"gesx=abc"], form, "/encode")
         await middleware(*other[:3])  # another field: passed on to the app
         assert other[3][0]["status"] == 200
+        longer = request(None, [b"steps=3&images", b"x=abc"], form, "/encode")
+        await middleware(*longer[:3])  # "imagesx", cut where it reads "images": passed on
+        assert longer[3][0]["status"] == 200
 
     asyncio.run(main())
 
