@@ -7,6 +7,7 @@ import typing
 
 import annotated_types
 import pytest
+from pydantic import ValidationError
 
 from aegan_serve.config import (
     Environment,
@@ -135,3 +136,60 @@ def test_checks_beyond_one_bound_name_the_variables():
     # exactly one request in flight is enough
     same = Settings.from_env({"AEGAN_MAX_INFLIGHT_BYTES": "11", "AEGAN_MAX_REQUEST_BYTES": "11"})
     assert same.limits.max_inflight_bytes == same.limits.max_request_bytes == 11
+
+
+def test_choices_are_read_without_the_spaces_around_them():
+    env = read_environment(
+        {
+            "AEGAN_DEVICE": " CPU ",
+            "AEGAN_CUDA_ALGO_SEARCH": " default ",
+            "AEGAN_CUDA_ARENA": " kNextPowerOfTwo ",
+            "AEGAN_RATE_LIMIT_FAILURE": " Closed ",
+        }
+    )
+    assert (env.device, env.cuda_algo_search) == ("cpu", "DEFAULT")
+    assert (env.cuda_arena, env.rate_limit_failure) == ("kNextPowerOfTwo", "closed")
+
+
+@pytest.mark.parametrize(
+    "field", ["device", "cuda_algo_search", "cuda_arena", "rate_limit_failure"]
+)
+def test_a_choice_given_as_other_than_text_is_refused_as_a_validation_error(field):
+    with pytest.raises(ValidationError, match=field):
+        Environment.model_validate({field: 1})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://",
+        "redis://cache:6379",  # no database: the default one
+        "redis://cache:6379/2",
+        "rediss://:secret@cache:6380/15",
+        "redis+unix:///run/redis/redis.sock",  # a socket: a path, no host
+    ],
+)
+def test_usable_storage_urls_are_accepted_as_written(url):
+    assert read_environment({"AEGAN_RATE_LIMIT_STORAGE": url}).rate_limit_storage == url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://", "'redis://' names no Redis host"),
+        ("rediss://", "'rediss://' names no Redis host"),
+        ("redis://cache/X1", "the database 'X1' must be a number"),
+        ("redis://cache:6379/2X", "the database '2X' must be a number"),
+        ("rediss://cache:6380/sessions", "the database 'sessions' must be a number"),
+    ],
+)
+def test_unusable_storage_urls_are_refused_saying_why(url, says):
+    with pytest.raises(SettingsError) as caught:
+        read_environment({"AEGAN_RATE_LIMIT_STORAGE": url})
+    assert str(caught.value).endswith(says)
+
+
+def test_the_wrong_variables_are_listed_one_after_another():
+    with pytest.raises(SettingsError) as caught:
+        read_environment({"AEGAN_MAX_N": "x", "AEGAN_FP16": "y"})
+    assert str(caught.value) == "AEGAN_FP16='y' must be 0 or 1; AEGAN_MAX_N='x' is not an integer"
