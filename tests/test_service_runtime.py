@@ -11,13 +11,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from bundle_factory import tamper, write_bundle
+from onnx import TensorProto, helper, numpy_helper
 from service_helpers import serve
 
 from aegan_core import runtime
-from aegan_core.bundle import MANIFEST_NAME, BundleError, load_bundle, resolve_bundle_dir
+from aegan_core.bundle import (
+    DATA_TENSOR,
+    ENCODER,
+    FILE_NAMES,
+    GENERATOR,
+    LATENT_TENSOR,
+    MANIFEST_NAME,
+    BundleError,
+    file_entry,
+    load_bundle,
+    resolve_bundle_dir,
+    write_manifest,
+)
 from aegan_core.runtime import CPU, CUDA, DeviceError, ModelRuntime, available_cpus
 from aegan_serve import config
 from aegan_serve.config import Settings, SettingsError
@@ -72,6 +86,91 @@ def test_bundle_whose_graphs_disagree_with_the_manifest_is_refused(tmp_path):
     (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="do not run on the manifest's shapes|generator gives"):
         ModelRuntime(load_bundle(bundle), "cpu")
+
+
+def _with_graph(
+    bundle: Path, role: str, nodes: list, inits: list, in_dim: int, out_dim: int, before=()
+):
+    """``bundle`` with its ``role`` graph replaced by a flat one (batch, in_dim) -> (batch, out_dim)
+    built from ``nodes``, and the manifest's entry for it rewritten to match; ``before``: names of
+    more (batch, in_dim) outputs, listed ahead of the one the manifest names."""
+    inp, outp = (LATENT_TENSOR, DATA_TENSOR) if role == GENERATOR else (DATA_TENSOR, LATENT_TENSOR)
+    extra = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", in_dim]) for n in before]
+    graph = helper.make_graph(
+        nodes,
+        role,
+        [helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["batch", in_dim])],
+        [*extra, helper.make_tensor_value_info(outp, TensorProto.FLOAT, ["batch", out_dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, bundle / FILE_NAMES[role])
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["files"][role] = file_entry(bundle, role, inp, outp)
+    write_manifest(bundle, manifest)
+    return bundle
+
+
+def test_image_bundles_need_one_or_three_channels(tmp_path):
+    bundle = write_bundle(tmp_path / "b", shape=(2, 8, 8))  # graphs that agree with the manifest
+    with pytest.raises(BundleError) as refused:
+        ModelRuntime(load_bundle(bundle), "cpu")
+    assert str(refused.value) == (
+        f"{bundle}: image bundles need data_shape (C, H, W) with C = 1 or 3, got (2, 8, 8)"
+    )
+
+
+def test_a_generator_that_runs_but_gives_another_shape_is_refused_naming_both(tmp_path):
+    bundle = write_bundle(tmp_path / "b", kind="vector", shape=(16,), latent_dim=4)
+    weight = numpy_helper.from_array(np.ones((4, 8), np.float32), "W")
+    _with_graph(
+        bundle,
+        GENERATOR,
+        [helper.make_node("MatMul", [LATENT_TENSOR, "W"], [DATA_TENSOR])],
+        [weight],
+        4,
+        8,
+    )
+    with pytest.raises(BundleError) as refused:
+        ModelRuntime(load_bundle(bundle), "cpu")
+    assert str(refused.value) == (
+        f"{bundle}: generator gives (8,) (manifest data_shape (16,)), encoder gives (4,) "
+        "(manifest latent_dim 4)"
+    )
+
+
+@pytest.mark.parametrize("role", [GENERATOR, ENCODER])
+def test_a_graph_that_is_not_finite_on_zeros_is_refused(tmp_path, role):
+    bundle = write_bundle(tmp_path / "b", kind="vector", shape=(4,), latent_dim=4)
+    inp, outp = (LATENT_TENSOR, DATA_TENSOR) if role == GENERATOR else (DATA_TENSOR, LATENT_TENSOR)
+    _with_graph(bundle, role, [helper.make_node("Reciprocal", [inp], [outp])], [], 4, 4)  # 1/0
+    with pytest.raises(BundleError) as refused:
+        ModelRuntime(load_bundle(bundle), "cpu")
+    assert str(refused.value) == f"{bundle}: graphs produce non-finite values on zeros"
+
+
+def test_graphs_take_any_real_numbers_as_float32(image_bundle):
+    cpu = ModelRuntime(load_bundle(image_bundle), "cpu")
+    z = np.random.default_rng(0).standard_normal((3, 32))  # float64
+    x = cpu.generator.run(z)
+    assert x.dtype == np.float32 and x.shape == (3, 1, 28, 28)
+    np.testing.assert_array_equal(x, cpu.generator.run(z.astype(np.float32)))
+    assert cpu.encoder.run(x.astype(np.float64).tolist()).shape == (3, 32)
+
+
+def test_a_graph_gives_the_output_its_manifest_names_among_others(tmp_path):
+    bundle = write_bundle(tmp_path / "b", kind="vector", shape=(8,), latent_dim=4)
+    nodes = [
+        helper.make_node("Identity", [LATENT_TENSOR], ["debug"]),
+        helper.make_node("MatMul", [LATENT_TENSOR, "W"], [DATA_TENSOR]),
+    ]
+    weight = np.arange(32, dtype=np.float32).reshape(4, 8)
+    inits = [numpy_helper.from_array(weight, "W")]
+    _with_graph(bundle, GENERATOR, nodes, inits, 4, 8, before=["debug"])
+    cpu = ModelRuntime(load_bundle(bundle), "cpu")
+    z = np.eye(4, dtype=np.float32)
+    np.testing.assert_array_equal(cpu.generate(z), weight)
 
 
 def test_service_refuses_a_tampered_or_missing_bundle(tmp_path):
