@@ -59,6 +59,7 @@ class StandIn:
         self.active = 0
         self.most_active = 0
         self.delay_s = 0.0
+        self.output_devices: set[tuple[str, int]] = set()  # where IO binding put outputs
 
 
 class FakeBinding:
@@ -69,7 +70,7 @@ class FakeBinding:
         self.inputs[name] = array
 
     def bind_output(self, name: str, device: str, device_id: int) -> None:
-        assert device == "cuda"
+        self.session.stand_in.output_devices.add((device, device_id))
         self.outputs.append(name)
 
     def copy_outputs_to_cpu(self) -> list[np.ndarray]:
@@ -397,7 +398,15 @@ def test_by_default_cuda_runs_the_fp16_graphs_on_device_0_warmed_up_to_64_rows(
     assert model.provider == CUDA and model.precision == "fp16"
     assert {o["device_id"] for o in stand_in.options} == {"0"}
     assert model.generator.device_id == model.encoder.device_id == 0  # IO binding's device
+    assert stand_in.output_devices == {("cuda", 0)}
     assert max(stand_in.sizes["encoder.fp16"]) == 64 == model.buckets[-1]
+
+
+def test_outputs_stay_on_the_chosen_cuda_device(stand_in, image_bundle):
+    model = ModelRuntime(load_bundle(image_bundle), "cuda", device_id=1)
+    assert {o["device_id"] for o in stand_in.options} == {"1"}
+    assert model.generate(np.zeros((2, 32), np.float32)).shape == (2, 1, 28, 28)
+    assert stand_in.output_devices == {("cuda", 1)}
 
 
 def test_auto_falls_back_to_the_cpu_when_cuda_fails_after_start(stand_in, image_bundle):
