@@ -180,7 +180,7 @@ def test_usable_storage_urls_are_accepted_as_written(url):
         ("rediss://", "'rediss://' names no Redis host"),
         ("redis://cache/X1", "the database 'X1' must be a number"),
         ("redis://cache:6379/2X", "the database '2X' must be a number"),
-        ("rediss://cache:6380/sessions", "the database 'sessions' must be a number"),
+        ("rediss://cache:6380/quotas", "the database 'quotas' must be a number"),
     ],
 )
 def test_unusable_storage_urls_are_refused_saying_why(url, says):
