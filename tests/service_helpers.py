@@ -51,8 +51,26 @@ def serve(bundle: Path, **env: str) -> Iterator[TestClient]:
         mp.setenv("AEGAN_DEVICE", "cpu")
         for key, value in env.items():
             mp.setenv(key, value)
-        with TestClient(AEGAN.to_asgi(), raise_server_exceptions=False) as client:
+        app = lower_case_header_names(AEGAN.to_asgi())
+        with TestClient(app, raise_server_exceptions=False) as client:
             yield client
+
+
+def lower_case_header_names(app: Any) -> Any:
+    """``app``, checking that every answer's header names are lower case, as ASGI asks of
+    ``http.response.start`` (Starlette's ``Headers`` misses a name in another case): one that is
+    not fails the request with a 500."""
+
+    async def checked(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def checking_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                names = [name for name, _ in message.get("headers", [])]
+                assert names == [name.lower() for name in names], names
+            await send(message)
+
+        await app(scope, receive, checking_send)
+
+    return checked
 
 
 BENTOML = Path(sys.executable).with_name("bentoml")
