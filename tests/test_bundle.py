@@ -96,6 +96,22 @@ def test_manifest_problems_are_named(fp16_bundle, edit, message):
         load_bundle(fp16_bundle)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"{not json", "is not valid JSON: Expecting property name enclosed in double quotes"),
+        (b"[1, 2]", "must hold a JSON object"),
+        (b'"\xff"', "is not valid JSON: 'utf-8' codec can't decode byte 0xff"),
+    ],
+    ids=["not-json", "not-object", "not-utf-8"],
+)
+def test_a_manifest_that_is_not_a_json_object_is_named(tmp_path, text, message):
+    (tmp_path / MANIFEST_NAME).write_bytes(text)
+    with pytest.raises(BundleError) as refused:
+        load_bundle(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path / MANIFEST_NAME} {message}")
+
+
 def test_missing_directory_and_manifest_are_named(tmp_path):
     with pytest.raises(BundleError, match="is not a directory"):
         load_bundle(tmp_path / "nowhere")

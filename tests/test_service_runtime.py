@@ -321,3 +321,13 @@ def test_a_graph_that_is_a_symbolic_link_is_refused(image_bundle, tmp_path):
     (bundle / "encoder.onnx").symlink_to(elsewhere)
     with pytest.raises(BundleError, match="'encoder.onnx' is a symbolic link"):
         load_bundle(bundle)
+
+
+def test_available_cpus_counts_the_cpus_where_there_is_no_affinity(monkeypatch, tmp_path):
+    monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    (tmp_path / "cpu.max").write_text("400000 100000")
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert runtime.available_cpus() == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undetermined"
+    assert runtime.available_cpus() == 1
