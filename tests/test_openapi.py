@@ -249,12 +249,12 @@ def test_the_error_schemas_describe_the_detail_of_a_validation_error(client, spe
         jsonschema.validate({"error": "x", "detail": 5}, schema)
 
 
-def run_asgi(app, path: str) -> list[dict]:
-    """The messages ``app`` sends for ``GET path``, as they are sent."""
+def run_asgi(app, path: str, body: bytes = b"") -> list[dict]:
+    """The messages ``app`` sends for ``GET path`` with ``body``, as they are sent."""
     sent: list[dict] = []
 
     async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         sent.append(message)
@@ -322,15 +322,6 @@ def test_the_app_behind_the_document_reads_the_request_as_sent():
         await send({"type": "http.response.start", "status": 404, "headers": []})
         await send({"type": "http.response.body", "body": b"read: " + request["body"]})
 
-    sent: list[dict] = []
-
-    async def receive():
-        return {"type": "http.request", "body": b"the request", "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
     app = OpenAPICompletion(echo, path="/docs.json", describe=dict)
-    scope = {"type": "http", "method": "GET", "path": "/docs.json", "headers": []}
-    asyncio.run(app(scope, receive, send))
+    sent = run_asgi(app, "/docs.json", b"the request")
     assert sent[-1] == {"type": "http.response.body", "body": b"read: the request"}

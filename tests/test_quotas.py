@@ -196,8 +196,6 @@ def test_the_request_budget_per_address_when_keys_are_off(image_bundle):
         refused = answers[3]
         assert "request quota spent: 3 requests per 3 s" in error_of(refused, 429)
         assert 1 <= int(refused.headers["retry-after"]) <= 3
-        for answer in answers:  # ASGI's header names are lower case
-            assert all(name == name.lower() for name, _ in answer.headers.raw)
         assert client.get("/livez").status_code == 200  # health is not counted
         document = client.get("/docs.json").json()  # not counted; no 503 in the `local` mode
         assert "503" not in document["paths"]["/generate"]["post"]["responses"]
@@ -262,7 +260,6 @@ def test_an_unreachable_redis_answers_as_the_failure_mode_says(image_bundle, mod
             "AEGAN_RATE_LIMIT_FAILURE=closed refuses requests until it can; retry shortly"
         )
         assert answers[0].headers["retry-after"] == "1"
-        assert all(name == name.lower() for name, _ in answers[0].headers.raw)  # as ASGI's are
     if mode == "open":
         assert "ratelimit" not in answers[0].headers
 
